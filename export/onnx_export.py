@@ -1,0 +1,274 @@
+"""ONNX export with a dynamic batch, plus graph edits done on the ONNX proto itself.
+
+- :func:`export_onnx` runs the torch.export-based exporter (the default and only maintained
+  one in torch 2.13; the TorchScript exporter is deprecated) at opset 18, the opset the
+  exporter's ONNX-script library is written in, so no version conversion step is involved.
+  The sample batch is 2: a batch of 1 lets tracing specialise the batch dim to a constant.
+- :func:`add_preprocessing` / :func:`add_softmax` edit the finished graph rather than the torch
+  model, so the same edits apply unchanged to the FP32, FP16 and INT8 variants (the quantizer
+  then never sees the uint8 input or the softmax).
+- :func:`check_onnx` runs the full checker and strict shape inference; :func:`save_onnx` writes
+  one self-contained file (no external-data side file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = [
+    "INPUT_NAME",
+    "LOGITS_NAME",
+    "OPSET",
+    "PROBABILITIES_NAME",
+    "OnnxExportError",
+    "add_preprocessing",
+    "add_softmax",
+    "check_onnx",
+    "count_ops",
+    "export_onnx",
+    "load_onnx",
+    "ort_optimize",
+    "save_onnx",
+    "sort_nodes",
+]
+
+OPSET = 18
+INPUT_NAME = "input"
+LOGITS_NAME = "logits"
+PROBABILITIES_NAME = "probabilities"
+_MAX_PROTO_BYTES = 2**31 - 1  # protobuf's hard limit for one self-contained file
+
+
+class OnnxExportError(RuntimeError):
+    """Export produced a graph that is unusable (failed check, baked-in batch, too large)."""
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress prints, torchvision notices and internal FutureWarnings.
+
+    Scoped to the export call: the project runs with warnings as errors, and these warnings come
+    from torch internals we cannot act on.
+    """
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    model: object,
+    input_shape: Sequence[int],
+    *,
+    opset: int = OPSET,
+    sample_batch: int = 2,
+    optimize: bool = True,
+) -> onnx.ModelProto:
+    """Export an eval-mode torch model to ONNX: input "input" [batch, *input_shape] float32,
+    output "logits" [batch, classes], batch dynamic.
+
+    `optimize` runs the exporter's ONNX optimizer (constant folding, dead code removal);
+    ``optimize=False`` leaves the graph as traced (used for the "unfused" benchmark).
+    """
+    import torch
+
+    if sample_batch < 2:
+        raise ValueError(f"sample_batch must be >= 2 so the batch dim stays dynamic, got {sample_batch}")
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, got {opset}")
+    sample = torch.randn((sample_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (sample,),
+            None,
+            input_names=[INPUT_NAME],
+            output_names=[LOGITS_NAME],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            optimize=optimize,
+            verbose=False,
+            dynamo=True,
+        )
+    proto = program.model_proto
+    _require_dynamic_batch(proto)
+    return proto
+
+
+def _require_dynamic_batch(model: onnx.ModelProto) -> None:
+    for value in (*model.graph.input, *model.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        if dim0.HasField("dim_value"):
+            raise OnnxExportError(f"batch dim of '{value.name}' was baked in as {dim0.dim_value}")
+
+
+def _value(model: onnx.ModelProto, name: str, *, output: bool) -> onnx.ValueInfoProto:
+    values = model.graph.output if output else model.graph.input
+    for value in values:
+        if value.name == name:
+            return value
+    kind = "output" if output else "input"
+    raise OnnxExportError(f"graph has no {kind} named {name!r}; has {[v.name for v in values]}")
+
+
+def add_preprocessing(
+    model: onnx.ModelProto,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float = 1.0 / 255.0,
+    input_name: str = INPUT_NAME,
+) -> onnx.ModelProto:
+    """A copy of `model` taking uint8 NHWC pixels: Transpose → Cast → ·scale → −mean → ÷std.
+
+    The same arithmetic order as host preprocessing, so top-1 matches it. The original float
+    NCHW input must have static C/H/W; the new input is [batch, H, W, C] uint8.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    old = _value(out, input_name, output=False)
+    dims = old.type.tensor_type.shape.dim
+    static = [d.dim_value for d in dims[1:]]
+    if len(dims) != 4 or not all(static):
+        raise OnnxExportError(f"in-graph preprocessing needs a static [N, C, H, W] input, got {old.type}")
+    channels, height, width = static
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
+    inner = "kiln_normalised_input"
+    for node in out.graph.node:
+        node.input[:] = [inner if name == input_name else name for name in node.input]
+    per_channel = (1, channels, 1, 1)
+    out.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), "kiln_pre_scale"),
+            numpy_helper.from_array(np.array(mean, dtype=np.float32).reshape(per_channel), "kiln_pre_mean"),
+            numpy_helper.from_array(np.array(std, dtype=np.float32).reshape(per_channel), "kiln_pre_std"),
+        ]
+    )
+    nodes = [
+        helper.make_node(
+            "Transpose", [input_name], ["kiln_pre_nchw"], perm=[0, 3, 1, 2], name="kiln_pre_transpose"
+        ),
+        helper.make_node(
+            "Cast", ["kiln_pre_nchw"], ["kiln_pre_float"], to=TensorProto.FLOAT, name="kiln_pre_cast"
+        ),
+        helper.make_node(
+            "Mul", ["kiln_pre_float", "kiln_pre_scale"], ["kiln_pre_scaled"], name="kiln_pre_mul"
+        ),
+        helper.make_node(
+            "Sub", ["kiln_pre_scaled", "kiln_pre_mean"], ["kiln_pre_centred"], name="kiln_pre_sub"
+        ),
+        helper.make_node("Div", ["kiln_pre_centred", "kiln_pre_std"], [inner], name="kiln_pre_div"),
+    ]
+    existing = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + existing)
+    batch = dims[0].dim_param or "batch"
+    new_input = helper.make_tensor_value_info(input_name, TensorProto.UINT8, [batch, height, width, channels])
+    old.CopyFrom(new_input)
+    return out
+
+
+def add_softmax(model: onnx.ModelProto, *, logits_name: str = LOGITS_NAME) -> onnx.ModelProto:
+    """A copy of `model` with a second output "probabilities" = Softmax(logits, axis=-1)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    logits = _value(out, logits_name, output=True)
+    out.graph.node.append(
+        helper.make_node("Softmax", [logits_name], [PROBABILITIES_NAME], axis=-1, name="kiln_softmax")
+    )
+    probs = onnx.ValueInfoProto()
+    probs.CopyFrom(logits)
+    probs.name = PROBABILITIES_NAME
+    del probs.metadata_props[:]
+    out.graph.output.append(probs)
+    return out
+
+
+def check_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Full ONNX checker + strict shape inference (type checks, data propagation).
+
+    Returns the shape-inferred model; raises OnnxExportError with the checker's message.
+    """
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise OnnxExportError(f"ONNX check failed: {exc}") from exc
+
+
+def sort_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Topologically sort the main graph in place (some converters append nodes out of order).
+
+    Stable: nodes keep their relative order where dependencies allow. Raises OnnxExportError
+    naming an input that no node, initializer or graph input produces.
+    """
+    graph = model.graph
+    ready = {"", *(v.name for v in graph.input), *(i.name for i in graph.initializer)}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progress = [n for n in pending if all(name in ready for name in n.input)]
+        if not progress:
+            missing = sorted({x for n in pending for x in n.input if x not in ready})
+            raise OnnxExportError(f"graph has inputs nothing produces (or a cycle): {missing[:5]}")
+        for node in progress:
+            ready.update(node.output)
+        ordered.extend(progress)
+        taken = {id(n) for n in progress}
+        pending = [n for n in pending if id(n) not in taken]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    """How many nodes of `op_type` the main graph has (e.g. 'BatchNormalization')."""
+    return sum(1 for node in model.graph.node if node.op_type == op_type)
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write `model` as ONE self-contained file (weights inline, no external-data side file)."""
+    size = model.ByteSize()
+    if size > _MAX_PROTO_BYTES:
+        raise OnnxExportError(f"model is {size} bytes, over the 2 GiB limit of a self-contained ONNX file")
+    target = Path(path)
+    onnx.save_model(model, str(target), save_as_external_data=False)
+    return target
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX file, weights included."""
+    return onnx.load_model(str(path), load_external_data=True)
+
+
+def ort_optimize(source: str | Path, target: str | Path) -> Path:
+    """Save ONNX Runtime's offline-optimised copy (ORT_ENABLE_EXTENDED) of `source` to `target`.
+
+    EXTENDED, not ALL: level ALL adds layout transforms tied to this CPU's instruction set. The
+    copy may contain ORT-only fused ops (com.microsoft domain): it is for ORT, not for TensorRT.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(target)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return Path(target)
