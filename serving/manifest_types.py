@@ -61,6 +61,7 @@ OUTPUT_KINDS = ("logits", "probabilities", "other")
 
 
 def check_model_name(value: Any, field_name: str) -> str:
+    """A model name that is safe as a folder name (no path traversal)."""
     name = as_str(value, field_name)
     if not MODEL_NAME_RE.match(name) or ".." in name:
         fail(field_name, f"invalid model name {name!r} (allowed: {MODEL_NAME_RE.pattern}, no '..')")

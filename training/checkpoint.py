@@ -60,7 +60,9 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """Atomically save a flat name -> tensor map as safetensors."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -18,47 +18,86 @@ OPTIM_DEFAULTS = OptimConfig()
 
 # flag dest -> (section, key); section None = top-level TrainConfig field
 _MODEL_FLAGS = ("arch", "depth", "width", "style", "block", "shortcut", "dropout")
-_DATA_FLAGS = {"data": "name", "data_path": "path", "image_size": "image_size", "channels": "channels",
-               "val_fraction": "val_fraction", "test_fraction": "test_fraction", "augment": "augment",
-               "num_samples": "num_samples", "num_classes": "num_classes"}
+_DATA_FLAGS = {
+    "data": "name",
+    "data_path": "path",
+    "image_size": "image_size",
+    "channels": "channels",
+    "val_fraction": "val_fraction",
+    "test_fraction": "test_fraction",
+    "augment": "augment",
+    "num_samples": "num_samples",
+    "num_classes": "num_classes",
+}
 _OPTIM_FLAGS = tuple(f.name for f in dataclasses.fields(OptimConfig))
-_TOP_FLAGS = ("epochs", "batch_size", "eval_batch_size", "seed", "device", "threads", "workers", "amp",
-              "channels_last", "compile")
+_TOP_FLAGS = (
+    "epochs",
+    "batch_size",
+    "eval_batch_size",
+    "seed",
+    "device",
+    "threads",
+    "workers",
+    "amp",
+    "channels_last",
+    "compile",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of `kiln train`; unset options fall back to the documented defaults."""
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     model = parser.add_argument_group("model (a preset, optionally overridden)")
-    model.add_argument("--model", default=None, help="preset name, e.g. resnet20, resnet50, preact_resnet18, "
-                       "plain_cnn (default: resnet20)")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="preset name, e.g. resnet20, resnet50, preact_resnet18, plain_cnn (default: resnet20)",
+    )
     model.add_argument("--arch", help="family: plain_cnn | resnet | preact_resnet")
-    model.add_argument("--depth", type=int, help="resnet depth: cifar 6n+2 (basic) / 9n+2 (bottleneck), "
-                       "imagenet 18/34/50/101/152")
+    model.add_argument(
+        "--depth",
+        type=int,
+        help="resnet depth: cifar 6n+2 (basic) / 9n+2 (bottleneck), imagenet 18/34/50/101/152",
+    )
     model.add_argument("--width", type=int, help="base channel width (cifar 16, imagenet 64)")
     model.add_argument("--style", choices=("cifar", "imagenet"), help="stem: 3x3 (cifar) or 7x7+maxpool")
-    model.add_argument("--block", choices=("basic", "bottleneck"), help="residual block (default: from depth)")
-    model.add_argument("--shortcut", choices=("A", "B", "C"), help="A zero-pad identity, B projection on "
-                       "shape change, C all projections")
+    model.add_argument(
+        "--block", choices=("basic", "bottleneck"), help="residual block (default: from depth)"
+    )
+    model.add_argument(
+        "--shortcut",
+        choices=("A", "B", "C"),
+        help="A zero-pad identity, B projection on shape change, C all projections",
+    )
     model.add_argument("--dropout", type=float, help="dropout before the classifier")
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="digits (bundled, default) | synthetic | cifar10 | imagefolder")
-    data.add_argument("--data-path", help="folder for cifar10 (python batches) or imagefolder (class sub-folders)")
+    data.add_argument(
+        "--data-path", help="folder for cifar10 (python batches) or imagefolder (class sub-folders)"
+    )
     data.add_argument("--image-size", type=int, help="square input side (default 32)")
     data.add_argument("--channels", type=int, choices=(1, 3), help="force 1 or 3 input channels")
     data.add_argument("--val-fraction", type=float, help="validation share of the images (default 0.1)")
     data.add_argument("--test-fraction", type=float, help="test share of the images (default 0.2)")
-    data.add_argument("--augment", choices=("none", "digits", "cifar", "imagenet"), help="augmentation policy "
-                      "(default: the one suited to the dataset)")
+    data.add_argument(
+        "--augment",
+        choices=("none", "digits", "cifar", "imagenet"),
+        help="augmentation policy (default: the one suited to the dataset)",
+    )
     data.add_argument("--num-samples", type=int, help="synthetic set size")
     data.add_argument("--num-classes", type=int, help="synthetic set classes")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=("sgd", "adamw"), help=f"default {OPTIM_DEFAULTS.optimizer}")
     opt.add_argument("--lr", type=float, help=f"peak learning rate (default {OPTIM_DEFAULTS.lr})")
     opt.add_argument("--momentum", type=float, help=f"SGD momentum (default {OPTIM_DEFAULTS.momentum})")
-    opt.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum (default on)")
-    opt.add_argument("--weight-decay", type=float, help=f"on conv/linear weights only (default "
-                     f"{OPTIM_DEFAULTS.weight_decay})")
+    opt.add_argument(
+        "--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum (default on)"
+    )
+    opt.add_argument(
+        "--weight-decay",
+        type=float,
+        help=f"on conv/linear weights only (default {OPTIM_DEFAULTS.weight_decay})",
+    )
     opt.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), help="default onecycle")
     opt.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default 1)")
     opt.add_argument("--label-smoothing", type=float, help="default 0")
@@ -70,8 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     run.add_argument("--threads", type=int, help="torch intra-op threads, 0 = all cores")
     run.add_argument("--workers", type=int, help="DataLoader workers for image folders")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA (default on)")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC on CUDA (default on)")
+    run.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA (default on)"
+    )
+    run.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="NHWC on CUDA (default on)"
+    )
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default off)")
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     run.add_argument("--name", help="run directory name (default: <model>-<data>-<timestamp>)")
@@ -90,7 +133,9 @@ def build_config(args: argparse.Namespace, base: TrainConfig | None = None) -> T
         data = {"name": "digits", **_given(args, _DATA_FLAGS)}
         optim = _given(args, _OPTIM_FLAGS)
         return TrainConfig(
-            model=_model_dict(args.model or "resnet20", args), data=data, optim=OptimConfig(**optim),
+            model=_model_dict(args.model or "resnet20", args),
+            data=data,
+            optim=OptimConfig(**optim),
             **_given(args, _TOP_FLAGS),
         )
     merged = base.to_dict()
@@ -152,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
             config = build_config(args)
             run_dir = args.runs_dir / (args.name or _default_run_name(config, args.model or "resnet20"))
             if (run_dir / "train_state.json").exists():
-                raise TrainConfigError(f"{run_dir} already holds a run; pass --resume {run_dir} or another --name")
+                raise TrainConfigError(
+                    f"{run_dir} already holds a run; pass --resume {run_dir} or another --name"
+                )
         from training.loop import Trainer
 
         trainer = Trainer(config, run_dir, console=console)

@@ -85,7 +85,9 @@ class Trainer:
         train_count = len(self.bundle.train)
         self.drop_last = train_count > config.batch_size  # BN cannot train on a 1-image tail batch
         steps = train_count // config.batch_size if self.drop_last else 1
-        self.scheduler = build_scheduler(self.optimizer, config.optim, steps_per_epoch=steps, epochs=config.epochs)
+        self.scheduler = build_scheduler(
+            self.optimizer, config.optim, steps_per_epoch=steps, epochs=config.epochs
+        )
         self.start_epoch, self.best_val_acc, self.best_epoch = 0, -1.0, 0
         self.history: list[dict[str, Any]] = []
 
@@ -104,7 +106,11 @@ class Trainer:
         self.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)
-        self.start_epoch, self.best_val_acc, self.best_epoch = state.epoch, state.best_val_acc, state.best_epoch
+        self.start_epoch, self.best_val_acc, self.best_epoch = (
+            state.epoch,
+            state.best_val_acc,
+            state.best_epoch,
+        )
         self.history = read_history(self.run_dir, state.epoch)
 
     # -- one epoch ------------------------------------------------------------------------
@@ -177,7 +183,9 @@ class Trainer:
         self._write_record(test=test, seconds=seconds)
         plot_curves(self.history, self.run_dir / "curves.png")
         plot_confusion(test.confusion, self.bundle.class_names, self.run_dir / "confusion.png")
-        return TrainResult(self.run_dir, self.best_val_acc, self.best_epoch, test, self.config.epochs, seconds)
+        return TrainResult(
+            self.run_dir, self.best_val_acc, self.best_epoch, test, self.config.epochs, seconds
+        )
 
     def _run_epoch(self, epoch: int, progress: Progress) -> None:
         tick = time.perf_counter()
@@ -212,7 +220,8 @@ class Trainer:
         )
         self._write_record(test=None, seconds=None)
         self.console.print(
-            f"epoch {epoch + 1:>3}/{self.config.epochs}  loss {train_loss:.4f}  train {100 * train_acc:6.2f}%  "
+            f"epoch {epoch + 1:>3}/{self.config.epochs}  loss {train_loss:.4f}  "
+            f"train {100 * train_acc:6.2f}%  "
             f"val {100 * val.accuracy:6.2f}%  ({row['seconds']:.1f}s)"
         )
 

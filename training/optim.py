@@ -38,12 +38,13 @@ def build_scheduler(
     """A per-step schedule: one-cycle, or linear warm-up then cosine / constant."""
     total = max(1, steps_per_epoch * epochs)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
-    if cfg.schedule == "onecycle":
+    # OneCycleLR needs room for both phases; runs of a handful of steps fall back to the lambda schedule.
+    if cfg.schedule == "onecycle" and total >= 4:
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[cfg.lr] * len(optimizer.param_groups),
             total_steps=total,
-            pct_start=max(warmup, 1) / total,
+            pct_start=min(max(warmup, 2), total - 2) / total,
             cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
             div_factor=25.0,
             final_div_factor=1e3,

@@ -9,8 +9,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
@@ -43,7 +43,14 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: Path
     if len(class_names) <= 20:
         threshold = confusion.max() / 2 if confusion.size else 0
         for (row, col), count in np.ndenumerate(confusion):
-            ax.text(col, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+            ax.text(
+                col,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                color="white" if count > threshold else "black",
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

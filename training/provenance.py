@@ -15,7 +15,12 @@ def git_commit() -> str:
     """The commit of the source tree this code runs from ("unknown" outside git; "+dirty" marks edits)."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=_SOURCE_DIR, capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=_SOURCE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],

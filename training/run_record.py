@@ -13,7 +13,9 @@ from training.provenance import git_commit, utc_now, versions
 METRICS_JSONL = "metrics.jsonl"
 
 
-def input_record(*, channels: int, size: int, channel_order: str, mean: Sequence[float], std: Sequence[float]) -> dict:
+def input_record(
+    *, channels: int, size: int, channel_order: str, mean: Sequence[float], std: Sequence[float]
+) -> dict:
     """How a model expects its input: what export turns into the manifest's preprocessing."""
     return {
         "kind": "image",

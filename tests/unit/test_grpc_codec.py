@@ -22,16 +22,31 @@ grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient not i
 service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
 
 
-def _request_from_tritonclient(arrays: dict[str, np.ndarray], *, binary: bool) -> pb.ModelInferRequest:
-    """Build a request exactly as tritonclient does, then parse its bytes with our proto."""
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "INT8": "int_contents",
+    "INT64": "int64_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _request(arrays: dict[str, np.ndarray], *, binary: bool) -> pb.ModelInferRequest:
+    """Raw: built exactly as tritonclient does (it always sends raw), then parsed with our proto.
+    Typed: the `contents` field per datatype (what other KServe clients send)."""
     theirs = service_pb2.ModelInferRequest(model_name="m")
     for name, array in arrays.items():
         dtype = grpcclient.np_to_triton_dtype(array.dtype)
         item = grpcclient.InferInput(name, list(array.shape), dtype)
-        item.set_data_from_numpy(array, binary_data=binary)
-        theirs.inputs.extend([item._get_tensor()])
-        if item._get_content() is not None:
+        if binary:
+            item.set_data_from_numpy(array)
             theirs.raw_input_contents.extend([item._get_content()])
+        else:
+            getattr(item._get_tensor().contents, _TYPED_FIELD[dtype]).extend(array.reshape(-1).tolist())
+        theirs.inputs.extend([item._get_tensor()])
     return pb.ModelInferRequest.FromString(theirs.SerializeToString())
 
 
@@ -51,7 +66,7 @@ ARRAYS = {
 @pytest.mark.parametrize("key", sorted(ARRAYS))
 def test_decode_matches_what_tritonclient_sent(key: str, binary: bool) -> None:
     array = ARRAYS[key]
-    decoded = decode_inputs(_request_from_tritonclient({"x": array}, binary=binary))["x"]
+    decoded = decode_inputs(_request({"x": array}, binary=binary))["x"]
     assert decoded.shape == array.shape
     if array.dtype == object:
         assert decoded.tolist() == array.tolist()
@@ -61,7 +76,7 @@ def test_decode_matches_what_tritonclient_sent(key: str, binary: bool) -> None:
 
 def test_fp16_raw_only() -> None:
     array = np.array([[1.5, -2.25]], dtype=np.float16)
-    assert np.array_equal(decode_inputs(_request_from_tritonclient({"h": array}, binary=True))["h"], array)
+    assert np.array_equal(decode_inputs(_request({"h": array}, binary=True))["h"], array)
     typed = pb.ModelInferRequest(inputs=[pb.ModelInferRequest.InferInputTensor(name="h", datatype="FP16", shape=[1])])
     with pytest.raises(InvalidInputError, match="'h': FP16 must be sent in raw_input_contents"):
         decode_inputs(typed)

@@ -100,7 +100,7 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
 
 def test_resume_without_state_is_a_clear_error(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(epochs=1), tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="train_state.json does not exist"):
+    with pytest.raises(CheckpointError, match=r"train_state\.json does not exist"):
         trainer.restore()
 
 

@@ -1,0 +1,83 @@
+"""ResNet-20 on the bundled digits: test accuracy and wall time on this machine's CPU.
+
+    python benchmarks/train_digits.py [--epochs 30] [--seeds 0 1 2] [--copy-curves]
+
+Times the whole `kiln train` job (data loading, training, per-epoch validation, checkpoints, final
+test evaluation) in-process, one run per seed, and prints a markdown row per run with the CPU model,
+torch version and thread count, ready for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown").strip()
+    flags = fields.get("Flags", "")
+    isa = "AVX-512/VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
+    return f"{name} (family {family} model {model}, {isa})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "out" / "runs")
+    parser.add_argument(
+        "--copy-curves", action="store_true", help="copy the first run's curves.png to results/"
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    from training.config import TrainConfig
+    from training.loop import Trainer
+    from training.models import preset
+
+    model = preset(args.model).to_dict()
+    for derived in ("num_classes", "in_channels"):
+        model.pop(derived)
+    print(
+        f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"date {time.strftime('%Y-%m-%d')}"
+    )
+    print("| model | seed | epochs | test acc | best val acc | wall s |")
+    print("|---|---|---|---|---|---|")
+    for index, seed in enumerate(args.seeds):
+        run_dir = args.runs_dir / f"{args.model}-digits-seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        started = time.perf_counter()
+        config = TrainConfig(model=model, data={"name": "digits"}, epochs=args.epochs, seed=seed)
+        result = Trainer(config, run_dir).fit(show_progress=False)
+        wall = time.perf_counter() - started
+        print(
+            f"| {args.model} | {seed} | {args.epochs} | {100 * result.test.accuracy:.2f} % "
+            f"({result.test.samples}) | {100 * result.best_val_acc:.2f} % | {wall:.1f} |",
+            flush=True,
+        )
+        if args.copy_curves and index == 0:
+            shutil.copy(
+                run_dir / "curves.png", REPO / "benchmarks" / "results" / f"{args.model}_digits_curves.png"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

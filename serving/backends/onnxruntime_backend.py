@@ -1,0 +1,342 @@
+"""ONNX Runtime backend: CPU EP, CUDA EP (IOBinding, pinned staging, CUDA graphs), TensorRT EP.
+
+One InferenceSession per instance, each with its own intra-op thread pool (on CPU the cores are
+split between instances) or its own CUDA stream; `infer` checks a free instance out of a queue, so
+up to `instances` calls run in parallel from the batcher's worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.backends.base import (
+    BackendOptions,
+    TensorSpec,
+    check_outputs,
+    validate_inputs,
+)
+from serving.errors import BackendError, KilnError, ModelLoadError, ModelUnavailableError
+
+__all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "session_specs"]
+
+log = logging.getLogger(__name__)
+
+ORT_DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(bool)": "BOOL",
+}
+_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_CLOSE_TIMEOUT_S = 30.0
+
+
+def session_specs(session: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of an ORT session (symbolic dims become -1)."""
+
+    def spec(arg: Any) -> TensorSpec:
+        if arg.type not in ORT_DATATYPES:
+            raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+        shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in arg.shape)
+        return TensorSpec(arg.name, ORT_DATATYPES[arg.type], shape)
+
+    return tuple(map(spec, session.get_inputs())), tuple(map(spec, session.get_outputs()))
+
+
+class OnnxRuntimeBackend:
+    """An ONNX file run by ONNX Runtime; see the module docstring."""
+
+    def __init__(self, path: str | Path, *, max_batch_size: int, options: BackendOptions | None = None) -> None:
+        import onnxruntime as ort  # imported here: keeps `import serving.backends` cheap
+
+        self._options = options or BackendOptions()
+        self._max_batch_size = max_batch_size
+        self._closed = False
+        kind = _provider_kind(self._options)
+        available = ort.get_available_providers()
+        if _PROVIDER_NAMES[kind] not in available:
+            raise ModelLoadError(f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})")
+        sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
+        self._inputs, self._outputs = session_specs(sessions[0])
+        self._provider = kind
+        self._runners = [self._runner(s, kind) for s in sessions]
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for runner in self._runners:
+            self._free.put(runner)
+
+    def _session(self, ort: Any, path: Path, kind: str) -> Any:
+        opts = self._options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.threads_per_instance if kind == "cpu" else 1
+        so.inter_op_num_threads = opts.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opts.graph_optimization]
+        so.log_severity_level = 3  # errors only: ORT's warnings are noise in server logs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if opts.allow_spinning else "0")
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=self._providers(kind, path))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+        if _PROVIDER_NAMES[kind] not in session.get_providers():
+            raise ModelLoadError(f"{path}: onnxruntime fell back to {session.get_providers()} (wanted {kind})")
+        return session
+
+    def _providers(self, kind: str, path: Path) -> list[Any]:
+        opts = self._options
+        if kind == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = {
+            "device_id": opts.device_id or 0,
+            "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
+            "enable_cuda_graph": int(opts.cuda_graphs),
+        }
+        providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        if kind == "tensorrt":
+            providers.insert(0, ("TensorrtExecutionProvider", self._trt_options(path)))
+        return providers
+
+    def _trt_options(self, path: Path) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        opts = self._options
+        # A throw-away CPU session reads the input shapes (onnx itself is not a serving dependency).
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        probe = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        dims = {i.name: i.shape[1:] for i in probe.get_inputs()}
+
+        def profile(batch: int) -> str:
+            return ",".join(f"{n}:{'x'.join(map(str, [batch, *d]))}" for n, d in dims.items())
+
+        trt: dict[str, Any] = {
+            "device_id": opts.device_id or 0,
+            "trt_fp16_enable": opts.trt_fp16,
+            "trt_int8_enable": opts.trt_int8,
+            "trt_max_workspace_size": opts.trt_workspace_bytes,
+            "trt_profile_min_shapes": profile(1),
+            "trt_profile_opt_shapes": profile(self._max_batch_size),
+            "trt_profile_max_shapes": profile(self._max_batch_size),
+        }
+        if opts.trt_engine_cache_dir:
+            trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": opts.trt_engine_cache_dir}
+            trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": opts.trt_engine_cache_dir}
+        return trt
+
+    def _runner(self, session: Any, kind: str) -> Any:
+        if kind == "cpu" or not self._options.use_iobinding:
+            return _SessionRunner(session)
+        device_id = self._options.device_id or 0
+        if self._options.cuda_graphs:
+            return _CudaGraphRunner(session, self._inputs, self._outputs, self._max_batch_size, device_id)
+        return _BindingRunner(session, self._inputs, self._outputs, self._max_batch_size, self._options)
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Input specs as the session sees them (fp16 models report FP16)."""
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Output specs as the session sees them."""
+        return self._outputs
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch `infer` accepts."""
+        return self._max_batch_size
+
+    @property
+    def instances(self) -> int:
+        """Sessions that can run at once."""
+        return len(self._runners)
+
+    @property
+    def provider(self) -> str:
+        """"cpu" | "cuda" | "tensorrt"."""
+        return self._provider
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate, run on a free instance (blocking until one is free), return outputs by name."""
+        if self._closed:
+            raise ModelUnavailableError("backend is closed", reason="closed")
+        rows = validate_inputs(self._inputs, inputs, self._max_batch_size)
+        runner = self._free.get()
+        try:
+            outputs = runner.run(inputs, rows)
+        except KilnError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed on a batch of {rows}: {exc}") from exc
+        finally:
+            self._free.put(runner)
+        try:
+            check_outputs(outputs, self._outputs, rows)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from exc
+        return outputs
+
+    def close(self) -> None:
+        """Wait for running calls (bounded), then release sessions and pinned buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._runners:
+            try:
+                self._free.get(timeout=_CLOSE_TIMEOUT_S).close()
+            except queue.Empty:
+                log.warning("onnxruntime backend closed while a call was still running")
+                break
+
+
+def _provider_kind(options: BackendOptions) -> str:
+    kind = options.onnx_provider
+    if kind == "auto":
+        return "cpu" if options.device_id is None else "cuda"
+    if (kind == "cpu") != (options.device_id is None):
+        raise ModelLoadError(f"onnx_provider {kind!r} does not match device {options.device!r}")
+    return kind
+
+
+class _SessionRunner:
+    """Plain `session.run` with numpy feeds (CPU EP, or GPU with IOBinding switched off)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.names = [o.name for o in session.get_outputs()]
+
+    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        feeds = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
+        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class _BindingRunner:
+    """CUDA/TensorRT EP through IOBinding; host copies go through pinned buffers when cuda-python is present."""
+
+    def __init__(
+        self, session: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int,
+        options: BackendOptions,
+    ) -> None:
+        self.session, self.outputs = session, tuple(outputs)
+        self.pin_in: dict[str, Any] = {}
+        self.pin_out: dict[str, Any] = {}
+        if options.pinned_memory:
+            self._allocate_pinned(inputs, outputs, max_batch)
+
+    def _allocate_pinned(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int) -> None:
+        from serving.backends.cuda_rt import CudaRuntime, PinnedBuffer
+
+        try:
+            cuda = CudaRuntime()
+        except ModuleNotFoundError as exc:
+            log.info("pinned staging off: %s", exc)
+            return
+        for specs, target in ((inputs, self.pin_in), (outputs, self.pin_out)):
+            for spec in specs:
+                if -1 not in spec.shape[1:]:  # a fixed row size is needed to preallocate
+                    target[spec.name] = PinnedBuffer(cuda, (max_batch, *spec.shape[1:]), spec.dtype)
+
+    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        io = self.session.io_binding()
+        for name, array in inputs.items():
+            buf = self.pin_in.get(name)
+            if buf is None:
+                io.bind_cpu_input(name, np.ascontiguousarray(array))
+                continue
+            staged = buf.rows(rows)
+            np.copyto(staged, array)
+            io.bind_input(name, "cpu", 0, buf.dtype, staged.shape, buf.ptr)
+        for spec in self.outputs:
+            buf = self.pin_out.get(spec.name)
+            if buf is None:
+                io.bind_output(spec.name, "cpu")
+            else:
+                io.bind_output(spec.name, "cpu", 0, buf.dtype, (rows, *spec.shape[1:]), buf.ptr)
+        self.session.run_with_iobinding(io)
+        if len(self.pin_out) == len(self.outputs):
+            return {s.name: self.pin_out[s.name].rows(rows).copy() for s in self.outputs}
+        values = io.copy_outputs_to_cpu()
+        return {s.name: values[i] for i, s in enumerate(self.outputs)}
+
+    def close(self) -> None:
+        for buf in (*self.pin_in.values(), *self.pin_out.values()):
+            buf.free()
+        self.pin_in, self.pin_out, self.session = {}, {}, None
+
+
+class _CudaGraphRunner:
+    """ORT CUDA EP with CUDA graphs: one captured graph per batch bucket, inputs padded up to it.
+
+    A graph replays fixed device addresses, so each bucket owns device OrtValues bound once; a
+    batch is copied into its bucket's input (rows past the batch keep stale data: every row is
+    computed independently and the extra rows are dropped).
+    """
+
+    def __init__(
+        self, session: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int,
+        device_id: int,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.session, self.outputs = session, tuple(outputs)
+        self.buckets: list[tuple[int, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Any, Any]] = []
+        for graph_id, size in enumerate(_buckets(max_batch)):
+            host = {s.name: np.zeros((size, *s.shape[1:]), s.dtype) for s in inputs}
+            dev_in = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", device_id) for n, a in host.items()}
+            dev_out = {
+                s.name: ort.OrtValue.ortvalue_from_shape_and_type((size, *s.shape[1:]), s.dtype, "cuda", device_id)
+                for s in outputs
+            }
+            io = session.io_binding()
+            for name, value in dev_in.items():
+                io.bind_ortvalue_input(name, value)
+            for name, value in dev_out.items():
+                io.bind_ortvalue_output(name, value)
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            for _ in range(2):  # ORT runs once normally, then captures on the next run
+                session.run_with_iobinding(io, run_options)
+            self.buckets.append((size, dev_in, dev_out, host, io, run_options))
+
+    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        size, dev_in, dev_out, host, io, run_options = next(b for b in self.buckets if b[0] >= rows)
+        for name, array in inputs.items():
+            host[name][:rows] = array
+            dev_in[name].update_inplace(host[name])
+        self.session.run_with_iobinding(io, run_options)
+        return {s.name: dev_out[s.name].numpy()[:rows] for s in self.outputs}
+
+    def close(self) -> None:
+        self.buckets, self.session = [], None
+
+
+def _buckets(max_batch: int) -> list[int]:
+    """Powers of two below `max_batch`, then `max_batch` itself."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch]

@@ -1,0 +1,134 @@
+"""The one place where serving errors become gRPC statuses.
+
+Handlers raise domain errors (serving.errors.KilnError subclasses, each naming its status in
+`code`); `ErrorMappingInterceptor` turns them into `context.abort(status, message)` for every
+service on the server. Anything else is a bug: it is logged with its traceback and the client
+gets INTERNAL with the request's id, never the exception text (which may leak paths or data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from serving.errors import KilnError
+
+log = logging.getLogger("kiln.grpc")
+
+# Client errors are logged at debug level (they are the client's business, and logging each one
+# would let a misbehaving client flood the log); server-side failures at error level.
+_CLIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNAVAILABLE,
+    }
+)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The (status, client message) for an exception: a KilnError's own code, else INTERNAL."""
+    if isinstance(exc, KilnError):
+        try:
+            return grpc.StatusCode[exc.code], exc.message
+        except KeyError:
+            return grpc.StatusCode.UNKNOWN, exc.message
+    return grpc.StatusCode.INTERNAL, "internal server error"
+
+
+def log_failure(method: str, exc: BaseException, code: grpc.StatusCode) -> None:
+    """Log a failed RPC: bugs and backend failures loudly with the traceback, client errors quietly."""
+    if not isinstance(exc, KilnError):
+        log.error("%s failed with an unexpected error", method, exc_info=exc)
+    elif code in _CLIENT_CODES:
+        log.debug("%s -> %s: %s", method, code.name, exc)
+    else:
+        log.error("%s -> %s: %s", method, code.name, exc, exc_info=exc)
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the mapping point: every error becomes a status
+            code, message = status_of(exc)
+            log_failure(method, exc, code)
+            await context.abort(code, message)
+
+    return handler
+
+
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the mapping point: every error becomes a status
+            code, message = status_of(exc)
+            log_failure(method, exc, code)
+            await context.abort(code, message)
+
+    return handler
+
+
+def wrap_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose async behaviour maps exceptions to statuses."""
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, _wrap_unary),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, _wrap_stream),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, _wrap_unary),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, _wrap_stream),
+    )
+    for attr, factory, wrapper in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is None:
+            continue
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler  # sync behaviours run in grpc's executor; leave them as they are
+        return factory(
+            wrapper(method, behavior),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps KilnError (and unexpected exceptions) to gRPC statuses for every service.
+
+    Wrapped handlers are cached per method path, so the per-call cost is one dict lookup. It must
+    come after any interceptor whose answer depends on the call (authentication), never before.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: UNIMPLEMENTED; not cached, so junk paths cannot grow the cache
+        wrapped = self._cache[method] = wrap_handler(method, handler)
+        return wrapped
