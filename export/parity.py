@@ -145,7 +145,9 @@ def run_batched(fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batc
     """Apply `fn` to `inputs` in batches of at most `batch_size` and concatenate the results."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    outputs = [fn(np.ascontiguousarray(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)]
+    outputs = [
+        fn(np.ascontiguousarray(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)
+    ]
     return np.concatenate(outputs, axis=0)
 
 

@@ -51,7 +51,13 @@ class ModelStats:
         self._batches: dict[int, _Batch] = {}
 
     def record_request(
-        self, *, rows: int, ok: bool, total_ns: int, queue_ns: int | None = None, compute_ns: int | None = None
+        self,
+        *,
+        rows: int,
+        ok: bool,
+        total_ns: int,
+        queue_ns: int | None = None,
+        compute_ns: int | None = None,
     ) -> None:
         """One finished request (success or failure) with its server-side durations."""
         with self._lock:

@@ -190,7 +190,8 @@ def validate_inputs(
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
     if len(shape) != len(spec.shape):
         raise InvalidInputError(
-            f"input {spec.name!r}: expected rank {len(spec.shape)} shape {list(spec.shape)}, got {list(shape)}"
+            f"input {spec.name!r}: expected rank {len(spec.shape)} shape {list(spec.shape)}, "
+            f"got {list(shape)}"
         )
     for want, got in zip(spec.shape[1:], shape[1:], strict=True):
         if want != -1 and want != got:

@@ -61,7 +61,9 @@ def _construct(manifest: Manifest, artefact: Artefact, path: Path, options: Back
     raise ModelLoadError(f"no backend for artefact format {artefact.format!r}")
 
 
-def expected_specs(manifest: Manifest, artefact: Artefact) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def expected_specs(
+    manifest: Manifest, artefact: Artefact
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The input/output specs kiln.json promises for `artefact` (its datatype overrides applied)."""
     spec = manifest.input
     inputs = (TensorSpec(spec.name, manifest.datatype_of(artefact, spec.name), tuple(spec.shape)),)
@@ -71,10 +73,15 @@ def expected_specs(manifest: Manifest, artefact: Artefact) -> tuple[tuple[Tensor
     return inputs, outputs
 
 
-def spec_mismatches(expected: tuple[Sequence[TensorSpec], Sequence[TensorSpec]], backend: Backend) -> list[str]:
+def spec_mismatches(
+    expected: tuple[Sequence[TensorSpec], Sequence[TensorSpec]], backend: Backend
+) -> list[str]:
     """Human-readable differences between the manifest's specs and what the backend loaded."""
     problems: list[str] = []
-    for kind, want, have in (("input", expected[0], backend.inputs), ("output", expected[1], backend.outputs)):
+    for kind, want, have in (
+        ("input", expected[0], backend.inputs),
+        ("output", expected[1], backend.outputs),
+    ):
         have_by_name = {s.name: s for s in have}
         want_names = {s.name for s in want}
         if set(have_by_name) != want_names:

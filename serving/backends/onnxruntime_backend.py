@@ -42,7 +42,11 @@ ORT_DATATYPES = {
     "tensor(int64)": "INT64",
     "tensor(bool)": "BOOL",
 }
-_PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 _CLOSE_TIMEOUT_S = 30.0
 
 
@@ -61,7 +65,9 @@ def session_specs(session: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpe
 class OnnxRuntimeBackend:
     """An ONNX file run by ONNX Runtime; see the module docstring."""
 
-    def __init__(self, path: str | Path, *, max_batch_size: int, options: BackendOptions | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, max_batch_size: int, options: BackendOptions | None = None
+    ) -> None:
         import onnxruntime as ort  # imported here: keeps `import serving.backends` cheap
 
         self._options = options or BackendOptions()
@@ -70,7 +76,9 @@ class OnnxRuntimeBackend:
         kind = _provider_kind(self._options)
         available = ort.get_available_providers()
         if _PROVIDER_NAMES[kind] not in available:
-            raise ModelLoadError(f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})")
+            raise ModelLoadError(
+                f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})"
+            )
         sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
         self._inputs, self._outputs = session_specs(sessions[0])
         self._provider = kind
@@ -99,7 +107,9 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
         if _PROVIDER_NAMES[kind] not in session.get_providers():
-            raise ModelLoadError(f"{path}: onnxruntime fell back to {session.get_providers()} (wanted {kind})")
+            raise ModelLoadError(
+                f"{path}: onnxruntime fell back to {session.get_providers()} (wanted {kind})"
+            )
         return session
 
     def _providers(self, kind: str, path: Path) -> list[Any]:
@@ -173,7 +183,7 @@ class OnnxRuntimeBackend:
 
     @property
     def provider(self) -> str:
-        """"cpu" | "cuda" | "tensorrt"."""
+        """ "cpu" | "cuda" | "tensorrt"."""
         return self._provider
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -234,10 +244,14 @@ class _SessionRunner:
 
 
 class _BindingRunner:
-    """CUDA/TensorRT EP through IOBinding; host copies go through pinned buffers when cuda-python is present."""
+    """CUDA/TensorRT EP through IOBinding; host copies use pinned buffers when cuda-python is present."""
 
     def __init__(
-        self, session: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int,
+        self,
+        session: Any,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        max_batch: int,
         options: BackendOptions,
     ) -> None:
         self.session, self.outputs = session, tuple(outputs)
@@ -246,7 +260,9 @@ class _BindingRunner:
         if options.pinned_memory:
             self._allocate_pinned(inputs, outputs, max_batch)
 
-    def _allocate_pinned(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int) -> None:
+    def _allocate_pinned(
+        self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int
+    ) -> None:
         from serving.backends.cuda_rt import CudaRuntime, PinnedBuffer
 
         try:
@@ -296,7 +312,11 @@ class _CudaGraphRunner:
     """
 
     def __init__(
-        self, session: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int,
+        self,
+        session: Any,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        max_batch: int,
         device_id: int,
     ) -> None:
         import onnxruntime as ort
@@ -307,7 +327,9 @@ class _CudaGraphRunner:
             host = {s.name: np.zeros((size, *s.shape[1:]), s.dtype) for s in inputs}
             dev_in = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", device_id) for n, a in host.items()}
             dev_out = {
-                s.name: ort.OrtValue.ortvalue_from_shape_and_type((size, *s.shape[1:]), s.dtype, "cuda", device_id)
+                s.name: ort.OrtValue.ortvalue_from_shape_and_type(
+                    (size, *s.shape[1:]), s.dtype, "cuda", device_id
+                )
                 for s in outputs
             }
             io = session.io_binding()
@@ -322,7 +344,7 @@ class _CudaGraphRunner:
             self.buckets.append((size, dev_in, dev_out, host, io, run_options))
 
     def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        size, dev_in, dev_out, host, io, run_options = next(b for b in self.buckets if b[0] >= rows)
+        _, dev_in, dev_out, host, io, run_options = next(b for b in self.buckets if b[0] >= rows)
         for name, array in inputs.items():
             host[name][:rows] = array
             dev_in[name].update_inplace(host[name])

@@ -43,14 +43,19 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
 
 
-def plan_incompatibility(recorded: TensorRTInfo, running: RuntimeTarget, *, allow_other_gpu: bool = False) -> str | None:
+def plan_incompatibility(
+    recorded: TensorRTInfo, running: RuntimeTarget, *, allow_other_gpu: bool = False
+) -> str | None:
     """Why a plan built for `recorded` cannot run on `running`, or None when it can."""
     reasons = []
     if _version_key(recorded.version) != _version_key(running.trt_version):
-        reasons.append(f"built with TensorRT {recorded.version}, this server has TensorRT {running.trt_version}")
+        reasons.append(
+            f"built with TensorRT {recorded.version}, this server has TensorRT {running.trt_version}"
+        )
     if recorded.compute_capability != running.compute_capability:
         reasons.append(
-            f"built for compute capability {recorded.compute_capability}, this GPU has {running.compute_capability}"
+            f"built for compute capability {recorded.compute_capability}, "
+            f"this GPU has {running.compute_capability}"
         )
     if not allow_other_gpu and recorded.gpu_name != running.gpu_name:
         reasons.append(f"built on {recorded.gpu_name!r}, this GPU is {running.gpu_name!r}")
@@ -70,7 +75,9 @@ def _import_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except ImportError as exc:
-        raise ModelLoadError("the tensorrt Python package is not installed; cannot load a TensorRT plan") from exc
+        raise ModelLoadError(
+            "the tensorrt Python package is not installed; cannot load a TensorRT plan"
+        ) from exc
     return tensorrt
 
 
@@ -78,7 +85,12 @@ class TensorRTBackend:
     """A TensorRT plan file; `infer` is thread-safe with up to `instances` calls at once."""
 
     def __init__(
-        self, path: str | Path, *, max_batch_size: int, recorded: TensorRTInfo, options: BackendOptions | None = None
+        self,
+        path: str | Path,
+        *,
+        max_batch_size: int,
+        recorded: TensorRTInfo,
+        options: BackendOptions | None = None,
     ) -> None:
         from serving.backends.cuda_rt import CudaRuntime
 
@@ -110,8 +122,15 @@ class TensorRTBackend:
 
     def _instance(self, index: int, device_id: int) -> _Instance:
         profiles = self._engine.num_optimization_profiles
-        return _Instance(self._engine, self._cuda, self._inputs, self._outputs, self._max_batch_size,
-                         profile=index % profiles, device_id=device_id)
+        return _Instance(
+            self._engine,
+            self._cuda,
+            self._inputs,
+            self._outputs,
+            self._max_batch_size,
+            profile=index % profiles,
+            device_id=device_id,
+        )
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -186,8 +205,15 @@ class _Instance:
     """One execution context with its stream, device buffers and pinned host buffers (max batch)."""
 
     def __init__(
-        self, engine: Any, cuda: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-        max_batch: int, *, profile: int, device_id: int,
+        self,
+        engine: Any,
+        cuda: Any,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        max_batch: int,
+        *,
+        profile: int,
+        device_id: int,
     ) -> None:
         from serving.backends.cuda_rt import PinnedBuffer
 
@@ -197,7 +223,9 @@ class _Instance:
         self.stream = cuda.stream_create()
         if profile:
             self.context.set_optimization_profile_async(profile, int(self.stream))
-        self.host = {s.name: PinnedBuffer(cuda, (max_batch, *s.shape[1:]), s.dtype) for s in (*inputs, *outputs)}
+        self.host = {
+            s.name: PinnedBuffer(cuda, (max_batch, *s.shape[1:]), s.dtype) for s in (*inputs, *outputs)
+        }
         self.device = {name: cuda.malloc(buf.nbytes) for name, buf in self.host.items()}
         for name, ptr in self.device.items():
             self.context.set_tensor_address(name, ptr)

@@ -112,14 +112,19 @@ def test_cifar_output_is_an_exact_window_of_the_reflect_padded_input() -> None:
 
 def test_generator_on_cpu_drives_batch_on_its_own_device() -> None:
     # Draws happen on the generator's device; the batch may live elsewhere (CUDA in training).
-    x = _batch().to(torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = _batch().to(device=device, dtype=torch.float64)
     for policy in RANDOM_POLICIES:
         assert make_augment(policy, 32)(x, torch.Generator(device="cpu").manual_seed(0)).device == x.device
 
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(("flip", 32), "unknown augment policy 'flip'"), (("cifar", 4), "image_size=4"), (("digits", 32.0), "32.0")],
+    [
+        (("flip", 32), "unknown augment policy 'flip'"),
+        (("cifar", 4), "image_size=4"),
+        (("digits", 32.0), "32.0"),
+    ],
 )
 def test_make_augment_rejects_bad_arguments(args: tuple[object, object], needle: str) -> None:
     with pytest.raises(DataError) as info:

@@ -47,8 +47,14 @@ def test_real_build_matches_meta_count_and_torchvision_keys() -> None:
     model = build_model(preset("resnet18"))
     assert count_parameters(model) == 11_689_512
     keys = set(model.state_dict())
-    for key in ("conv1.weight", "bn1.running_mean", "layer2.0.downsample.0.weight",
-                "layer2.0.downsample.1.weight", "layer4.1.bn2.bias", "fc.weight"):
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.weight",
+        "layer4.1.bn2.bias",
+        "fc.weight",
+    ):
         assert key in keys
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
 

@@ -1,0 +1,109 @@
+"""The images export needs (held-out split for parity, train images for INT8 calibration) and
+the host preprocessing that turns them into the model's input, as run.json describes it.
+
+Host preprocessing multiplies by `scale` (not divides by 255) so it is the exact arithmetic
+the in-graph preprocessing performs: Cast → ·scale → −mean → ÷std, all in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["HostPreprocess", "ImageSet", "sample_split", "split_arrays"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostPreprocess:
+    """uint8 [N,C,H,W] pixels → float32 model input; values from run.json's "input" record."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0 / 255.0
+    channels: int = 3
+    height: int = 32
+    width: int = 32
+    channel_order: str = "RGB"
+
+    @classmethod
+    def from_run_input(cls, record: Mapping[str, Any]) -> HostPreprocess:
+        """Build from run.json's "input" dict; ValueError names a missing or bad key."""
+        try:
+            pre = cls(
+                mean=tuple(float(m) for m in record["mean"]),
+                std=tuple(float(s) for s in record["std"]),
+                scale=float(record.get("scale", 1.0 / 255.0)),
+                channels=int(record["channels"]),
+                height=int(record["height"]),
+                width=int(record["width"]),
+                channel_order=str(record.get("channel_order", "RGB")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc!r}") from exc
+        if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0:
+            raise ValueError(f"run.json 'input': mean/std must have {pre.channels} values, std > 0")
+        return pre
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        """The model's input shape without the batch dim."""
+        return (self.channels, self.height, self.width)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Normalise uint8 [N,C,H,W] to float32 [N,C,H,W]."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.chw:
+            raise ValueError(
+                f"expected uint8 images [N, {self.channels}, {self.height}, {self.width}], "
+                f"got {images.dtype} {images.shape}"
+            )
+        shape = (1, self.channels, 1, 1)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.std, dtype=np.float32).reshape(shape)
+        return ((images.astype(np.float32) * np.float32(self.scale)) - mean) / std
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSet:
+    """uint8 images [N,C,H,W] and int64 labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def nhwc(self) -> np.ndarray:
+        """The images as uint8 [N,H,W,C] (the in-graph preprocessing input), contiguous."""
+        return np.ascontiguousarray(self.images.transpose(0, 2, 3, 1))
+
+
+def split_arrays(dataset: Any, indices: Sequence[int] | None = None) -> ImageSet:
+    """Images/labels of a dataset split: the fast tensor path when it has one, else item by item."""
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        images, labels = dataset.images.numpy(), dataset.labels.numpy()
+        if indices is not None:
+            images, labels = (
+                images[np.asarray(indices, dtype=np.int64)],
+                labels[np.asarray(indices, dtype=np.int64)],
+            )
+        return ImageSet(images=np.ascontiguousarray(images), labels=labels.astype(np.int64))
+    picked = range(len(dataset)) if indices is None else indices
+    items = [dataset[int(i)] for i in picked]
+    if not items:
+        raise ValueError("the split is empty")
+    images = np.stack([np.asarray(img.numpy(), dtype=np.uint8) for img, _ in items])
+    return ImageSet(images=images, labels=np.asarray([label for _, label in items], dtype=np.int64))
+
+
+def sample_split(dataset: Any, limit: int | None, *, seed: int = 0) -> ImageSet:
+    """Up to `limit` images of a split (all when None), a seeded random subset when fewer."""
+    count = len(dataset)
+    if count == 0:
+        raise ValueError("the split is empty")
+    if limit is None or limit >= count:
+        return split_arrays(dataset)
+    indices = np.sort(np.random.default_rng(seed).permutation(count)[:limit])
+    return split_arrays(dataset, indices.tolist())
