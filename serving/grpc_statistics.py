@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from protos.inference import grpc_service_pb2 as pb
@@ -50,33 +51,28 @@ class ModelStats:
         self._last_inference_ms = 0
         self._batches: dict[int, _Batch] = {}
 
-    def record_request(
-        self,
-        *,
-        rows: int,
-        ok: bool,
-        total_ns: int,
-        queue_ns: int | None = None,
-        compute_ns: int | None = None,
-    ) -> None:
-        """One finished request (success or failure) with its server-side durations."""
+    def record_request(self, *, rows: int, ok: bool, total_ns: int) -> None:
+        """One finished request (success or failure) with its end-to-end server time."""
         with self._lock:
             if ok:
                 self._success.add(total_ns)
                 self._inference_count += rows
                 self._last_inference_ms = time.time_ns() // 1_000_000
-                if queue_ns is not None:
-                    self._queue.add(queue_ns)
-                if compute_ns is not None:
-                    self._compute_infer.add(compute_ns)
             else:
                 self._fail.add(total_ns)
 
-    def record_batch(self, *, size: int, compute_ns: int) -> None:
-        """One backend execution of `size` rows."""
+    def record_batch(self, *, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        """One backend execution of `rows` rows serving len(queue_seconds) requests.
+
+        As Triton does, every request of the batch is charged the batch's compute time.
+        """
+        compute_ns = int(compute_seconds * 1e9)
         with self._lock:
             self._execution_count += 1
-            self._batches.setdefault(size, _Batch()).compute_infer.add(compute_ns)
+            self._batches.setdefault(rows, _Batch()).compute_infer.add(compute_ns)
+            for wait in queue_seconds:
+                self._queue.add(int(wait * 1e9))
+                self._compute_infer.add(compute_ns)
 
     def to_proto(self) -> pb.ModelStatistics:
         """A ModelStatistics message with the current values."""

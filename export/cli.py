@@ -1,0 +1,189 @@
+"""`kiln export RUN_DIR --repo DIR ...`: fold, export, prove and publish a trained run.
+
+Exit codes: 0 published; 1 an artefact failed verification (parity gate, fold or ONNX check;
+nothing published); 2 bad input (missing/corrupt checkpoint, unknown architecture, repo path
+that is a file, bad precision name, existing version). Heavy imports happen inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["add_arguments", "parity_table", "run"]
+
+_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register `kiln export`'s arguments."""
+    parser.add_argument(
+        "run_dir", type=Path, help="training run directory (run.json + checkpoint.safetensors)"
+    )
+    parser.add_argument(
+        "--repo", type=Path, required=True, help="model repository folder (created if absent)"
+    )
+    parser.add_argument("--name", help="model name in the repository (default: the run id)")
+    parser.add_argument("--version", type=int, help="version number (default: latest + 1)")
+    parser.add_argument(
+        "--precision", default="fp32", help="comma-separated precisions: fp32,fp16,int8 (default: fp32)"
+    )
+    parser.add_argument(
+        "--preprocess-in-graph",
+        action="store_true",
+        help="model takes uint8 NHWC pixels and normalises in the graph",
+    )
+    parser.add_argument("--probabilities", action="store_true", help="add a softmax 'probabilities' output")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest batch served (default: 64)")
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=256,
+        help="train images for INT8 calibration (default: 256)",
+    )
+    parser.add_argument(
+        "--parity-samples", type=int, default=2000, help="held-out images for the parity gate (default: 2000)"
+    )
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint to export")
+    parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs a GPU)")
+    parser.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read and updated)")
+    parser.add_argument("--ort-optimized", action="store_true", help="also save ORT's offline-optimised copy")
+    parser.add_argument("--force", action="store_true", help="publish artefacts that miss their tolerance")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"kiln export: error: {message}", file=sys.stderr)
+    return code
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in _PRECISIONS]
+    if bad or not parts:
+        raise ValueError(
+            f"bad --precision {text!r}: unknown {bad or 'empty list'}; choose from fp32,fp16,int8"
+        )
+    return tuple(dict.fromkeys(parts))
+
+
+def _request(args: argparse.Namespace) -> Any:
+    from export.pipeline import ExportRequest
+    from serving.manifest import MODEL_NAME_RE
+
+    if args.name is not None and (not MODEL_NAME_RE.match(args.name) or ".." in args.name):
+        raise ValueError(f"bad --name {args.name!r}: use letters, digits, '_', '.', '-' (no '..')")
+    if not args.run_dir.is_dir():
+        raise ValueError(f"run directory {args.run_dir} does not exist")
+    if args.repo.exists() and not args.repo.is_dir():
+        raise ValueError(f"--repo {args.repo} is a file, not a directory")
+    return ExportRequest(
+        run_dir=args.run_dir,
+        repo=args.repo,
+        name=args.name,
+        version=args.version,
+        precisions=_precisions(args.precision),
+        preprocess_in_graph=args.preprocess_in_graph,
+        probabilities=args.probabilities,
+        max_batch=args.max_batch,
+        calibration_samples=args.calibration_samples,
+        parity_samples=args.parity_samples,
+        tensorrt=args.tensorrt,
+        timing_cache=args.timing_cache,
+        ort_optimized=args.ort_optimized,
+        force=args.force,
+        which=args.which,
+    )
+
+
+def parity_table(results: Any, title: str) -> Table:
+    """A rich table of parity results: which artefact passed, failed (by how much) or was forced."""
+    table = Table(title=title)
+    for column in (
+        "artefact",
+        "precision",
+        "samples",
+        "max abs err",
+        "max rel err",
+        "top-1 agree",
+        "accuracy",
+    ):
+        table.add_column(column, justify="left" if column in ("artefact", "precision") else "right")
+    table.add_column("verdict")
+    for r in results:
+        verdict = "[green]pass[/]" if r.passed else "[red]FAIL[/] " + "; ".join(r.failures)
+        table.add_row(
+            r.artefact,
+            r.precision,
+            str(r.samples),
+            f"{r.max_abs_err:.3g}",
+            f"{r.max_rel_err:.3g}",
+            f"{r.top1_agreement:.2%}",
+            f"{r.accuracy:.2%} (ref {r.reference_accuracy:.2%})",
+            verdict,
+        )
+    return table
+
+
+def _export(request: Any, console: Console, show: bool) -> Any:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from export.pipeline import export_run
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not show, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+        started = [time.perf_counter(), ""]
+
+        def step(name: str) -> None:
+            if started[1] and show:
+                console.print(f"[green]✓[/] {started[1]} ({time.perf_counter() - started[0]:.1f}s)")
+            started[:] = [time.perf_counter(), name]
+            progress.update(task, description=name)
+
+        result = export_run(request, progress=step)
+        step("")
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kiln export`; returns the exit code (see the module docstring)."""
+    console = Console(stderr=True)
+    try:
+        request = _request(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    from export.fold import FoldError
+    from export.fp16 import Fp16Error
+    from export.onnx_export import OnnxExportError
+    from export.pipeline import ExportError, ParityGateError
+    from export.tensorrt_build import TensorRTError
+    from serving.manifest import ManifestError
+    from serving.repository import RepositoryError
+
+    try:
+        result = _export(request, console, show=not args.no_progress)
+    except ParityGateError as exc:
+        console.print(
+            parity_table(exc.results, "parity gate: REFUSED (nothing published; --force overrides)")
+        )
+        failed = [r.artefact for r in exc.results if not r.passed]
+        return _fail(f"{len(failed)} artefact(s) failed the parity gate: {', '.join(failed)}", 1)
+    except (ExportError, RepositoryError, ManifestError) as exc:
+        return _fail(str(exc))
+    except (FoldError, OnnxExportError, Fp16Error, TensorRTError) as exc:
+        return _fail(str(exc), 1)
+    out = Console()
+    out.print(parity_table(result.parity, f"{result.name} v{result.version}: parity vs PyTorch"))
+    errors = ", ".join(f"{k} {v:.2g}" for k, v in result.fold_errors.items())
+    out.print(f"fold: {result.fold.summary()}; max rel err vs unfolded: {errors}")
+    if result.forced:
+        out.print(f"[yellow]forced past tolerance (recorded in kiln.json): {', '.join(result.forced)}[/]")
+    out.print(f"published {result.path}")
+    return 0

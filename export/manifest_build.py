@@ -1,0 +1,151 @@
+"""kiln.json for an export, built from serving.manifest's types (serving defines the contract)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from export.inputs import HostPreprocess
+from export.onnx_export import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME
+from export.parity import ParityResult
+from export.variants import Candidate
+from serving.manifest import (
+    MODEL_NAME_RE,
+    Artefact,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    ParityReport,
+    Preprocessing,
+    Provenance,
+    TensorRTInfo,
+)
+
+__all__ = ["artefact_entry", "build_manifest", "model_name_from", "parity_report", "provenance"]
+
+REFERENCE = "PyTorch checkpoint ({which} weights, float32, CPU, unfolded) on the held-out {split} split"
+_TRAINING_METRICS = ("best_val_acc", "best_epoch", "test_acc", "test_loss", "epochs_completed")
+
+
+def model_name_from(text: str) -> str:
+    """A repository-safe model name from a run id (unsafe characters become '-')."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "model"
+    name = name.replace("..", ".")
+    if not MODEL_NAME_RE.match(name):
+        name = f"m-{name}"
+    return name
+
+
+def parity_report(result: ParityResult, *, reference: str, forced: bool) -> ParityReport:
+    """serving's ParityReport from a measured result (`forced` only matters when it failed)."""
+    note = "; ".join(x for x in (result.note, *result.failures) if x)
+    return ParityReport(
+        reference=reference,
+        samples=result.samples,
+        max_abs_err=result.max_abs_err,
+        max_rel_err=result.max_rel_err,
+        top1_agreement=result.top1_agreement,
+        accuracy=result.accuracy,
+        reference_accuracy=result.reference_accuracy,
+        tolerances=result.tolerance.to_dict(),
+        passed=result.passed,
+        forced=forced and not result.passed,
+        runtime=result.runtime,
+        note=note,
+    )
+
+
+def artefact_entry(version_dir: Path, candidate: Candidate, parity: ParityReport) -> Artefact:
+    """The Artefact for a candidate already copied into `version_dir` (sha256 computed here)."""
+    trt = None
+    if candidate.tensorrt is not None:
+        info = candidate.tensorrt
+        trt = TensorRTInfo(
+            version=info.version,
+            gpu_name=info.gpu_name,
+            compute_capability=info.compute_capability,
+            tf32=info.tf32,
+            batch_profile=info.batch_profile,
+        )
+    return Artefact.from_file(
+        version_dir,
+        candidate.filename,
+        format=candidate.format,
+        precision=candidate.precision,
+        tensorrt=trt,
+        parity=parity,
+    )
+
+
+def _input_spec(pre: HostPreprocess, in_graph: bool) -> InputSpec:
+    c, h, w = pre.chw
+    preprocessing = Preprocessing(
+        resize=min(h, w),
+        crop=min(h, w) if h == w else None,
+        mean=pre.mean,
+        std=pre.std,
+        scale=pre.scale,
+        channel_order=pre.channel_order,
+        in_graph=in_graph,
+    )
+    if in_graph:
+        return InputSpec(
+            name=INPUT_NAME, datatype="UINT8", layout="NHWC", shape=(-1, h, w, c), preprocessing=preprocessing
+        )
+    return InputSpec(
+        name=INPUT_NAME, datatype="FP32", layout="NCHW", shape=(-1, c, h, w), preprocessing=preprocessing
+    )
+
+
+def provenance(run: Any, *, created_at: str, versions: Mapping[str, Any]) -> Provenance:
+    """Provenance from a training RunInfo (run id, dataset fingerprint, the run's git commit)."""
+    from training.provenance import package_version
+
+    metrics = {k: run.metrics[k] for k in _TRAINING_METRICS if k in run.metrics}
+    commit = run.git_commit if run.git_commit and run.git_commit != "unknown" else None
+    return Provenance(
+        run_id=run.run_id,
+        dataset_fingerprint=run.dataset_fingerprint or "unknown",
+        git_commit=commit,
+        created_at=created_at,
+        kiln_version=package_version("kiln-serve") or "unknown (not installed)",
+        training_metrics=json.loads(json.dumps(metrics)),
+        versions=dict(versions),
+    )
+
+
+def build_manifest(
+    *,
+    name: str,
+    version: int,
+    run: Any,
+    pre: HostPreprocess,
+    in_graph: bool,
+    probabilities: bool,
+    max_batch: int,
+    artefacts: Sequence[Artefact],
+    provenance: Provenance,
+    extra: Mapping[str, Any],
+) -> Manifest:
+    """The whole kiln.json of one version."""
+    classes = len(run.class_names)
+    outputs = [OutputSpec(name=LOGITS_NAME, datatype="FP32", shape=(-1, classes), kind="logits")]
+    if probabilities:
+        outputs.append(
+            OutputSpec(name=PROBABILITIES_NAME, datatype="FP32", shape=(-1, classes), kind="probabilities")
+        )
+    return Manifest(
+        name=name,
+        version=version,
+        architecture=json.loads(json.dumps(run.model_config.to_dict())),
+        labels=tuple(run.class_names),
+        input=_input_spec(pre, in_graph),
+        outputs=tuple(outputs),
+        artefacts=tuple(artefacts),
+        max_batch_size=max_batch,
+        provenance=provenance,
+        extra=json.loads(json.dumps(dict(extra))),
+    )

@@ -1,0 +1,296 @@
+"""`export_run`: a training run → proven artefacts → one new version in a model repository.
+
+Each step is followed by its check: fold → fold equivalence (float64 and float32), export →
+full ONNX check and no BatchNormalization left, every artefact → parity against the unfolded
+PyTorch checkpoint on held-out data. If any artefact misses its tolerance, nothing is published
+(a version is one unit) unless `force`, which publishes it with the override recorded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.fold import FoldReport, fold_batchnorms, verify_fold
+from export.inputs import HostPreprocess, ImageSet, sample_split
+from export.manifest_build import (
+    REFERENCE,
+    artefact_entry,
+    build_manifest,
+    model_name_from,
+    parity_report,
+    provenance,
+)
+from export.onnx_export import OPSET, export_onnx
+from export.parity import (
+    DEFAULT_TOLERANCES,
+    FP16_CPU_NOTE,
+    ParityResult,
+    Tolerance,
+    compare_outputs,
+    onnx_runner,
+    run_batched,
+    torch_logits,
+)
+from export.variants import PRECISIONS, Candidate, GraphOptions, build_onnx_variants, build_plan_variants
+
+__all__ = ["ExportError", "ExportRequest", "ExportResult", "ParityGateError", "export_run"]
+
+Progress = Callable[[str], None]
+
+
+class ExportError(ValueError):
+    """The request cannot be carried out (bad run dir, checkpoint, data, repo path); exit 2."""
+
+
+class ParityGateError(RuntimeError):
+    """Artefacts missed their tolerance and were not forced: nothing was published."""
+
+    def __init__(self, results: tuple[ParityResult, ...]) -> None:
+        self.results = results
+        failed = [r for r in results if not r.passed]
+        super().__init__(
+            "parity gate refused " + "; ".join(f"{r.artefact}: {', '.join(r.failures)}" for r in failed)
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportRequest:
+    """Everything `kiln export` was asked to do."""
+
+    run_dir: Path
+    repo: Path
+    name: str | None = None
+    version: int | None = None
+    precisions: tuple[str, ...] = ("fp32",)
+    preprocess_in_graph: bool = False
+    probabilities: bool = False
+    max_batch: int = 64
+    calibration_samples: int = 256
+    parity_samples: int | None = 2000  # None = the whole held-out split
+    tensorrt: bool = False
+    timing_cache: Path | None = None
+    ort_optimized: bool = False
+    force: bool = False
+    which: str = "best"
+    opset: int = OPSET
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions or len(set(self.precisions)) != len(self.precisions):
+            raise ExportError(
+                f"bad precision list {list(self.precisions)}; choose from {', '.join(PRECISIONS)}"
+            )
+        for key in ("max_batch", "calibration_samples"):
+            if getattr(self, key) < 1:
+                raise ExportError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.parity_samples is not None and self.parity_samples < 1:
+            raise ExportError(f"parity_samples must be >= 1, got {self.parity_samples}")
+        if self.version is not None and self.version < 1:
+            raise ExportError(f"version must be >= 1, got {self.version}")
+        missing = [p for p in self.precisions if p not in self.tolerances]
+        if missing:
+            raise ExportError(f"no tolerance given for {missing}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportResult:
+    """What happened: the published version (None if refused) and the evidence."""
+
+    name: str
+    version: int | None
+    path: Path | None
+    parity: tuple[ParityResult, ...]
+    fold: FoldReport
+    fold_errors: dict[str, float]
+    forced: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Loaded:
+    model: Any
+    run: Any
+    pre: HostPreprocess
+    held_out: ImageSet
+    split: str
+    calibration: np.ndarray | None
+
+
+def _load(request: ExportRequest) -> _Loaded:
+    """Run, model and images; every expected failure becomes one ExportError line."""
+    from training.checkpoint import CheckpointError, load_model
+    from training.data import DataError, load_dataset
+    from training.models import ModelConfigError
+
+    if request.repo.exists() and not request.repo.is_dir():
+        raise ExportError(f"--repo {request.repo} is a file, not a directory")
+    try:
+        model, run = load_model(request.run_dir, which=request.which)
+        pre = HostPreprocess.from_run_input(run.input)
+        bundle = load_dataset(run.data_spec)
+    except (CheckpointError, ModelConfigError, DataError, ValueError) as exc:
+        raise ExportError(str(exc)) from exc
+    split = "test" if len(bundle.test) else "val"
+    held_out = sample_split(getattr(bundle, split), request.parity_samples)
+    calibration = None
+    if "int8" in request.precisions:
+        calibration = pre(sample_split(bundle.train, request.calibration_samples, seed=1).images)
+    return _Loaded(model=model, run=run, pre=pre, held_out=held_out, split=split, calibration=calibration)
+
+
+def _runner(candidate: Candidate) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    if candidate.format == "tensorrt_plan":
+        from export.tensorrt_build import plan_runner
+
+        return plan_runner(candidate.path)
+    return onnx_runner(candidate.path)
+
+
+def _verify(
+    candidates: list[Candidate], loaded: _Loaded, request: ExportRequest, progress: Progress
+) -> tuple[ParityResult, ...]:
+    """Parity of every candidate against the unfolded PyTorch model on the held-out images."""
+    held = loaded.held_out
+    reference = torch_logits(loaded.model, loaded.pre(held.images))
+    inputs = held.nhwc() if request.preprocess_in_graph else loaded.pre(held.images)
+    results = []
+    for cand in candidates:
+        progress(f"parity {cand.filename}")
+        run, runtime = _runner(cand)
+        outputs = run_batched(run, inputs, request.max_batch)
+        on_cpu_fp16 = cand.precision == "fp16" and cand.format == "onnx"
+        results.append(
+            compare_outputs(
+                reference,
+                outputs,
+                held.labels,
+                request.tolerances[cand.precision],
+                artefact=cand.filename,
+                precision=cand.precision,
+                runtime=runtime,
+                note=FP16_CPU_NOTE if on_cpu_fp16 else "",
+            )
+        )
+    return tuple(results)
+
+
+def _build(
+    core: Any, loaded: _Loaded, request: ExportRequest, work: Path, progress: Progress
+) -> list[Candidate]:
+    options = GraphOptions(
+        preprocess=loaded.pre if request.preprocess_in_graph else None, probabilities=request.probabilities
+    )
+    common = {
+        "options": options,
+        "calibration": loaded.calibration,
+        "calibration_samples": request.calibration_samples,
+    }
+    progress("precision variants")
+    candidates = build_onnx_variants(
+        core, request.precisions, work, ort_optimized=request.ort_optimized, **common
+    )
+    if request.tensorrt:
+        progress("tensorrt engines")
+        candidates += build_plan_variants(
+            core,
+            request.precisions,
+            work,
+            max_batch=request.max_batch,
+            timing_cache=request.timing_cache,
+            **common,
+        )
+    return candidates
+
+
+def _versions(tensorrt: bool) -> dict[str, Any]:
+    from training.provenance import git_commit, versions
+
+    found: dict[str, Any] = dict(versions("torch", "onnx", "onnxruntime", "onnxscript", "numpy"))
+    if tensorrt:
+        found["tensorrt"] = __import__("tensorrt").__version__
+    found["export_git_commit"] = git_commit()
+    return found
+
+
+def _publish(
+    request: ExportRequest,
+    loaded: _Loaded,
+    candidates: list[Candidate],
+    results: tuple[ParityResult, ...],
+    extra: dict[str, Any],
+) -> tuple[str, Any]:
+    from serving.repository import publish_version
+    from training.provenance import utc_now
+
+    name = request.name or model_name_from(loaded.run.run_id)
+    reference = REFERENCE.format(which=request.which, split=loaded.split)
+    prov = provenance(loaded.run, created_at=utc_now(), versions=_versions(request.tensorrt))
+
+    def populate(tmp: Path, version: int) -> Any:
+        entries = []
+        for cand, result in zip(candidates, results, strict=True):
+            shutil.copyfile(cand.path, tmp / cand.filename)
+            entries.append(
+                artefact_entry(tmp, cand, parity_report(result, reference=reference, forced=request.force))
+            )
+        return build_manifest(
+            name=name,
+            version=version,
+            run=loaded.run,
+            pre=loaded.pre,
+            in_graph=request.preprocess_in_graph,
+            probabilities=request.probabilities,
+            max_batch=request.max_batch,
+            artefacts=entries,
+            provenance=prov,
+            extra=extra,
+        )
+
+    return name, publish_version(request.repo, name, populate, version=request.version)
+
+
+def export_run(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
+    """Export, prove and publish one run. Raises ExportError (bad input) or ParityGateError."""
+    say = progress or (lambda _step: None)
+    if request.tensorrt:
+        from export.tensorrt_build import tensorrt_missing
+
+        if reason := tensorrt_missing():
+            raise ExportError(reason)
+    say("load checkpoint and data")
+    loaded = _load(request)
+    say("fold batchnorm")
+    folded, report = fold_batchnorms(loaded.model)
+    fold_errors = verify_fold(loaded.model, folded, loaded.pre.chw)
+    say("export onnx")
+    core = export_onnx(folded, loaded.pre.chw, opset=request.opset)
+    with tempfile.TemporaryDirectory(prefix="kiln-export-") as tmp:
+        candidates = _build(core, loaded, request, Path(tmp), say)
+        results = _verify(candidates, loaded, request, say)
+        failed = tuple(r.artefact for r in results if not r.passed)
+        if failed and not request.force:
+            raise ParityGateError(results)
+        say("publish")
+        extra = {
+            "fold": {**report.to_dict(), "max_rel_err": fold_errors},
+            "onnx": {"opset": request.opset, "exporter": "torch.onnx.export(dynamo=True)"},
+            "artefact_details": {c.filename: c.details for c in candidates},
+            "held_out_split": loaded.split,
+        }
+        name, published = _publish(request, loaded, candidates, results, extra)
+    return ExportResult(
+        name=name,
+        version=published.version,
+        path=published.path,
+        parity=results,
+        fold=report,
+        fold_errors=fold_errors,
+        forced=failed,
+    )

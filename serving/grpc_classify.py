@@ -1,0 +1,216 @@
+"""`kiln.classify.v1.Classifier`: images in, top-k labels out.
+
+Decode/resize/normalise runs in a thread pool (serving.preprocess), never on the event loop; the
+rows then go through the model's batcher like any KServe request, so Classify and ModelInfer
+traffic batch together. Scores are softmax probabilities (or the model's own, when its output
+kind is "probabilities"). Timings: `preprocess_us` and `total_us` are exact; `compute_us` is the
+backend time of the batch that served the request and `queue_us` the rest of the batcher wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from protos.kiln.classify.v1 import classify_pb2 as cpb
+from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
+from serving.config import ServeConfig
+from serving.errors import InvalidInputError, KilnError
+from serving.grpc_errors import log_failure, status_of
+from serving.grpc_inference import STREAM_WINDOW, deadline_of, record_outcome
+from serving.metrics import KilnMetrics
+from serving.model_manager import LoadedVersion, ModelManager
+from serving.preprocess import ImageLimits, Preprocessor
+
+MAX_IMAGES = 4096  # per request; larger jobs belong to ClassifyStream or `kiln score`
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable: max subtracted)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(scores: np.ndarray, k: int, labels: tuple[str, ...]) -> list[cpb.ImageResult]:
+    """The k best classes per row, highest first (ties: lower index first)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [
+        cpb.ImageResult(
+            predictions=[cpb.Prediction(label=labels[i], index=int(i), score=float(row[i])) for i in idx]
+        )
+        for row, idx in zip(scores, order, strict=True)
+    ]
+
+
+def _image_input(index: int, image: cpb.Image) -> bytes | np.ndarray:
+    which = image.WhichOneof("source")
+    if which == "encoded":
+        return image.encoded
+    if which == "raw":
+        raw = image.raw
+        expected = raw.height * raw.width * raw.channels
+        if raw.channels not in (1, 3, 4) or raw.height < 1 or raw.width < 1:
+            raise InvalidInputError(
+                f"image {index}: raw image needs height, width >= 1 and channels 1, 3 or 4, "
+                f"got {raw.height}x{raw.width}x{raw.channels}"
+            )
+        if len(raw.data) != expected:
+            raise InvalidInputError(
+                f"image {index}: raw data is {len(raw.data)} bytes, expected {expected} "
+                f"({raw.height}x{raw.width}x{raw.channels} uint8)"
+            )
+        return np.frombuffer(raw.data, dtype=np.uint8).reshape(raw.height, raw.width, raw.channels)
+    raise InvalidInputError(f"image {index}: neither encoded bytes nor a raw image given")
+
+
+class ClassifierServicer(cpb_grpc.ClassifierServicer):
+    """Classify / ClassifyStream over the ModelManager; see the module docstring."""
+
+    def __init__(
+        self, manager: ModelManager, config: ServeConfig, *, metrics: KilnMetrics | None = None
+    ) -> None:
+        self._manager, self._config, self._metrics = manager, config, metrics
+        self._limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        self._pool = ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="kiln-preprocess")
+        self._preprocessors: dict[LoadedVersion, Preprocessor] = {}
+
+    def close(self) -> None:
+        """Stop the preprocessing threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _preprocessor(self, loaded: LoadedVersion) -> Preprocessor:
+        pre = self._preprocessors.get(loaded)
+        if pre is None:
+            live = set(self._manager.loaded())
+            for stale in [lv for lv in self._preprocessors if lv not in live]:
+                del self._preprocessors[stale]  # retired versions
+            try:
+                pre = Preprocessor(
+                    loaded.manifest.input, limits=self._limits, dtype=loaded.backend.inputs[0].dtype
+                )
+            except ValueError as exc:
+                raise InvalidInputError(f"model {loaded.model!r} does not take images: {exc}") from None
+            self._preprocessors[loaded] = pre
+        return pre
+
+    async def Classify(self, request: cpb.ClassifyRequest, context: Any) -> cpb.ClassifyResponse:
+        return await self._classify(request, deadline_of(context))
+
+    async def _classify(self, request: cpb.ClassifyRequest, deadline: float | None) -> cpb.ClassifyResponse:
+        start, loaded = time.perf_counter(), None
+        try:
+            if not request.model:
+                raise InvalidInputError("model is empty")
+            if not 1 <= len(request.images) <= MAX_IMAGES:
+                raise InvalidInputError(
+                    f"send 1 to {MAX_IMAGES} images per request, got {len(request.images)}"
+                )
+            images = [_image_input(i, image) for i, image in enumerate(request.images)]
+            loaded, rows = await self._preprocess(request, images)
+            preprocess_s = time.perf_counter() - start
+            scores = await self._run(loaded, rows, deadline)
+        except BaseException as exc:
+            record_outcome(self._metrics, loaded, len(request.images), start, exc)
+            raise
+        record_outcome(self._metrics, loaded, len(images), start, None)
+        total = time.perf_counter() - start
+        compute = min(loaded.last_compute_seconds, total - preprocess_s)
+        if self._metrics is not None:
+            self._metrics.observe_preprocess(loaded.model, str(loaded.version), preprocess_s)
+        k = min(request.top_k or self._config.default_top_k, len(loaded.labels))
+        return cpb.ClassifyResponse(
+            model=loaded.model,
+            version=str(loaded.version),
+            results=top_k(scores, k, loaded.labels),
+            timings=cpb.Timings(
+                preprocess_us=int(preprocess_s * 1e6),
+                compute_us=int(compute * 1e6),
+                queue_us=max(0, int((total - preprocess_s - compute) * 1e6)),
+                total_us=int(total * 1e6),
+            ),
+            request_id=request.request_id or uuid.uuid4().hex,
+        )
+
+    async def _preprocess(
+        self, request: cpb.ClassifyRequest, images: list[bytes | np.ndarray]
+    ) -> tuple[LoadedVersion, np.ndarray]:
+        """Rows for the version that will serve; redone if a hot swap changed the input spec."""
+        loaded = self._manager.get(request.model, request.version)
+        rows = await self._preprocessor(loaded).preprocess_async(images, self._pool)
+        current = self._manager.get(request.model, request.version)
+        if current is not loaded and current.manifest.input != loaded.manifest.input:
+            rows = await self._preprocessor(current).preprocess_async(images, self._pool)
+            current = self._manager.get(request.model, request.version)
+        return current, rows
+
+    async def _run(self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Submit in chunks of max_batch_size (they batch together) and return class scores."""
+        out_spec = next((o for o in loaded.manifest.outputs if o.kind != "other"), None)
+        if out_spec is None:
+            raise InvalidInputError(f"model {loaded.model!r} has no classification output")
+        name, step = loaded.manifest.input.name, loaded.batcher.max_batch_size
+        chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
+        results = await asyncio.gather(*(loaded.batcher.submit({name: c}, deadline=deadline) for c in chunks))
+        scores = np.concatenate([r[out_spec.name] for r in results]).reshape(len(rows), -1)
+        return softmax(scores) if out_spec.kind == "logits" else scores.astype(np.float64)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[cpb.ClassifyRequest], context: Any
+    ) -> AsyncIterator[cpb.ClassifyStreamResponse]:
+        """Requests run concurrently (so they batch); answers come back in request order."""
+        pending: collections.deque[asyncio.Task[cpb.ClassifyStreamResponse]] = collections.deque()
+        ready = asyncio.Event()
+        finished = False
+
+        async def reader() -> None:
+            nonlocal finished
+            try:
+                async for request in request_iterator:
+                    while len(pending) >= STREAM_WINDOW:
+                        ready.clear()
+                        await ready.wait()
+                    pending.append(asyncio.create_task(self._stream_one(request, deadline_of(context))))
+                    ready.set()
+            finally:
+                finished = True
+                ready.set()
+
+        reading = asyncio.create_task(reader())
+        try:
+            while True:
+                if pending:
+                    yield await pending.popleft()
+                    ready.set()  # room in the window
+                elif finished:
+                    break
+                else:
+                    ready.clear()
+                    await ready.wait()
+            await reading
+        finally:
+            reading.cancel()
+            for task in pending:
+                task.cancel()
+
+    async def _stream_one(
+        self, request: cpb.ClassifyRequest, deadline: float | None
+    ) -> cpb.ClassifyStreamResponse:
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        request_id = request.request_id
+        try:
+            response = await self._classify(request, deadline)
+        except KilnError as exc:
+            code = status_of(exc)[0]
+            log_failure("/kiln.classify.v1.Classifier/ClassifyStream", exc, code)
+            error = cpb.Error(code=code.value[0], message=exc.message)
+            return cpb.ClassifyStreamResponse(error=error, request_id=request_id)
+        return cpb.ClassifyStreamResponse(response=response, request_id=request_id)

@@ -1,0 +1,206 @@
+"""Image preprocessing for Classify and offline scoring: bytes / raw pixels -> one model input row.
+
+Steps follow the manifest's `Preprocessing`, and mirror training's image-folder reader: decode
+(Pillow, only the allowed formats), EXIF orientation, convert to L/RGB, shorter side resized to
+`resize` (same rounding, same filter), centre crop to `crop`, then either normalise
+((x * scale - mean) / std, float32, model layout) or, for a model that preprocesses in-graph, hand
+over the uint8 pixels in its layout.
+
+Limits are checked before the expensive part: encoded size first, then the pixel count from the
+header (Pillow reads sizes lazily in `Image.open`), then decode. Pillow's own decompression-bomb
+error is caught too; the global `Image.MAX_IMAGE_PIXELS` is left alone (other code shares it).
+
+All of this is CPU work: run it in a thread pool (`preprocess_async`), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serving.backends.base import numpy_dtype
+from serving.errors import InvalidInputError, KilnError, PayloadTooLargeError
+from serving.manifest_types import InputSpec
+
+__all__ = ["ImageLimits", "Preprocessor"]
+
+log = logging.getLogger(__name__)
+
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+
+ImageInput = bytes | bytearray | memoryview | np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageLimits:
+    """What one image may cost: encoded bytes, decoded pixels, and which decoders may run."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_pixels: int = 40_000_000  # ~ 7300 x 5500; Pillow's own bomb limit is ~89 M
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ValueError(f"limits must be >= 1, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}")
+        if not self.formats:
+            raise ValueError("at least one image format must be allowed")
+
+
+class Preprocessor:
+    """Turns images into rows of the model input described by an InputSpec (see module docstring)."""
+
+    def __init__(self, spec: InputSpec, *, limits: ImageLimits | None = None, dtype: np.dtype | None = None) -> None:
+        """`dtype` overrides the spec's datatype (e.g. FP16 for an artefact with fp16 io)."""
+        pre = spec.preprocessing
+        if spec.kind != "image" or pre is None or spec.height is None or spec.width is None:
+            raise ValueError(f"input {spec.name!r} is not an image input with preprocessing; cannot preprocess images")
+        self.spec, self.limits = spec, limits or ImageLimits()
+        self.mode = "L" if pre.channel_order == "L" else "RGB"
+        self.bgr = pre.channel_order == "BGR"
+        self.size = (spec.width, spec.height)  # Pillow order
+        self.resize, self.crop, self.in_graph = pre.resize, pre.crop, pre.in_graph
+        self.filter = _FILTERS[pre.interpolation]
+        self.channels_first = spec.layout == "NCHW"
+        self.dtype = np.dtype(dtype) if dtype is not None else numpy_dtype(spec.datatype)
+        self.sample_shape = tuple(spec.shape[1:])
+        std = np.asarray(pre.std, np.float32)
+        self._scale = np.asarray(pre.scale, np.float32) / std  # x * scale/std - mean/std in one pass
+        self._shift = -np.asarray(pre.mean, np.float32) / std
+        if self.channels_first:
+            self._scale, self._shift = self._scale[:, None, None], self._shift[:, None, None]
+
+    def preprocess(self, image: ImageInput, out: np.ndarray | None = None) -> np.ndarray:
+        """One image (encoded bytes or uint8 HWC / HW array) -> one row of shape `sample_shape`."""
+        pixels = self._from_array(image) if isinstance(image, np.ndarray) else self._from_bytes(bytes(image))
+        if self.bgr:
+            pixels = pixels[..., ::-1]
+        if self.channels_first:
+            pixels = pixels.transpose(2, 0, 1)
+        if out is None:
+            out = np.empty(self.sample_shape, self.dtype)
+        if self.in_graph:
+            np.copyto(out, pixels, casting="unsafe")
+        else:
+            np.multiply(pixels, self._scale, out=out, casting="unsafe")
+            out += self._shift
+        return out
+
+    def preprocess_batch(self, images: Sequence[ImageInput], *, executor: Executor | None = None) -> np.ndarray:
+        """Images -> [N, *sample_shape], in `executor` when given (blocking; not for the event loop)."""
+        out = np.empty((len(images), *self.sample_shape), self.dtype)
+        if executor is None or len(images) < 2:
+            for i, image in enumerate(images):
+                self._into(image, out[i], i)
+        else:
+            list(executor.map(self._into, images, out, range(len(images))))
+        return out
+
+    async def preprocess_async(self, images: Sequence[ImageInput], executor: Executor | None = None) -> np.ndarray:
+        """`preprocess_batch` for the event loop: each image runs in `executor` (default: the loop's)."""
+        loop = asyncio.get_running_loop()
+        out = np.empty((len(images), *self.sample_shape), self.dtype)
+        await asyncio.gather(*(loop.run_in_executor(executor, self._into, im, out[i], i) for i, im in enumerate(images)))
+        return out
+
+    def _into(self, image: ImageInput, row: np.ndarray, index: int) -> None:
+        try:
+            self.preprocess(image, row)
+        except KilnError as exc:  # name the image in a multi-image request, keep the status
+            raise type(exc)(f"image {index}: {exc.message}") from exc
+
+    def _from_bytes(self, data: bytes) -> np.ndarray:
+        if len(data) > self.limits.max_bytes:
+            raise PayloadTooLargeError(f"encoded image is {len(data)} bytes, the limit is {self.limits.max_bytes}")
+        if not data:
+            raise InvalidInputError("empty image: 0 bytes")
+        allowed = "/".join(self.limits.formats)
+        try:
+            img = Image.open(io.BytesIO(data), formats=self.limits.formats)
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+        except _DECODE_ERRORS as exc:
+            raise InvalidInputError(f"cannot decode image: not a valid {allowed} image ({len(data)} bytes)") from exc
+        with img:
+            self._check_pixels(*img.size)  # from the header, before any pixel is decoded
+            try:
+                img.load()
+                img = _exif_upright(img)
+                img = self._convert(img)
+            except Image.DecompressionBombError as exc:
+                raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+            except _DECODE_ERRORS as exc:
+                raise InvalidInputError(f"corrupt or truncated {img.format or allowed} image: {exc}") from exc
+            return self._geometry(img)
+
+    def _from_array(self, array: np.ndarray) -> np.ndarray:
+        if array.dtype != np.uint8:
+            raise InvalidInputError(f"raw image must be uint8, got {array.dtype}")
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
+            raise InvalidInputError(f"raw image must be HxW or HxWxC with C in 1/3/4, got shape {list(array.shape)}")
+        self._check_pixels(array.shape[1], array.shape[0])
+        wanted = 1 if self.mode == "L" else 3
+        if array.shape[2] == wanted and self._geometry_is_identity(array.shape[1], array.shape[0]):
+            return array  # already what the model needs: skip Pillow
+        img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        return self._geometry(self._convert(img))
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.limits.max_pixels:
+            raise PayloadTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels, the limit is {self.limits.max_pixels}"
+            )
+
+    def _convert(self, img: Image.Image) -> Image.Image:
+        if img.mode == "P":  # palette (maybe with transparency): expand first, as Pillow advises
+            img = img.convert("RGBA")
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def _geometry_is_identity(self, width: int, height: int) -> bool:
+        short_ok = self.resize is None or min(width, height) == self.resize
+        crop_ok = self.crop is None or (width, height) == (self.crop, self.crop)
+        return short_ok and crop_ok and (width, height) == self.size
+
+    def _geometry(self, img: Image.Image) -> np.ndarray:
+        """Shorter side -> resize, centre crop -> crop (as training's image-folder reader does)."""
+        if self.resize is not None and min(img.size) != self.resize:
+            short = min(img.size)
+            width = max(self.resize, round(img.width * self.resize / short))
+            height = max(self.resize, round(img.height * self.resize / short))
+            img = img.resize((width, height), self.filter)
+        if self.crop is not None and img.size != (self.crop, self.crop):
+            if min(img.size) < self.crop:
+                raise InvalidInputError(f"image is {img.width}x{img.height}, smaller than the {self.crop}px crop")
+            left, top = (img.width - self.crop) // 2, (img.height - self.crop) // 2
+            img = img.crop((left, top, left + self.crop, top + self.crop))
+        if img.size != self.size:
+            raise InvalidInputError(
+                f"image is {img.width}x{img.height} after preprocessing, the model needs {self.size[0]}x{self.size[1]}"
+            )
+        array = np.asarray(img, dtype=np.uint8)
+        return array[:, :, None] if array.ndim == 2 else array
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception as exc:  # exif parsing can raise many types; orientation is best effort
+        log.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return img

@@ -1,0 +1,146 @@
+"""Batched, vectorised augmentation on float [N,C,H,W] in [0,1], driven only by a torch.Generator.
+
+Every random number comes from the generator passed in, so a resumed run that restores the
+generator's state sees exactly the same augmentations. Random draws are made on the generator's
+device and moved to the batch's device, so a CPU generator can drive a GPU batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from training.data.spec import AUGMENT_POLICIES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataError
+
+AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+_REFERENCE_SIZE = 32  # magnitudes below are stated for 32x32 images and scale with image size
+
+
+def make_augment(policy: str, image_size: int) -> AugmentFn:
+    """Return the augmentation `policy` for square images of side `image_size`.
+
+    Policies: "none" (identity); "digits" (shift up to 2.5 px at 32², rotation up to 10°,
+    scale 0.9-1.1, never a flip); "cifar" (reflect-pad 4 px at 32² + random crop, horizontal
+    flip); "imagenet" (random resized crop of 35-100 % area, aspect 3/4-4/3, horizontal flip).
+    """
+    if policy not in AUGMENT_POLICIES:
+        raise DataError(f"unknown augment policy {policy!r}; expected one of: {', '.join(AUGMENT_POLICIES)}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise DataError(f"image_size={image_size!r} must be an int")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise DataError(f"image_size={image_size} is out of range [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
+    scale = image_size / _REFERENCE_SIZE
+    if policy == "digits":
+        return DigitsAugment(image_size=image_size, max_shift_px=2.5 * scale)
+    if policy == "cifar":
+        return CifarAugment(image_size=image_size, pad=max(1, round(4 * scale)))
+    if policy == "imagenet":
+        return ImagenetAugment(image_size=image_size)
+    return NoAugment(image_size=image_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoAugment:
+    """Identity (the batch is returned unchanged)."""
+
+    image_size: int
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        _check_batch(x, self.image_size)
+        return x
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigitsAugment:
+    """Small random affine (shift, rotation, scale) with zero fill; no flips (a flipped 2 is no 2)."""
+
+    image_size: int
+    max_shift_px: float
+    max_rotation_deg: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        _check_batch(x, self.image_size)
+        n = x.shape[0]
+        angle = _uniform(gen, n, -math.radians(self.max_rotation_deg), math.radians(self.max_rotation_deg))
+        zoom = _uniform(gen, n, *self.scale_range)
+        # affine_grid works in normalised coordinates where one pixel is 2 / size wide.
+        shift = _uniform(gen, 2 * n, -self.max_shift_px, self.max_shift_px).view(n, 2) * (
+            2.0 / self.image_size
+        )
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )
+        return _warp(x, theta, padding_mode="zeros")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CifarAugment:
+    """Reflect-pad by `pad`, crop a random image-sized window (whole pixels), flip half the batch."""
+
+    image_size: int
+    pad: int
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        _check_batch(x, self.image_size)
+        n, c, h, w = x.shape
+        padded = F.pad(x, (self.pad,) * 4, mode="reflect")
+        offsets = torch.randint(0, 2 * self.pad + 1, (2, n), generator=gen, device=gen.device).to(x.device)
+        rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [N,H] source rows
+        cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [N,W] source cols
+        out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, padded.shape[3]))
+        out = out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+        flip = _uniform(gen, n, 0.0, 1.0) < 0.5
+        return torch.where(flip.to(x.device)[:, None, None, None], out.flip(3), out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagenetAugment:
+    """Random resized crop (bilinear, back to full size) plus horizontal flip, in one affine warp."""
+
+    image_size: int
+    area_range: tuple[float, float] = (0.35, 1.0)
+    ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        _check_batch(x, self.image_size)
+        n = x.shape[0]
+        area = _uniform(gen, n, *self.area_range)
+        log_ratio = _uniform(gen, n, math.log(self.ratio_range[0]), math.log(self.ratio_range[1]))
+        ratio = torch.exp(log_ratio)
+        # Crop width/height as fractions of the image; clamped so the crop stays inside it.
+        width = torch.sqrt(area * ratio).clamp(max=1.0)
+        height = torch.sqrt(area / ratio).clamp(max=1.0)
+        centre_x = _uniform(gen, n, -1.0, 1.0) * (1.0 - width)
+        centre_y = _uniform(gen, n, -1.0, 1.0) * (1.0 - height)
+        flip = torch.where(_uniform(gen, n, 0.0, 1.0) < 0.5, -1.0, 1.0)
+        zeros = torch.zeros_like(width)
+        theta = torch.stack(
+            [torch.stack([width * flip, zeros, centre_x], 1), torch.stack([zeros, height, centre_y], 1)], 1
+        )
+        return _warp(x, theta, padding_mode="border")
+
+
+def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    """n float32 draws in [low, high) on the generator's device."""
+    return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, *, padding_mode: str) -> torch.Tensor:
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def _check_batch(x: torch.Tensor, image_size: int) -> None:
+    if x.ndim != 4 or not x.is_floating_point():
+        raise DataError(f"augmentation needs a float [N,C,H,W] batch, got {x.dtype} {tuple(x.shape)}")
+    if tuple(x.shape[-2:]) != (image_size, image_size):
+        raise DataError(
+            f"augmentation was made for {image_size}x{image_size} images, got {tuple(x.shape[-2:])}"
+        )

@@ -1,0 +1,109 @@
+"""`DataBundle`: the three splits of a dataset plus everything recorded about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.data.arrays import channel_stats, chunks, fingerprint_tensors, stratified_split
+from training.data.datasets import TensorImageDataset
+from training.data.spec import DataSpec
+
+ImageDataset = Dataset[tuple[torch.Tensor, int]]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DataBundle:
+    """A loaded dataset. Splits yield `(uint8 tensor [C,H,W], int label)`.
+
+    `mean`/`std` are per channel on the [0,1] scale, from the train split only.
+    `augment` names the `make_augment` policy suited to the set (or the spec's override).
+    """
+
+    spec: DataSpec
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    class_names: tuple[str, ...]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channel_order: str
+    fingerprint: str
+    augment: str
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of `class_names`)."""
+        return len(self.class_names)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-able description for logs and run metadata (no tensors)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},  # type: ignore[arg-type]
+            "class_names": list(self.class_names),
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": self.channel_order,
+            "fingerprint": self.fingerprint,
+            "augment": self.augment,
+        }
+
+
+def channel_order(channels: int) -> str:
+    """ "L" for one channel, "RGB" for three."""
+    return "L" if channels == 1 else "RGB"
+
+
+def tensor_bundle(
+    spec: DataSpec,
+    *,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    class_names: tuple[str, ...],
+    default_augment: str,
+) -> DataBundle:
+    """Split in-memory images (uint8 [N,C,H,W], already at `spec.image_size`) into a bundle.
+
+    Without a given `test`, `pool` is split three ways; with one, only val is carved from `pool`.
+    """
+    images, labels = pool
+    train_idx, val_idx, test_idx = stratified_split(
+        labels.numpy(),
+        val_fraction=spec.val_fraction,
+        test_fraction=0.0 if test is not None else spec.test_fraction,
+        seed=spec.seed,
+        class_names=class_names,
+    )
+    splits = [_subset(images, labels, idx) for idx in (train_idx, val_idx)]
+    splits.append(TensorImageDataset(*test) if test is not None else _subset(images, labels, test_idx))
+    train, val, test_set = splits
+    mean, std = channel_stats(chunks(train.images))
+    tensors = [t for split in splits for t in (split.images, split.labels)]
+    params = spec.split_params() | {"class_names": list(class_names)}
+    return DataBundle(
+        spec=spec,
+        train=train,
+        val=val,
+        test=test_set,
+        class_names=class_names,
+        in_channels=int(images.shape[1]),
+        image_size=spec.image_size,
+        mean=mean,
+        std=std,
+        channel_order=channel_order(int(images.shape[1])),
+        fingerprint=fingerprint_tensors(params, tensors),
+        augment=spec.augment or default_augment,
+    )
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray) -> TensorImageDataset:
+    index = torch.from_numpy(idx)
+    return TensorImageDataset(images[index], labels[index])

@@ -1,0 +1,24 @@
+"""Model zoo: plain VGG-style CNNs, ResNet v1 and v2, built from one JSON-able `ModelConfig`.
+
+Importing this package does not import torch; `build_model` and the counters do, when called.
+"""
+
+from training.models.config import ModelConfig
+from training.models.errors import ModelConfigError
+from training.models.flops import count_macs, count_parameters, macs_by_layer
+from training.models.presets import preset, preset_names
+from training.models.registry import FamilySpec, build_model, family_names, register_family
+
+__all__ = [
+    "FamilySpec",
+    "ModelConfig",
+    "ModelConfigError",
+    "build_model",
+    "count_macs",
+    "count_parameters",
+    "family_names",
+    "macs_by_layer",
+    "preset",
+    "preset_names",
+    "register_family",
+]

@@ -1,0 +1,184 @@
+"""ResNet v2, pre-activation (He et al. 2016, "Identity Mappings in Deep Residual Networks").
+
+Each block computes BN-ReLU before each convolution and adds an untouched identity; the net ends
+with a final BN-ReLU (`bn_final`) before pooling. Projection shortcuts (B/C) are a bare 1x1
+convolution on the pre-activated input, as the authors' code; option A pads the raw input.
+CIFAR style: the stem is one 3x3 conv and every block pre-activates (resnet-1k-layers).
+ImageNet style: conv-BN-ReLU-maxpool stem, so the first block skips its own pre-activation
+(fb.resnet.torch preresnet.lua). Bottlenecks put the stride on the 3x3 conv, as our v1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.models.config import ModelConfig
+from training.models.layers import PadShortcut, conv1x1, conv3x3, init_weights, make_shortcut
+from training.models.layouts import resnet_layout
+
+
+class _PreActBlock(nn.Module):
+    """Shared pre-activation and shortcut logic; subclasses define `residual` and `last_conv`."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, preactivate: bool, downsample: nn.Module | None) -> None:
+        super().__init__()
+        self.preactivate = preactivate
+        self.bn1 = nn.BatchNorm2d(in_planes) if preactivate else None
+        self.relu = nn.ReLU(inplace=True)  # only ever applied to fresh BN outputs
+        self.downsample = downsample
+        # Projections read the pre-activated input; identity and option A the raw one.
+        self.project = downsample is not None and not isinstance(downsample, PadShortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(x)) if self.bn1 is not None else x
+        identity = x if self.downsample is None else self.downsample(out if self.project else x)
+        return self.residual(out) + identity
+
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def last_conv(self) -> nn.Conv2d:
+        raise NotImplementedError
+
+
+class PreActBasicBlock(_PreActBlock):
+    """BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus the identity."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, downsample: nn.Module | None, preactivate: bool = True
+    ) -> None:
+        super().__init__(in_planes, preactivate, downsample)
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(out)
+        return self.conv2(self.relu(self.bn2(out)))
+
+    def last_conv(self) -> nn.Conv2d:
+        return self.conv2
+
+
+class PreActBottleneck(_PreActBlock):
+    """BN-ReLU-conv1x1, BN-ReLU-conv3x3 (strided), BN-ReLU-conv1x1 (x4), plus the identity."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int, downsample: nn.Module | None, preactivate: bool = True
+    ) -> None:
+        super().__init__(in_planes, preactivate, downsample)
+        self.conv1 = conv1x1(in_planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(out)
+        out = self.conv2(self.relu(self.bn2(out)))
+        return self.conv3(self.relu(self.bn3(out)))
+
+    def last_conv(self) -> nn.Conv2d:
+        return self.conv3
+
+
+BLOCK_TYPES: dict[str, type[PreActBasicBlock | PreActBottleneck]] = {
+    "basic": PreActBasicBlock,
+    "bottleneck": PreActBottleneck,
+}
+
+
+class PreActResNet(nn.Module):
+    """Stem, stages `layer1..layerK`, final BN-ReLU, global average pool, dropout, fc."""
+
+    def __init__(
+        self,
+        *,
+        block: type[PreActBasicBlock | PreActBottleneck],
+        stages: tuple[int, ...],
+        width: int,
+        shortcut: str,
+        style: str,
+        in_channels: int,
+        num_classes: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_planes = width
+        imagenet = style == "imagenet"
+        if imagenet:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = conv3x3(in_channels, width)
+        self.stem_activates = imagenet
+        self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(stages)))
+        for i, (name, count) in enumerate(zip(self.stage_names, stages, strict=True)):
+            # After a conv-BN-ReLU stem the first block's own pre-activation would repeat it.
+            preact_first = not (imagenet and i == 0)
+            layer = self._make_layer(block, width * 2**i, count, 1 if i == 0 else 2, shortcut, preact_first)
+            self.add_module(name, layer)
+        self.bn_final = nn.BatchNorm2d(self.in_planes)
+        self.relu_final = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.in_planes, num_classes)
+
+    def _make_layer(
+        self,
+        block: type[PreActBasicBlock | PreActBottleneck],
+        planes: int,
+        count: int,
+        stride: int,
+        shortcut: str,
+        preact_first: bool,
+    ) -> nn.Sequential:
+        blocks = []
+        for i in range(count):
+            s = stride if i == 0 else 1
+            out_planes = planes * block.expansion
+            downsample = make_shortcut(shortcut, self.in_planes, out_planes, s, norm=False)
+            blocks.append(block(self.in_planes, planes, s, downsample, preact_first or i > 0))
+            self.in_planes = out_planes
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.stem_activates:
+            x = self.maxpool(self.relu(self.bn1(x)))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        x = self.relu_final(self.bn_final(x))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.dropout(x))
+
+
+def build(config: ModelConfig) -> PreActResNet:
+    """Build a v2 (pre-activation) ResNet from a validated config (registry entry point)."""
+    layout = resnet_layout(config)
+    model = PreActResNet(
+        block=BLOCK_TYPES[layout.block],
+        stages=layout.stages,
+        width=layout.width,
+        shortcut=layout.shortcut,
+        style=config.style,
+        in_channels=config.in_channels,
+        num_classes=config.num_classes,
+        dropout=config.dropout,
+    )
+    init_weights(model)
+    if config.zero_init_residual:
+        # No BN ends a v2 residual branch; zeroing its last conv makes each block start as identity.
+        for m in model.modules():
+            if isinstance(m, _PreActBlock):
+                nn.init.zeros_(m.last_conv().weight)
+    return model
