@@ -39,6 +39,10 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--runs-dir", type=Path, default=REPO / "benchmarks" / "out" / "runs")
     parser.add_argument(
         "--copy-curves", action="store_true", help="copy the first run's curves.png to results/"
@@ -47,7 +51,7 @@ def main() -> int:
 
     import torch
 
-    from training.config import TrainConfig
+    from training.config import OptimConfig, TrainConfig
     from training.loop import Trainer
     from training.models import preset
 
@@ -58,13 +62,21 @@ def main() -> int:
         f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}"
     )
+    print(f"settings: {vars(args)}")
     print("| model | seed | epochs | test acc | best val acc | wall s |")
     print("|---|---|---|---|---|---|")
     for index, seed in enumerate(args.seeds):
         run_dir = args.runs_dir / f"{args.model}-digits-seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         started = time.perf_counter()
-        config = TrainConfig(model=model, data={"name": "digits"}, epochs=args.epochs, seed=seed)
+        config = TrainConfig(
+            model=model,
+            data={"name": "digits", "image_size": args.image_size},
+            optim=OptimConfig(lr=args.lr, label_smoothing=args.label_smoothing),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=seed,
+        )
         result = Trainer(config, run_dir).fit(show_progress=False)
         wall = time.perf_counter() - started
         print(

@@ -229,7 +229,7 @@ def _publish(
     from serving.repository import publish_version
     from training.provenance import utc_now
 
-    name = request.name or model_name_from(loaded.run.run_id)
+    name = _model_name(request, loaded)
     reference = REFERENCE.format(which=request.which, split=loaded.split)
     prov = provenance(loaded.run, created_at=utc_now(), versions=_versions(request.tensorrt))
 
@@ -256,6 +256,10 @@ def _publish(
     return name, publish_version(request.repo, name, populate, version=request.version)
 
 
+def _model_name(request: ExportRequest, loaded: _Loaded) -> str:
+    return request.name or model_name_from(loaded.run.run_id)
+
+
 def export_run(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
     """Export, prove and publish one run. Raises ExportError (bad input) or ParityGateError."""
     say = progress or (lambda _step: None)
@@ -266,6 +270,13 @@ def export_run(request: ExportRequest, progress: Progress | None = None) -> Expo
             raise ExportError(reason)
     say("load checkpoint and data")
     loaded = _load(request)
+    if (
+        request.version is not None
+        and (request.repo / _model_name(request, loaded) / str(request.version)).exists()
+    ):
+        raise ExportError(
+            f"version {request.version} of {_model_name(request, loaded)} already exists in {request.repo}"
+        )
     say("fold batchnorm")
     folded, report = fold_batchnorms(loaded.model)
     fold_errors = verify_fold(loaded.model, folded, loaded.pre.chw)

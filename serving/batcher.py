@@ -185,14 +185,18 @@ class DynamicBatcher:
                 if batch is None:
                     return
                 self._dispatch(batch)
-        except BaseException as exc:
+        except asyncio.CancelledError:
             self._accepting = False
             self._fail_queued(
-                ModelUnavailableError(f"batcher of {self._name!r} stopped: {exc!r}", reason="failed")
+                ModelUnavailableError(f"batcher of {self._name!r} was cancelled", reason="stopped")
             )
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            raise
+        except Exception as exc:  # a bug: fail loudly but never leave waiters hanging
             log.exception("batcher of %r crashed", self._name)
+            self._accepting = False
+            self._fail_queued(
+                ModelUnavailableError(f"batcher of {self._name!r} failed: {exc!r}", reason="failed")
+            )
 
     async def _next_batch(self) -> list[_Request] | None:
         while True:
@@ -283,7 +287,9 @@ class DynamicBatcher:
             else running.exception()
         )
         if exc is not None:
-            if not isinstance(exc, KilnError):
+            if isinstance(exc, KilnError):
+                log.warning("model %r: batch of %d rows failed: %s", self._name, rows, exc)
+            else:
                 log.error("model %r: batch of %d rows failed", self._name, rows, exc_info=exc)
                 exc = BackendError(f"model {self._name!r}: batch of {rows} rows failed: {exc}")
             for req in batch:  # one exception fanned out to every waiter of this batch only

@@ -30,11 +30,15 @@ class GpuCollector(Collector):
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             name = nvml.nvmlDeviceGetName(handle)
-            self._devices.append((str(index), name.decode() if isinstance(name, bytes) else str(name), handle))
+            self._devices.append(
+                (str(index), name.decode() if isinstance(name, bytes) else str(name), handle)
+            )
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
-            GaugeMetricFamily("kiln_gpu_utilization_ratio", "GPU busy fraction (NVML, last sample period)", labels=_LABELS),
+            GaugeMetricFamily(
+                "kiln_gpu_utilization_ratio", "GPU busy fraction (NVML, last sample period)", labels=_LABELS
+            ),
             GaugeMetricFamily("kiln_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=_LABELS),
             GaugeMetricFamily("kiln_gpu_memory_total_bytes", "GPU memory installed (NVML)", labels=_LABELS),
         )

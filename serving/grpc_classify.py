@@ -22,9 +22,10 @@ import numpy as np
 from protos.kiln.classify.v1 import classify_pb2 as cpb
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.config import ServeConfig
-from serving.errors import InvalidInputError, KilnError
+from serving.errors import InvalidInputError, KilnError, ModelUnavailableError
 from serving.grpc_errors import log_failure, status_of
 from serving.grpc_inference import STREAM_WINDOW, deadline_of, record_outcome
+from serving.grpc_logging import REQUEST_ID
 from serving.metrics import KilnMetrics
 from serving.model_manager import LoadedVersion, ModelManager
 from serving.preprocess import ImageLimits, Preprocessor
@@ -106,6 +107,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
 
     async def _classify(self, request: cpb.ClassifyRequest, deadline: float | None) -> cpb.ClassifyResponse:
         start, loaded = time.perf_counter(), None
+        REQUEST_ID.set(request.request_id)
         try:
             if not request.model:
                 raise InvalidInputError("model is empty")
@@ -158,9 +160,26 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             raise InvalidInputError(f"model {loaded.model!r} has no classification output")
         name, step = loaded.manifest.input.name, loaded.batcher.max_batch_size
         chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
-        results = await asyncio.gather(*(loaded.batcher.submit({name: c}, deadline=deadline) for c in chunks))
+        if len(chunks) == 1:  # submitted in this step: a hot swap cannot slip in (see ModelManager)
+            results = [await loaded.batcher.submit({name: chunks[0]}, deadline=deadline)]
+        else:
+            results = await asyncio.gather(*(self._submit(loaded, {name: c}, deadline) for c in chunks))
         scores = np.concatenate([r[out_spec.name] for r in results]).reshape(len(rows), -1)
         return softmax(scores) if out_spec.kind == "logits" else scores.astype(np.float64)
+
+    async def _submit(
+        self, loaded: LoadedVersion, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        """Submit from a task (a loop step after routing): follow a hot swap that retired `loaded`."""
+        try:
+            return await loaded.batcher.submit(inputs, deadline=deadline)
+        except ModelUnavailableError as exc:
+            if exc.reason != "stopped":
+                raise
+            current = self._manager.get(loaded.model)
+            if current is loaded or current.manifest.input != loaded.manifest.input:
+                raise
+            return await current.batcher.submit(inputs, deadline=deadline)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[cpb.ClassifyRequest], context: Any

@@ -20,6 +20,7 @@ from serving.config import ServeConfig
 from serving.errors import InvalidInputError, KilnError
 from serving.grpc_codec import decode_inputs, encode_outputs, param_value, requested_outputs
 from serving.grpc_errors import log_failure, status_of
+from serving.grpc_logging import REQUEST_ID
 from serving.grpc_metadata import model_config, model_metadata
 from serving.metrics import KilnMetrics
 from serving.model_manager import READY, LoadedVersion, ModelManager
@@ -130,6 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         start, loaded, rows = time.perf_counter(), None, 0
+        REQUEST_ID.set(request.id)
         try:
             if not request.model_name:
                 raise InvalidInputError("model_name is empty")

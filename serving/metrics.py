@@ -11,10 +11,17 @@ choose model names; one series per typo would let them grow the registry without
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
-from prometheus_client import PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from serving.gpu_stats import gpu_collector
 
@@ -45,7 +52,9 @@ class BatchMetrics:
         self._dropped = {r: metrics.requests_dropped.labels(model, version, r) for r in _DROP_REASONS}
         self._metrics, self._model, self._version = metrics, model, version
 
-    def on_batch(self, *, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+    def on_batch(
+        self, *, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float
+    ) -> None:
         """One executed batch: its size in rows, each request's queue wait, the compute time."""
         self._batch.observe(rows)
         self._compute.observe(compute_seconds)
@@ -66,7 +75,9 @@ class KilnMetrics:
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
         self.registry = registry
         r = registry
-        self.requests = Counter("kiln_requests", "Inference requests by final status code", (*_MV, "code"), registry=r)
+        self.requests = Counter(
+            "kiln_requests", "Inference requests by final status code", (*_MV, "code"), registry=r
+        )
         self.request_duration = Histogram(
             "kiln_request_duration_seconds", "End-to-end request latency in the server", _MV,
             buckets=LATENCY_BUCKETS, registry=r,
@@ -86,10 +97,18 @@ class KilnMetrics:
         self.batch_size = Histogram(
             "kiln_batch_size", "Rows per executed batch", _MV, buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting in the batching queue", _MV, registry=r)
-        self.inflight = Gauge("kiln_inflight_requests", "Requests being handled by the server", _MV, registry=r)
+        self.queue_depth = Gauge(
+            "kiln_queue_depth", "Requests waiting in the batching queue", _MV, registry=r
+        )
+        self.inflight = Gauge(
+            "kiln_inflight_requests", "Requests being handled by the server", _MV, registry=r
+        )
         self.load_state = Enum(
-            "kiln_model_load_state", "Load state of a model version", _MV, states=list(LOAD_STATES), registry=r
+            "kiln_model_load_state",
+            "Load state of a model version",
+            _MV,
+            states=list(LOAD_STATES),
+            registry=r,
         )
         self.requests_dropped = Counter(
             "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason"), registry=r
@@ -149,7 +168,5 @@ class KilnMetrics:
 
 
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
-    try:
+    with suppress(KeyError):  # that series never existed
         metric.remove(*labels)
-    except KeyError:
-        pass  # that series never existed

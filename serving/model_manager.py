@@ -26,13 +26,13 @@ from serving.config import ServeConfig
 from serving.errors import KilnError, ModelNotFoundError, ModelUnavailableError
 from serving.grpc_statistics import ModelStats
 from serving.manifest import Artefact, Manifest
+from serving.metrics import KilnMetrics
 from serving.repository import ModelRepository, RepositoryError, VersionPolicy
 
 log = logging.getLogger("kiln.models")
 
 READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
 StateListener = Callable[[str, bool], Awaitable[None]]  # (model, any version ready)
-ObserverFactory = Callable[[str, str], BatchObserver | None]  # (model, version) -> metrics observer
 
 
 @dataclass(eq=False)
@@ -65,24 +65,26 @@ class VersionState:
 
 
 class _Observer:
-    """Feeds batch timings to the version's statistics and to the metrics observer, if any."""
+    """Feeds batch timings to the version's statistics and metrics once it is live (not warm-up)."""
 
-    def __init__(self, loaded: list[LoadedVersion], stats: ModelStats, extra: BatchObserver | None) -> None:
-        self._loaded, self._stats, self._extra = loaded, stats, extra
+    def __init__(self, stats: ModelStats, extra: BatchObserver | None) -> None:
+        self._stats, self._extra = stats, extra
+        self.loaded: LoadedVersion | None = None  # set after warm-up: warm-up batches are not counted
 
     def on_batch(
         self, *, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float
     ) -> None:
+        if self.loaded is None:
+            return
+        self.loaded.last_compute_seconds = compute_seconds
         self._stats.record_batch(rows=rows, queue_seconds=queue_seconds, compute_seconds=compute_seconds)
-        if self._loaded:
-            self._loaded[0].last_compute_seconds = compute_seconds
         if self._extra is not None:
             self._extra.on_batch(
                 rows=rows, requests=requests, queue_seconds=queue_seconds, compute_seconds=compute_seconds
             )
 
     def on_dropped(self, reason: str, count: int = 1) -> None:
-        if self._extra is not None:
+        if self.loaded is not None and self._extra is not None:
             self._extra.on_dropped(reason, count)
 
 
@@ -125,13 +127,13 @@ class ModelManager:
         config: ServeConfig,
         *,
         on_state_change: StateListener | None = None,
-        observer_factory: ObserverFactory | None = None,
+        metrics: KilnMetrics | None = None,
     ) -> None:
         self.config = config
         self.repository = ModelRepository(config.repo)
         self.policy = VersionPolicy.parse(config.version_policy)
         self._on_state_change = on_state_change
-        self._observer_factory = observer_factory
+        self._metrics = metrics
         self._live: dict[str, dict[int, LoadedVersion]] = {}
         self._states: dict[tuple[str, int], VersionState] = {}
         self._model_errors: dict[str, str] = {}
@@ -243,14 +245,19 @@ class ModelManager:
 
     async def _load_version(self, model: str, version: int) -> None:
         state = self._states[(model, version)] = VersionState(model, version, LOADING)
+        self._set_metric_state(model, version, "loading")
         try:
             loaded = await self._bring_up(model, version)
         except (KilnError, RepositoryError, ValueError, OSError) as exc:
             state.state, state.reason = UNAVAILABLE, str(exc)
+            self._set_metric_state(model, version, "failed")
             log.error("model %s v%d failed to load: %s", model, version, exc)
             return
         self._live.setdefault(model, {})[version] = loaded
         state.state, state.reason = READY, ""
+        self._set_metric_state(model, version, "ready")
+        if self._metrics is not None:
+            self._metrics.track_queue_depth(model, str(version), lambda: loaded.batcher.queue_depth)
         log.info("model %s v%d ready (%s)", model, version, loaded.artefact.path)
 
     async def _bring_up(self, model: str, version: int) -> LoadedVersion:
@@ -282,21 +289,20 @@ class ModelManager:
     ) -> LoadedVersion:
         cfg = self.config
         max_batch = min(cfg.max_batch_size or backend.max_batch_size, backend.max_batch_size)
-        holder: list[LoadedVersion] = []
         stats = ModelStats(model, str(version))
-        extra = self._observer_factory(model, str(version)) if self._observer_factory else None
+        extra = self._metrics.batch_observer(model, str(version)) if self._metrics else None
+        observer = _Observer(stats, extra)
         batcher = DynamicBatcher(
             backend,
             max_batch_size=max_batch,
             max_queue_delay_us=cfg.max_queue_delay_us,
             preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
             max_queue_size=cfg.max_queue_size,
-            observer=_Observer(holder, stats, extra),
+            observer=observer,
             name=model,
         )
         batcher.start()
         loaded = LoadedVersion(model, version, manifest, artefact, backend, batcher, stats)
-        holder.append(loaded)
         try:
             if cfg.warmup:
                 for rows in sorted({1, max_batch}):
@@ -304,6 +310,7 @@ class ModelManager:
         except BaseException:
             await batcher.stop(drain=False)
             raise
+        observer.loaded = loaded
         return loaded
 
     async def _retire(self, model: str, version: int) -> None:
@@ -314,9 +321,17 @@ class ModelManager:
         if state is not None:
             state.state = UNLOADING
         await self._notify(model)
+        self._set_metric_state(model, version, "unloading")
         await loaded.batcher.stop(drain=True)
         await asyncio.to_thread(loaded.backend.close)
+        if self._metrics is not None:
+            self._metrics.forget(model, str(version))
+        self._set_metric_state(model, version, "unloaded")
         log.info("model %s v%d unloaded", model, version)
+
+    def _set_metric_state(self, model: str, version: int, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.set_load_state(model, str(version), state)
 
     async def _notify(self, model: str) -> None:
         if self._on_state_change is not None:

@@ -56,7 +56,9 @@ class ImageLimits:
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.max_pixels < 1:
-            raise ValueError(f"limits must be >= 1, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}")
+            raise ValueError(
+                f"limits must be >= 1, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}"
+            )
         if not self.formats:
             raise ValueError("at least one image format must be allowed")
 
@@ -64,11 +66,15 @@ class ImageLimits:
 class Preprocessor:
     """Turns images into rows of the model input described by an InputSpec (see module docstring)."""
 
-    def __init__(self, spec: InputSpec, *, limits: ImageLimits | None = None, dtype: np.dtype | None = None) -> None:
+    def __init__(
+        self, spec: InputSpec, *, limits: ImageLimits | None = None, dtype: np.dtype | None = None
+    ) -> None:
         """`dtype` overrides the spec's datatype (e.g. FP16 for an artefact with fp16 io)."""
         pre = spec.preprocessing
         if spec.kind != "image" or pre is None or spec.height is None or spec.width is None:
-            raise ValueError(f"input {spec.name!r} is not an image input with preprocessing; cannot preprocess images")
+            raise ValueError(
+                f"input {spec.name!r} is not an image input with preprocessing; cannot preprocess images"
+            )
         self.spec, self.limits = spec, limits or ImageLimits()
         self.mode = "L" if pre.channel_order == "L" else "RGB"
         self.bgr = pre.channel_order == "BGR"
@@ -100,7 +106,9 @@ class Preprocessor:
             out += self._shift
         return out
 
-    def preprocess_batch(self, images: Sequence[ImageInput], *, executor: Executor | None = None) -> np.ndarray:
+    def preprocess_batch(
+        self, images: Sequence[ImageInput], *, executor: Executor | None = None
+    ) -> np.ndarray:
         """Images -> [N, *sample_shape], in `executor` when given (blocking; not for the event loop)."""
         out = np.empty((len(images), *self.sample_shape), self.dtype)
         if executor is None or len(images) < 2:
@@ -110,11 +118,15 @@ class Preprocessor:
             list(executor.map(self._into, images, out, range(len(images))))
         return out
 
-    async def preprocess_async(self, images: Sequence[ImageInput], executor: Executor | None = None) -> np.ndarray:
+    async def preprocess_async(
+        self, images: Sequence[ImageInput], executor: Executor | None = None
+    ) -> np.ndarray:
         """`preprocess_batch` for the event loop: each image runs in `executor` (default: the loop's)."""
         loop = asyncio.get_running_loop()
         out = np.empty((len(images), *self.sample_shape), self.dtype)
-        await asyncio.gather(*(loop.run_in_executor(executor, self._into, im, out[i], i) for i, im in enumerate(images)))
+        await asyncio.gather(
+            *(loop.run_in_executor(executor, self._into, im, out[i], i) for i, im in enumerate(images))
+        )
         return out
 
     def _into(self, image: ImageInput, row: np.ndarray, index: int) -> None:
@@ -125,7 +137,9 @@ class Preprocessor:
 
     def _from_bytes(self, data: bytes) -> np.ndarray:
         if len(data) > self.limits.max_bytes:
-            raise PayloadTooLargeError(f"encoded image is {len(data)} bytes, the limit is {self.limits.max_bytes}")
+            raise PayloadTooLargeError(
+                f"encoded image is {len(data)} bytes, the limit is {self.limits.max_bytes}"
+            )
         if not data:
             raise InvalidInputError("empty image: 0 bytes")
         allowed = "/".join(self.limits.formats)
@@ -134,7 +148,9 @@ class Preprocessor:
         except Image.DecompressionBombError as exc:
             raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
         except _DECODE_ERRORS as exc:
-            raise InvalidInputError(f"cannot decode image: not a valid {allowed} image ({len(data)} bytes)") from exc
+            raise InvalidInputError(
+                f"cannot decode image: not a valid {allowed} image ({len(data)} bytes)"
+            ) from exc
         with img:
             self._check_pixels(*img.size)  # from the header, before any pixel is decoded
             try:
@@ -153,7 +169,9 @@ class Preprocessor:
         if array.ndim == 2:
             array = array[:, :, None]
         if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape:
-            raise InvalidInputError(f"raw image must be HxW or HxWxC with C in 1/3/4, got shape {list(array.shape)}")
+            raise InvalidInputError(
+                f"raw image must be HxW or HxWxC with C in 1/3/4, got shape {list(array.shape)}"
+            )
         self._check_pixels(array.shape[1], array.shape[0])
         wanted = 1 if self.mode == "L" else 3
         if array.shape[2] == wanted and self._geometry_is_identity(array.shape[1], array.shape[0]):
@@ -186,12 +204,15 @@ class Preprocessor:
             img = img.resize((width, height), self.filter)
         if self.crop is not None and img.size != (self.crop, self.crop):
             if min(img.size) < self.crop:
-                raise InvalidInputError(f"image is {img.width}x{img.height}, smaller than the {self.crop}px crop")
+                raise InvalidInputError(
+                    f"image is {img.width}x{img.height}, smaller than the {self.crop}px crop"
+                )
             left, top = (img.width - self.crop) // 2, (img.height - self.crop) // 2
             img = img.crop((left, top, left + self.crop, top + self.crop))
         if img.size != self.size:
             raise InvalidInputError(
-                f"image is {img.width}x{img.height} after preprocessing, the model needs {self.size[0]}x{self.size[1]}"
+                f"image is {img.width}x{img.height} after preprocessing, "
+                f"the model needs {self.size[0]}x{self.size[1]}"
             )
         array = np.asarray(img, dtype=np.uint8)
         return array[:, :, None] if array.ndim == 2 else array

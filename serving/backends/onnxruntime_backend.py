@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from serving.backends.base import (
     check_outputs,
     validate_inputs,
 )
+from serving.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
 from serving.errors import BackendError, KilnError, ModelLoadError, ModelUnavailableError
 
 __all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "session_specs"]
@@ -155,11 +156,11 @@ class OnnxRuntimeBackend:
 
     def _runner(self, session: Any, kind: str) -> Any:
         if kind == "cpu" or not self._options.use_iobinding:
-            return _SessionRunner(session)
+            return SessionRunner(session)
         device_id = self._options.device_id or 0
         if self._options.cuda_graphs:
-            return _CudaGraphRunner(session, self._inputs, self._outputs, self._max_batch_size, device_id)
-        return _BindingRunner(session, self._inputs, self._outputs, self._max_batch_size, self._options)
+            return CudaGraphRunner(session, self._inputs, self._outputs, self._max_batch_size, device_id)
+        return BindingRunner(session, self._inputs, self._outputs, self._max_batch_size, self._options)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -226,139 +227,3 @@ def _provider_kind(options: BackendOptions) -> str:
     if (kind == "cpu") != (options.device_id is None):
         raise ModelLoadError(f"onnx_provider {kind!r} does not match device {options.device!r}")
     return kind
-
-
-class _SessionRunner:
-    """Plain `session.run` with numpy feeds (CPU EP, or GPU with IOBinding switched off)."""
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.names = [o.name for o in session.get_outputs()]
-
-    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        feeds = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
-        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
-
-    def close(self) -> None:
-        self.session = None
-
-
-class _BindingRunner:
-    """CUDA/TensorRT EP through IOBinding; host copies use pinned buffers when cuda-python is present."""
-
-    def __init__(
-        self,
-        session: Any,
-        inputs: Sequence[TensorSpec],
-        outputs: Sequence[TensorSpec],
-        max_batch: int,
-        options: BackendOptions,
-    ) -> None:
-        self.session, self.outputs = session, tuple(outputs)
-        self.pin_in: dict[str, Any] = {}
-        self.pin_out: dict[str, Any] = {}
-        if options.pinned_memory:
-            self._allocate_pinned(inputs, outputs, max_batch)
-
-    def _allocate_pinned(
-        self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int
-    ) -> None:
-        from serving.backends.cuda_rt import CudaRuntime, PinnedBuffer
-
-        try:
-            cuda = CudaRuntime()
-        except ModuleNotFoundError as exc:
-            log.info("pinned staging off: %s", exc)
-            return
-        for specs, target in ((inputs, self.pin_in), (outputs, self.pin_out)):
-            for spec in specs:
-                if -1 not in spec.shape[1:]:  # a fixed row size is needed to preallocate
-                    target[spec.name] = PinnedBuffer(cuda, (max_batch, *spec.shape[1:]), spec.dtype)
-
-    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        io = self.session.io_binding()
-        for name, array in inputs.items():
-            buf = self.pin_in.get(name)
-            if buf is None:
-                io.bind_cpu_input(name, np.ascontiguousarray(array))
-                continue
-            staged = buf.rows(rows)
-            np.copyto(staged, array)
-            io.bind_input(name, "cpu", 0, buf.dtype, staged.shape, buf.ptr)
-        for spec in self.outputs:
-            buf = self.pin_out.get(spec.name)
-            if buf is None:
-                io.bind_output(spec.name, "cpu")
-            else:
-                io.bind_output(spec.name, "cpu", 0, buf.dtype, (rows, *spec.shape[1:]), buf.ptr)
-        self.session.run_with_iobinding(io)
-        if len(self.pin_out) == len(self.outputs):
-            return {s.name: self.pin_out[s.name].rows(rows).copy() for s in self.outputs}
-        values = io.copy_outputs_to_cpu()
-        return {s.name: values[i] for i, s in enumerate(self.outputs)}
-
-    def close(self) -> None:
-        for buf in (*self.pin_in.values(), *self.pin_out.values()):
-            buf.free()
-        self.pin_in, self.pin_out, self.session = {}, {}, None
-
-
-class _CudaGraphRunner:
-    """ORT CUDA EP with CUDA graphs: one captured graph per batch bucket, inputs padded up to it.
-
-    A graph replays fixed device addresses, so each bucket owns device OrtValues bound once; a
-    batch is copied into its bucket's input (rows past the batch keep stale data: every row is
-    computed independently and the extra rows are dropped).
-    """
-
-    def __init__(
-        self,
-        session: Any,
-        inputs: Sequence[TensorSpec],
-        outputs: Sequence[TensorSpec],
-        max_batch: int,
-        device_id: int,
-    ) -> None:
-        import onnxruntime as ort
-
-        self.session, self.outputs = session, tuple(outputs)
-        self.buckets: list[tuple[int, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Any, Any]] = []
-        for graph_id, size in enumerate(_buckets(max_batch)):
-            host = {s.name: np.zeros((size, *s.shape[1:]), s.dtype) for s in inputs}
-            dev_in = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", device_id) for n, a in host.items()}
-            dev_out = {
-                s.name: ort.OrtValue.ortvalue_from_shape_and_type(
-                    (size, *s.shape[1:]), s.dtype, "cuda", device_id
-                )
-                for s in outputs
-            }
-            io = session.io_binding()
-            for name, value in dev_in.items():
-                io.bind_ortvalue_input(name, value)
-            for name, value in dev_out.items():
-                io.bind_ortvalue_output(name, value)
-            run_options = ort.RunOptions()
-            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-            for _ in range(2):  # ORT runs once normally, then captures on the next run
-                session.run_with_iobinding(io, run_options)
-            self.buckets.append((size, dev_in, dev_out, host, io, run_options))
-
-    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        _, dev_in, dev_out, host, io, run_options = next(b for b in self.buckets if b[0] >= rows)
-        for name, array in inputs.items():
-            host[name][:rows] = array
-            dev_in[name].update_inplace(host[name])
-        self.session.run_with_iobinding(io, run_options)
-        return {s.name: dev_out[s.name].numpy()[:rows] for s in self.outputs}
-
-    def close(self) -> None:
-        self.buckets, self.session = [], None
-
-
-def _buckets(max_batch: int) -> list[int]:
-    """Powers of two below `max_batch`, then `max_batch` itself."""
-    sizes, size = [], 1
-    while size < max_batch:
-        sizes.append(size)
-        size *= 2
-    return [*sizes, max_batch]

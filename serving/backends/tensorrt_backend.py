@@ -218,6 +218,7 @@ class _Instance:
         from serving.backends.cuda_rt import PinnedBuffer
 
         self.cuda, self.inputs, self.outputs = cuda, tuple(inputs), tuple(outputs)
+        self.device_id = device_id
         cuda.set_device(device_id)
         self.context = engine.create_execution_context()
         self.stream = cuda.stream_create()
@@ -231,6 +232,7 @@ class _Instance:
             self.context.set_tensor_address(name, ptr)
 
     def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        self.cuda.set_device(self.device_id)  # the current device is per thread; workers start on 0
         for spec in self.inputs:
             staged = self.host[spec.name].rows(rows)
             np.copyto(staged, inputs[spec.name])

@@ -8,7 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from serving.backends import BackendOptions, TensorSpec, datatype_of, numpy_dtype, parse_device, validate_inputs
+from serving.backends import (
+    BackendOptions,
+    TensorSpec,
+    datatype_of,
+    numpy_dtype,
+    parse_device,
+    validate_inputs,
+)
 from serving.backends.tensorrt_backend import RuntimeTarget, check_plan_compatible, plan_incompatibility
 from serving.errors import InvalidInputError, ModelLoadError
 from serving.manifest import TensorRTInfo
@@ -32,8 +39,14 @@ def test_valid_inputs_return_the_batch_size() -> None:
         ({"image": np.zeros((1, 3, 4, 4), np.float32)}, r"missing input\(s\) \['mask'\]"),
         (feeds(image=np.zeros((2, 3, 4, 4), np.float16)), "'image': expected datatype FP32, got FP16"),
         (feeds(mask=np.zeros((2, 4), np.int64)), "'mask': expected datatype UINT8, got INT64"),
-        (feeds(image=np.zeros((2, 3, 4), np.float32)), r"'image': expected rank 4 shape \[-1, 3, 4, 4\], got \[2, 3, 4\]"),
-        (feeds(image=np.zeros((2, 3, 4, 5), np.float32)), r"expected shape \[-1, 3, 4, 4\], got \[2, 3, 4, 5\]"),
+        (
+            feeds(image=np.zeros((2, 3, 4), np.float32)),
+            r"'image': expected rank 4 shape \[-1, 3, 4, 4\], got \[2, 3, 4\]",
+        ),
+        (
+            feeds(image=np.zeros((2, 3, 4, 5), np.float32)),
+            r"expected shape \[-1, 3, 4, 4\], got \[2, 3, 4, 5\]",
+        ),
         (feeds(mask=np.zeros((3, 4), np.uint8)), "batch size 3 != 2"),
         (feeds(0), "batch size must be >= 1, got 0"),
         (feeds(9), "batch size 9 exceeds the model's max_batch_size 8"),
@@ -112,5 +125,7 @@ def test_serving_components_import_without_torch() -> None:
         "import serving.gpu_stats, serving.backends.onnxruntime_backend, serving.backends.tensorrt_backend\n"
         "import serving.backends.cuda_rt\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr

@@ -154,7 +154,8 @@ def test_preferred_size_is_cut_from_a_longer_queue() -> None:
     async def main() -> None:
         backend = RecordingBackend(max_batch_size=8)
         backend.gate = threading.Event()
-        batcher = DynamicBatcher(backend, max_queue_delay_us=100_000, preferred_batch_sizes=(4,))
+        # The delay must outlast the blocker under a loaded CI box, or the 6 queued rows go together.
+        batcher = DynamicBatcher(backend, max_queue_delay_us=500_000, preferred_batch_sizes=(4,))
         batcher.start()
         blocker = asyncio.ensure_future(batcher.submit(x(0, 0, 0, 0)))
         await wait_entered(backend)  # the only instance is busy: the next 6 rows queue up
@@ -173,7 +174,9 @@ def test_multi_row_requests_are_merged_and_sliced_back() -> None:
         backend = RecordingBackend(max_batch_size=8)
         batcher = DynamicBatcher(backend, max_queue_delay_us=100_000)
         batcher.start()
-        a, b, c = await asyncio.gather(batcher.submit(x(1, 2, 3)), batcher.submit(x(4)), batcher.submit(x(5, 6)))
+        a, b, c = await asyncio.gather(
+            batcher.submit(x(1, 2, 3)), batcher.submit(x(4)), batcher.submit(x(5, 6))
+        )
         await batcher.stop()
         assert backend.rows() == [6]
         np.testing.assert_array_equal(a["y"][:, 0], [3, 5, 7])

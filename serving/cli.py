@@ -1,0 +1,98 @@
+"""`kiln serve`: serve a model repository over gRPC (KServe v2 + Classify + health + reflection).
+
+Every flag mirrors a ServeConfig field and is also settable in the YAML file (`--config`) and as
+KILN_<FIELD> in the environment; flags win over the environment, which wins over the file. A bad
+value exits with status 2 and one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from serving.config import BACKENDS, LOG_FORMATS, LOG_LEVELS, PRECISIONS, ConfigError, load_config
+
+# (flag, type, help) for every overridable field; the dest is the field name.
+_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("--repo", str, "model repository folder (required here, in the file or as KILN_REPO)"),
+    ("--host", str, "address to bind (default 0.0.0.0)"),
+    ("--port", int, "gRPC port (default 8001; 0 picks a free one)"),
+    ("--metrics-port", int, "Prometheus /metrics port (default 8002; 0 picks a free one)"),
+    ("--device", str, "cpu, cuda, cuda:N or auto (default cpu)"),
+    ("--backend", str, f"artefact backend: {', '.join(BACKENDS)} (default auto)"),
+    ("--precision", str, f"artefact precision: {', '.join(PRECISIONS)} (default auto)"),
+    ("--instances", int, "model instances per version (default 1)"),
+    ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
+    ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),
+    ("--max-queue-delay-us", int, "longest wait for a fuller batch, in microseconds (default 200)"),
+    ("--preferred-batch-sizes", str, "comma-separated batch sizes to prefer, e.g. 4,8,16"),
+    ("--max-queue-size", int, "queued requests per model before RESOURCE_EXHAUSTED (default 512)"),
+    ("--version-policy", str, "latest, latest:N, all or specific:V1,V2 (default latest)"),
+    ("--poll-interval-s", float, "rescan the repository every N seconds and hot-swap versions (0 = off)"),
+    ("--grace-period-s", float, "SIGTERM drain budget in seconds (default 20)"),
+    ("--max-connection-age-s", float, "close client connections after N seconds (rebalancing)"),
+    ("--max-receive-message-bytes", int, "largest accepted request message (default 64 MiB)"),
+    ("--max-send-message-bytes", int, "largest response message (default 64 MiB)"),
+    ("--max-image-bytes", int, "largest encoded image for Classify (default 16 MiB)"),
+    ("--max-image-pixels", int, "largest decoded image, width x height (default 40 M)"),
+    ("--preprocess-workers", int, "threads decoding Classify images (default 2)"),
+    ("--default-top-k", int, "classes per image when a Classify request gives none (default 5)"),
+    ("--tls-cert", str, "server certificate (PEM); enables TLS with --tls-key"),
+    ("--tls-key", str, "server private key (PEM)"),
+    ("--tls-client-ca", str, "CA (PEM) that client certificates must chain to (mTLS)"),
+    ("--auth-token-file", str, "file holding the bearer token clients must send (or KILN_AUTH_TOKEN)"),
+    ("--log-format", str, f"{' or '.join(LOG_FORMATS)} (default text)"),
+    ("--log-level", str, f"{', '.join(LOG_LEVELS)} (default info)"),
+)
+_SWITCHES = (("warmup", "warm-up inference on load"), ("reflection", "gRPC server reflection"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `kiln serve` flags (all default to None: unset flags never override)."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (field names as keys)")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="serve only these models")
+    for flag, kind, text in _FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    for name, text in _SWITCHES:
+        parser.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=f"enable {text}")
+        parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"disable {text}")
+    parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = [flag[2:].replace("-", "_") for flag, _, _ in _FLAGS] + [name for name, _ in _SWITCHES]
+    values = {name: getattr(args, name) for name in names}
+    values["models"] = tuple(args.models) if args.models else None
+    if args.no_metrics:
+        values["metrics_port"] = "none"
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve and validate the config, then serve until SIGTERM/SIGINT. Returns the exit code."""
+    try:
+        config = load_config(config_file=args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import json
+
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    from serving.grpc_logging import configure_logging
+    from serving.server import Server
+
+    configure_logging(config.log_format, config.log_level)
+    try:
+        asyncio.run(Server(config).serve())
+    except OSError as exc:  # e.g. the port is taken
+        logging.getLogger("kiln.server").error("cannot serve: %s", exc)
+        return 1
+    return 0
