@@ -105,16 +105,10 @@ def _request(args: argparse.Namespace) -> Any:
 def parity_table(results: Any, title: str) -> Table:
     """A rich table of parity results: which artefact passed, failed (by how much) or was forced."""
     table = Table(title=title)
-    for column in (
-        "artefact",
-        "precision",
-        "samples",
-        "max abs err",
-        "max rel err",
-        "top-1 agree",
-        "accuracy",
-    ):
-        table.add_column(column, justify="left" if column in ("artefact", "precision") else "right")
+    table.add_column("artefact", no_wrap=True)
+    table.add_column("prec")
+    for column in ("n", "max abs", "max rel", "agree", "acc (ref)"):
+        table.add_column(column, justify="right")
     table.add_column("verdict")
     for r in results:
         verdict = "[green]pass[/]" if r.passed else "[red]FAIL[/] " + "; ".join(r.failures)
@@ -122,10 +116,10 @@ def parity_table(results: Any, title: str) -> Table:
             r.artefact,
             r.precision,
             str(r.samples),
-            f"{r.max_abs_err:.3g}",
-            f"{r.max_rel_err:.3g}",
-            f"{r.top1_agreement:.2%}",
-            f"{r.accuracy:.2%} (ref {r.reference_accuracy:.2%})",
+            f"{r.max_abs_err:.2g}",
+            f"{r.max_rel_err:.2g}",
+            f"{r.top1_agreement:.1%}",
+            f"{r.accuracy:.1%} ({r.reference_accuracy:.1%})",
             verdict,
         )
     return table

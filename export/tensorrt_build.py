@@ -93,6 +93,17 @@ def _network(trt: Any, builder: Any, onnx_path: Path, logger: Any) -> tuple[Any,
     return network, parser
 
 
+def _add_batch_profile(
+    builder: Any, config: Any, network: Any, input_name: str, batches: tuple[int, int, int]
+) -> None:
+    """One optimisation profile: the batch dim ranges over (min, opt, max); other dims fixed."""
+    shape = tuple(network.get_input(0).shape)[1:]
+    profile = builder.create_optimization_profile()
+    low, opt, high = ((b, *shape) for b in batches)
+    profile.set_shape(input_name, low, opt, high)
+    config.add_optimization_profile(profile)
+
+
 def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
@@ -117,14 +128,11 @@ def build_engine(
     network, _parser = _network(trt, builder, Path(onnx_path), logger)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if tf32:
+    if tf32:  # stated either way: TF32 is on by default in TensorRT on Ampere+
         config.set_flag(trt.BuilderFlag.TF32)
     else:
         config.clear_flag(trt.BuilderFlag.TF32)
-    shape = tuple(network.get_input(0).shape)[1:]
-    profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, (1, *shape), (opt, *shape), (max_batch, *shape))
-    config.add_optimization_profile(profile)
+    _add_batch_profile(builder, config, network, input_name, (1, opt, max_batch))
     cache_file = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(
         cache_file.read_bytes() if cache_file and cache_file.is_file() else b""

@@ -13,6 +13,7 @@ A version that fails to load is UNAVAILABLE with its reason; the other models ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -201,7 +202,9 @@ class ModelManager:
         """Load every model of the repository (or config.models) under the version policy."""
         names = list(self.config.models) or self.repository.model_names()
         for name in names:
-            await self.load(name)
+            # A failure is recorded UNAVAILABLE with its reason (and logged); the others keep loading.
+            with contextlib.suppress(ModelUnavailableError):
+                await self.load(name)
 
     async def load(self, model: str) -> None:
         """(Re)load `model`: bring up the versions the policy selects, retire the others.
@@ -241,6 +244,7 @@ class ModelManager:
             for key in [k for k in self._states if k[0] == model]:
                 del self._states[key]
             self._live.pop(model, None)
+            self._model_errors[model] = "unloaded (RepositoryModelLoad brings it back)"
             await self._notify(model)
 
     async def _load_version(self, model: str, version: int) -> None:

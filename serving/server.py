@@ -173,6 +173,16 @@ class Server:
                 await self._poll_task
         if self._grpc is not None:
             await self._grpc.stop(grace)  # refuses new RPCs at once; in-flight ones get `grace`
+        for loaded in self.manager.loaded():
+            stats = loaded.stats.to_proto().inference_stats
+            log.info(
+                "drained %s v%d: %d succeeded, %d failed since start",
+                loaded.model,
+                loaded.version,
+                stats.success.count,
+                stats.fail.count,
+                extra={"model": loaded.model, "success": stats.success.count, "fail": stats.fail.count},
+            )
         await self.manager.close(drain=True)
         if self._classifier is not None:
             self._classifier.close()

@@ -202,7 +202,7 @@ class Trainer:
         }
         self.history.append(row)
         save_weights(self.model, self.run_dir / LAST_WEIGHTS)
-        if val.accuracy > self.best_val_acc:
+        if val.accuracy >= self.best_val_acc:  # ties go to the later, better-converged epoch
             self.best_val_acc, self.best_epoch = val.accuracy, epoch + 1
             save_weights(self.model, self.run_dir / BEST_WEIGHTS)
         write_history(self.run_dir, self.history)

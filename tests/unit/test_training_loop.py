@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,18 @@ def test_config_round_trip_and_validation() -> None:
         tiny_config(epochs=0)
     with pytest.raises(TrainConfigError, match="optimizer must be one of"):
         OptimConfig(optimizer="lion")
+
+
+def test_held_out_samples_are_written_as_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.samples import write_samples
+
+    trainer = train(tmp_path / "run", tiny_config(epochs=1))
+    paths = write_samples(tmp_path / "run", tmp_path / "samples", count=5)
+    assert len(paths) == 5
+    first_image, first_label = trainer.bundle.test[0]
+    assert paths[0].name == f"test-0000-{trainer.bundle.class_names[first_label]}.png"
+    with Image.open(paths[0]) as image:
+        assert image.size == (12, 12)
+        assert np.array_equal(np.asarray(image), first_image[0].numpy())

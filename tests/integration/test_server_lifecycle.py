@@ -1,0 +1,156 @@
+"""Lifecycle under load: hot reload of a new version, explicit unload/load, and SIGTERM drain in a
+real `kiln serve` subprocess. No request may fail in any of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import KilnClient
+from serving.config import ServeConfig
+from tests.integration.server_fixtures import publish_tiny_model, reference_logits, running_server
+
+ROOT = Path(__file__).resolve().parents[2]
+BATCH = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+
+
+class Hammer:
+    """Client threads sending requests until stopped; records versions seen and every failure."""
+
+    def __init__(self, address: str, threads: int = 4, stop_on_unavailable: bool = False) -> None:
+        self.address, self.stop_on_unavailable = address, stop_on_unavailable
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.versions: dict[str, int] = {}
+        self.failures: list[tuple[grpc.StatusCode, str]] = []
+        self.refused = 0
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Hammer:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    @property
+    def successes(self) -> int:
+        with self.lock:
+            return sum(self.versions.values())
+
+    def _run(self) -> None:
+        with KilnClient(self.address, timeout=30) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.inference.ModelInfer(_request(), timeout=30)
+                except grpc.RpcError as exc:
+                    with self.lock:
+                        if self.stop_on_unavailable and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                            self.refused += 1  # the listener is closed: never accepted
+                            return
+                        self.failures.append((exc.code(), exc.details()))
+                    continue
+                with self.lock:
+                    self.versions[response.model_version] = self.versions.get(response.model_version, 0) + 1
+
+
+def _request():  # type: ignore[no-untyped-def]
+    from serving.client import build_infer_request
+
+    return build_infer_request("tiny", {"input": BATCH})
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_hot_reload_under_load_drops_nothing(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=None, poll_interval_s=0.05)
+    with running_server(config) as srv, Hammer(srv.address) as hammer:
+        _wait_until(lambda: hammer.successes >= 20)
+        publish_tiny_model(tmp_path, seed=2)  # version 2, different weights
+        _wait_until(lambda: hammer.versions.get("2", 0) >= 20)
+        with KilnClient(srv.address) as client:
+            index = [(m.version, m.state) for m in client.repository_index().models]
+            logits = client.infer("tiny", {"input": BATCH})["logits"]
+    assert hammer.failures == []
+    assert hammer.versions.get("1", 0) >= 20 and index == [("2", "READY")]
+    np.testing.assert_allclose(
+        logits, reference_logits(tmp_path / "tiny" / "2" / "model.onnx", BATCH), rtol=1e-5
+    )
+
+
+def test_unload_and_load_through_the_repository_api(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path)
+    config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=None)
+    with running_server(config) as srv, KilnClient(srv.address) as client:
+        client.unload_model("tiny")
+        assert not client.model_ready("tiny") and client.health("tiny") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as info:
+            client.infer("tiny", {"input": BATCH})
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "unloaded" in info.value.details()
+        client.load_model("tiny")
+        assert client.model_ready("tiny") and client.health("tiny") == "SERVING"
+        assert client.infer("tiny", {"input": BATCH})["logits"].shape == (1, 4)
+
+
+def _start_subprocess(repo: Path, *flags: str) -> tuple[subprocess.Popen[str], int, list[dict]]:
+    """`kiln serve` as a child process; returns it, its gRPC port and the log lines read so far."""
+    cmd = [sys.executable, "-m", "serving.dispatch", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+           "--port", "0", "--no-metrics", "--log-format", "json", *flags]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[dict] = []
+    assert proc.stderr is not None
+    for line in proc.stderr:  # blocks until the server logs its port (or dies)
+        lines.append(json.loads(line))
+        if "grpc_port" in lines[-1]:
+            return proc, int(lines[-1]["grpc_port"]), lines
+    raise AssertionError(f"server exited with {proc.wait()} before listening: {lines}")
+
+
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, max_batch_size=64)
+    # A long batching delay keeps many requests queued at the moment SIGTERM arrives.
+    proc, port, lines = _start_subprocess(tmp_path, "--max-queue-delay-us", "20000", "--grace-period-s", "10")
+    try:
+        address = f"127.0.0.1:{port}"
+        with KilnClient(address) as probe:
+            assert probe.health() == "SERVING" and probe.health("tiny") == "SERVING"
+        with Hammer(address, threads=6, stop_on_unavailable=True) as hammer:
+            _wait_until(lambda: hammer.successes >= 30)
+            sent_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            exit_seconds = time.monotonic() - sent_at
+            hammer.stop.set()
+        assert proc.stderr is not None
+        lines += [json.loads(line) for line in proc.stderr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    drained = next(line for line in lines if line["msg"].startswith("drained tiny"))
+    assert hammer.failures == []
+    assert drained["fail"] == 0 and drained["success"] == hammer.successes
+    assert exit_seconds < 10 and any(line["msg"] == "kiln stopped" for line in lines)
