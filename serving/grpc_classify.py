@@ -27,7 +27,8 @@ from serving.grpc_errors import log_failure, status_of
 from serving.grpc_inference import STREAM_WINDOW, deadline_of, record_outcome
 from serving.grpc_logging import REQUEST_ID
 from serving.metrics import KilnMetrics
-from serving.model_manager import LoadedVersion, ModelManager
+from serving.model_manager import ModelManager
+from serving.model_version import LoadedVersion
 from serving.preprocess import ImageLimits, Preprocessor
 
 MAX_IMAGES = 4096  # per request; larger jobs belong to ClassifyStream or `kiln score`

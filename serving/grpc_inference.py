@@ -23,7 +23,8 @@ from serving.grpc_errors import log_failure, status_of
 from serving.grpc_logging import REQUEST_ID
 from serving.grpc_metadata import model_config, model_metadata
 from serving.metrics import KilnMetrics
-from serving.model_manager import READY, LoadedVersion, ModelManager
+from serving.model_manager import READY, ModelManager
+from serving.model_version import LoadedVersion
 
 SERVER_NAME = "kiln"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data")

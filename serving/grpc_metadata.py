@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as mc
 from serving.config import ServeConfig
-from serving.model_manager import LoadedVersion
+from serving.model_version import LoadedVersion
 from serving.triton_config import LABELS_FILENAME
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt_plan": "tensorrt_plan"}

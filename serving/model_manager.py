@@ -15,44 +15,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from serving.backends import Backend, BackendOptions, load_backend
-from serving.backends.base import numpy_dtype
-from serving.batcher import BatchObserver, DynamicBatcher
+from serving.batcher import DynamicBatcher
 from serving.config import ServeConfig
 from serving.errors import KilnError, ModelNotFoundError, ModelUnavailableError
 from serving.grpc_statistics import ModelStats
 from serving.manifest import Artefact, Manifest
 from serving.metrics import KilnMetrics
+from serving.model_version import (
+    LoadedVersion,
+    VersionObserver,
+    backend_device,
+    choose_artefact,
+    warmup_inputs,
+)
 from serving.repository import ModelRepository, RepositoryError, VersionPolicy
 
 log = logging.getLogger("kiln.models")
 
 READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
 StateListener = Callable[[str, bool], Awaitable[None]]  # (model, any version ready)
-
-
-@dataclass(eq=False)
-class LoadedVersion:
-    """One READY model version: what a request needs to run."""
-
-    model: str
-    version: int
-    manifest: Manifest
-    artefact: Artefact
-    backend: Backend
-    batcher: DynamicBatcher
-    stats: ModelStats
-    last_compute_seconds: float = 0.0  # of the most recent batch (Classify's timing report)
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Class labels in output index order."""
-        return self.manifest.labels
 
 
 @dataclass
@@ -63,61 +48,6 @@ class VersionState:
     version: int
     state: str
     reason: str = ""
-
-
-class _Observer:
-    """Feeds batch timings to the version's statistics and metrics once it is live (not warm-up)."""
-
-    def __init__(self, stats: ModelStats, extra: BatchObserver | None) -> None:
-        self._stats, self._extra = stats, extra
-        self.loaded: LoadedVersion | None = None  # set after warm-up: warm-up batches are not counted
-
-    def on_batch(
-        self, *, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float
-    ) -> None:
-        if self.loaded is None:
-            return
-        self.loaded.last_compute_seconds = compute_seconds
-        self._stats.record_batch(rows=rows, queue_seconds=queue_seconds, compute_seconds=compute_seconds)
-        if self._extra is not None:
-            self._extra.on_batch(
-                rows=rows, requests=requests, queue_seconds=queue_seconds, compute_seconds=compute_seconds
-            )
-
-    def on_dropped(self, reason: str, count: int = 1) -> None:
-        if self.loaded is not None and self._extra is not None:
-            self._extra.on_dropped(reason, count)
-
-
-def choose_artefact(manifest: Manifest, config: ServeConfig) -> Artefact:
-    """The artefact to load for this device/backend/precision (ModelUnavailableError if none)."""
-    gpu = config.device.startswith("cuda")
-    precisions = ("fp32",) if config.precision == "auto" and not gpu else None
-    if config.precision != "auto":
-        precisions = (config.precision,)
-    formats = {"onnxruntime": ("onnx",), "tensorrt": ("tensorrt_plan",)}.get(
-        config.backend, ("tensorrt_plan", "onnx") if gpu else ("onnx",)
-    )
-    for fmt in formats:
-        for art in manifest.artefacts:
-            if art.format == fmt and (precisions is None or art.precision in precisions):
-                return art
-    have = [(a.path, a.format, a.precision) for a in manifest.artefacts]
-    raise ModelUnavailableError(
-        f"no artefact for device={config.device} backend={config.backend} precision={config.precision}; "
-        f"have {have}",
-        reason="no matching artefact",
-    )
-
-
-def warmup_inputs(backend: Backend, rows: int) -> dict[str, np.ndarray]:
-    """Zero inputs of `rows` rows for every backend input (dynamic non-batch dims become 1)."""
-    return {
-        spec.name: np.zeros(
-            (rows, *(d if d > 0 else 1 for d in spec.shape[1:])), dtype=numpy_dtype(spec.datatype)
-        )
-        for spec in backend.inputs
-    }
 
 
 class ModelManager:
@@ -139,6 +69,7 @@ class ModelManager:
         self._states: dict[tuple[str, int], VersionState] = {}
         self._model_errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
         self._stopped = False
 
     # -- routing -------------------------------------------------------------------------------
@@ -206,15 +137,17 @@ class ModelManager:
             with contextlib.suppress(ModelUnavailableError):
                 await self.load(name)
 
-    async def load(self, model: str) -> None:
-        """(Re)load `model`: bring up the versions the policy selects, retire the others.
+    async def load(self, model: str, *, retry_failed: bool = True) -> None:
+        """(Re)load `model`: bring up the versions the policy selects, then retire the others.
 
-        Raises ModelNotFoundError if the folder is absent; a version that fails to load is
-        recorded UNAVAILABLE (its reason is in the index) and, if none is ready, this raises
-        ModelUnavailableError with the reasons.
+        Old versions are retired only once a selected version is READY, so a broken new version
+        never takes a working model down. `retry_failed=False` (polling) leaves versions that
+        already failed alone. Raises ModelNotFoundError if the folder is absent, and
+        ModelUnavailableError with the reasons if no version is ready.
         """
         if self._stopped:
             raise ModelUnavailableError("the server is shutting down", reason="stopped")
+        self._unloaded.discard(model)
         async with self._locks.setdefault(model, asyncio.Lock()):
             status = await asyncio.to_thread(self.repository.scan_model, model, self.policy)
             if not status.path.is_dir():
@@ -223,13 +156,20 @@ class ModelManager:
             if status.error and not status.versions:
                 self._model_errors[model] = status.error
             wanted = {v.version for v in status.versions}
-            for version in sorted(wanted):
-                if version not in self._live.get(model, {}):
+            live = self._live.setdefault(model, {})
+            for version in sorted(wanted - set(live)):
+                previous = self._states.get((model, version))
+                if retry_failed or previous is None or previous.state != UNAVAILABLE:
                     await self._load_version(model, version)
-            for version in sorted(set(self._live.get(model, {})) - wanted):
-                await self._retire(model, version)
-            for key in [k for k in self._states if k[0] == model and k[1] not in wanted]:
-                del self._states[key]
+            if wanted & set(live):
+                for version in sorted(set(live) - wanted):
+                    await self._retire(model, version)
+                for key in [k for k in self._states if k[0] == model and k[1] not in wanted | set(live)]:
+                    del self._states[key]
+            elif live:
+                log.warning(
+                    "model %s: no newly selected version is ready; still serving %s", model, sorted(live)
+                )
             await self._notify(model)
         if not self._live.get(model):
             self._raise_absent(model, None)
@@ -245,6 +185,7 @@ class ModelManager:
                 del self._states[key]
             self._live.pop(model, None)
             self._model_errors[model] = "unloaded (RepositoryModelLoad brings it back)"
+            self._unloaded.add(model)
             await self._notify(model)
 
     async def _load_version(self, model: str, version: int) -> None:
@@ -275,7 +216,7 @@ class ModelManager:
         )
         cfg = self.config
         options = BackendOptions(
-            device=_backend_device(cfg.device),
+            device=backend_device(cfg.device),
             instances=cfg.instances,
             intra_op_threads=cfg.intra_op_threads or 0,
         )
@@ -295,7 +236,7 @@ class ModelManager:
         max_batch = min(cfg.max_batch_size or backend.max_batch_size, backend.max_batch_size)
         stats = ModelStats(model, str(version))
         extra = self._metrics.batch_observer(model, str(version)) if self._metrics else None
-        observer = _Observer(stats, extra)
+        observer = VersionObserver(stats, extra)
         batcher = DynamicBatcher(
             backend,
             max_batch_size=max_batch,
@@ -347,12 +288,16 @@ class ModelManager:
         """Rescan every `interval_s`: load new models/versions, retire deselected ones."""
         while not self._stopped:
             await asyncio.sleep(interval_s)
-            names = set(self.config.models) or set(await asyncio.to_thread(self.repository.model_names))
-            for name in sorted(names | set(self._live)):
+            try:
+                names = set(self.config.models) or set(await asyncio.to_thread(self.repository.model_names))
+            except OSError as exc:
+                log.warning("poll: cannot list the repository: %s", exc)
+                continue
+            for name in sorted((names | set(self._live)) - self._unloaded):
                 try:
-                    await self.load(name)
-                except KilnError as exc:
-                    log.warning("poll: %s", exc)
+                    await self.load(name, retry_failed=False)
+                except (KilnError, RepositoryError, OSError) as exc:
+                    log.debug("poll: %s", exc)
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher (draining queued work) and close every backend."""
@@ -363,15 +308,3 @@ class ModelManager:
                 await loaded.batcher.stop(drain=drain)
                 await asyncio.to_thread(loaded.backend.close)
         self._live.clear()
-
-
-def _backend_device(device: str) -> str:
-    """ServeConfig's device to the backends' spelling ("auto" picks CUDA when ORT has it)."""
-    if device != "auto":
-        return device
-    try:
-        import onnxruntime
-
-        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
-    except ImportError:
-        return "cpu"

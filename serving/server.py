@@ -68,7 +68,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._classifier: ClassifierServicer | None = None
         self._metrics_http = None
-        self._ready = False
+        self._ready = self._stopping = False
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._force_task: asyncio.Task[None] | None = None
@@ -84,6 +84,8 @@ class Server:
         cfg = self.config
         await self.health.set_server(False)
         await self.manager.load_all()
+        if self._stopping:  # SIGTERM arrived while models were loading: never open the port
+            return
         self._grpc = self._build_grpc()
         address = f"{cfg.host}:{cfg.port}"
         try:
@@ -165,7 +167,7 @@ class Server:
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully within `grace` seconds (default: config.grace_period_s)."""
         grace = self.config.grace_period_s if grace is None else grace
-        self._ready = False
+        self._stopping, self._ready = True, False
         await self.health.shutting_down()
         if self._poll_task is not None:
             self._poll_task.cancel()

@@ -30,12 +30,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(repo: Path) -> Iterator[KilnClient]:
+def server(repo: Path) -> Iterator[ServerThread]:
     config = ServeConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=None, default_top_k=3)
     thread = ServerThread(config).start()
-    with KilnClient(thread.address) as kiln:
-        yield kiln
+    yield thread
     thread.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> Iterator[KilnClient]:
+    with KilnClient(server.address) as kiln:
+        yield kiln
 
 
 def _pixels(n: int, seed: int = 0) -> np.ndarray:
@@ -119,3 +124,32 @@ def test_raw_image_with_wrong_byte_count(client: KilnClient) -> None:
         client.classifier.Classify(cpb.ClassifyRequest(model="tiny", images=[bad]), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "image 0: raw data is 100 bytes, expected 192 (8x8x3 uint8)" in info.value.details()
+
+
+def test_kiln_classify_cli_prints_a_table(
+    server: ServerThread, repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from serving import classify_cli
+
+    pixels = _pixels(2, seed=7)
+    paths = []
+    for i, p in enumerate(pixels):
+        paths.append(tmp_path / f"digit{i}.png")
+        paths[-1].write_bytes(_encode(p, "PNG"))
+    parser = argparse.ArgumentParser()
+    classify_cli.add_arguments(parser)
+    args = parser.parse_args(
+        [*map(str, paths), "--server", server.address, "--model", "tiny", "--top-k", "2"]
+    )
+    assert classify_cli.run(args) == 0
+    out = capsys.readouterr().out
+    best = np.argmax(_expected_probs(repo, pixels), axis=1)
+    for path, index in zip(paths, best, strict=True):
+        line = next(line for line in out.splitlines() if path.name in line)
+        assert LABELS[index] in line
+    assert "tiny v1" in out and "server: preprocess" in out
+    args = parser.parse_args([str(paths[0]), "--server", server.address, "--model", "nope"])
+    assert classify_cli.run(args) == 1
+    assert "NOT_FOUND: model 'nope' not found" in capsys.readouterr().err

@@ -98,6 +98,25 @@ def test_hot_reload_under_load_drops_nothing(tmp_path: Path) -> None:
     )
 
 
+def test_broken_new_version_never_takes_the_model_down(tmp_path: Path) -> None:
+    repo, staging = tmp_path / "repo", tmp_path / "staging"
+    publish_tiny_model(repo, seed=1)
+    broken = publish_tiny_model(staging, seed=2, version=2)
+    (broken / "model.onnx").write_bytes(b"corrupted after publishing")
+    config = ServeConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=None, poll_interval_s=0.05)
+    with running_server(config) as srv, Hammer(srv.address) as hammer, KilnClient(srv.address) as client:
+        _wait_until(lambda: hammer.successes >= 10)
+        broken.rename(repo / "tiny" / "2")  # appears atomically, like a publish
+        _wait_until(
+            lambda: ("2", "UNAVAILABLE") in [(m.version, m.state) for m in client.repository_index().models]
+        )
+        served = hammer.successes
+        _wait_until(lambda: hammer.successes >= served + 10)
+        states = {m.version: (m.state, m.reason) for m in client.repository_index().models}
+    assert hammer.failures == [] and set(hammer.versions) == {"1"}
+    assert states["1"][0] == "READY" and "size mismatch" in states["2"][1]
+
+
 def test_unload_and_load_through_the_repository_api(tmp_path: Path) -> None:
     publish_tiny_model(tmp_path)
     config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=None)

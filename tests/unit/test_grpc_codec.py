@@ -77,7 +77,9 @@ def test_decode_matches_what_tritonclient_sent(key: str, binary: bool) -> None:
 def test_fp16_raw_only() -> None:
     array = np.array([[1.5, -2.25]], dtype=np.float16)
     assert np.array_equal(decode_inputs(_request({"h": array}, binary=True))["h"], array)
-    typed = pb.ModelInferRequest(inputs=[pb.ModelInferRequest.InferInputTensor(name="h", datatype="FP16", shape=[1])])
+    typed = pb.ModelInferRequest(
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="h", datatype="FP16", shape=[1])]
+    )
     with pytest.raises(InvalidInputError, match="'h': FP16 must be sent in raw_input_contents"):
         decode_inputs(typed)
 
@@ -91,7 +93,10 @@ def _raw_request(datatype: str, shape: list[int], raw: list[bytes]) -> pb.ModelI
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        (_raw_request("FP32", [1, 3], [b"\0" * 11]), "'x': raw content is 11 bytes, expected 12 (FP32 x shape [1, 3])"),
+        (
+            _raw_request("FP32", [1, 3], [b"\0" * 11]),
+            "'x': raw content is 11 bytes, expected 12 (FP32 x shape [1, 3])",
+        ),
         (_raw_request("FP32", [1, 3], [b"\0" * 12, b""]), "raw_input_contents has 2 entries for 1 inputs"),
         (_raw_request("FP33", [1], [b"\0" * 4]), "'x': unknown datatype 'FP33'"),
         (_raw_request("FP32", [1, -3], [b""]), "'x': shape [1, -3] has a negative dimension"),
@@ -114,7 +119,9 @@ def test_typed_count_range_and_mixing_errors() -> None:
         decode_inputs(request)
     tensor.contents.fp32_contents.append(4.0)
     tensor.contents.int_contents.append(1)
-    with pytest.raises(InvalidInputError, match="FP32 data must be in 'fp32_contents', got \\['int_contents'\\]"):
+    with pytest.raises(
+        InvalidInputError, match="FP32 data must be in 'fp32_contents', got \\['int_contents'\\]"
+    ):
         decode_inputs(request)
     small = pb.ModelInferRequest()
     small.inputs.add(name="u", datatype="UINT8", shape=[1]).contents.uint_contents.append(300)

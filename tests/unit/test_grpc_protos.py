@@ -108,6 +108,9 @@ def test_generated_code_uses_the_private_pool_not_the_default() -> None:
 
     from protos._pool import POOL
 
-    assert POOL.FindMessageTypeByName("kiln.classify.v1.ClassifyRequest") is classify_pb2.ClassifyRequest.DESCRIPTOR
+    assert (
+        POOL.FindMessageTypeByName("kiln.classify.v1.ClassifyRequest")
+        is classify_pb2.ClassifyRequest.DESCRIPTOR
+    )
     with pytest.raises(KeyError):
         descriptor_pool.Default().FindMessageTypeByName("kiln.classify.v1.ClassifyRequest")

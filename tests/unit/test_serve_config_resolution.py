@@ -81,7 +81,9 @@ def test_bad_values_name_the_source_and_value(repo: Path, env: dict[str, str], m
 def test_unknown_file_key_suggests_the_right_one(repo: Path, tmp_path: Path) -> None:
     cfg_file = tmp_path / "kiln.yaml"
     cfg_file.write_text(f"repo: {repo}\nmax_batchsize: 8\n")
-    with pytest.raises(ConfigError, match=r"unknown setting 'max_batchsize' \(did you mean 'max_batch_size'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown setting 'max_batchsize' \(did you mean 'max_batch_size'\?\)"
+    ):
         load_config(config_file=cfg_file, env={})
 
 
