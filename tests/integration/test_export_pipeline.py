@@ -26,12 +26,12 @@ MAX_BATCH = 16
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small ResNet v1 trained for a few epochs on digits at 16x16 (~10 s on 2 cores)."""
+    """A small ResNet v1 trained on digits at 16x16 well enough (~97 %) that INT8 has a fair margin."""
     config = TrainConfig(
-        model={"arch": "resnet", "depth": 8, "width": 8, "style": "cifar", "shortcut": "A"},
+        model={"arch": "resnet", "depth": 8, "width": 16, "style": "cifar", "shortcut": "A"},
         data={"name": "digits", "image_size": 16, "seed": 0},
-        optim=OptimConfig(lr=0.05, schedule="onecycle", warmup_epochs=0.5),
-        epochs=4,
+        optim=OptimConfig(lr=0.1, schedule="onecycle", warmup_epochs=0.5),
+        epochs=8,
         batch_size=64,
         threads=2,
         seed=0,

@@ -60,7 +60,9 @@ def test_loss_falls_and_run_record_is_complete(tmp_path: Path) -> None:
 def test_checkpoint_round_trip_is_bit_identical(tmp_path: Path) -> None:
     trainer = train(tmp_path / "run", tiny_config(epochs=2))
     model, info = load_model(tmp_path / "run")
-    trainer.model.eval()
+    trainer.model.eval().to(memory_format=torch.contiguous_format)  # the loaded model's layout
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
     batch = torch.rand(5, 1, 12, 12)
     with torch.no_grad():
         assert torch.equal(model(batch), trainer.model(batch))
