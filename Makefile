@@ -34,9 +34,11 @@ $(PERF_ANALYZER):
 	  "$$(cd $(TOOLS)/bin && pwd)/perf_analyzer" > $@
 	chmod +x $@
 
-# The main job on the bundled default: train ResNet-20 on scikit-learn's digits and print the evaluation.
+# The main job on the bundled default, from nothing to a served model: train ResNet-20 on
+# scikit-learn's digits, export it through the parity gate, serve it, classify held-out digits
+# over gRPC, print a metrics excerpt, stop the server (serving/quickstart.py).
 demo: setup
-	$(BIN)/kiln train --model resnet20 --data digits --epochs 30 --runs-dir runs
+	$(BIN)/python -m serving.quickstart --workdir quickstart
 
 test: setup tools
 	$(BIN)/python -m pytest

@@ -159,6 +159,7 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
     if config.engine == "local":
         options = BackendOptions(device=config.device)
         model = ScoringModel(resolved, artefact, top_k=config.top_k, options=options)
+        model.warm_up(batch)
         engine: Engine = LocalEngine(
             model, inputs, LocalOptions(workers=config.workers, batch_size=batch), logits=config.logits
         )

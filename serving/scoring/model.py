@@ -199,6 +199,11 @@ class ScoringModel:
         indices, scores = top_k(class_scores(outputs, self._output.kind), self.top_k)
         return Scored(indices=indices, scores=scores, outputs=outputs.astype(np.float32, copy=False))
 
+    def warm_up(self, rows: int) -> None:
+        """One batch of zeros through the backend: first-call costs (allocations, kernel choice)
+        are paid before the job's clock and progress bar start, as the server does on load."""
+        self.backend.infer({self._input_name: np.zeros((rows, *self.sample_shape), self.dtype)})
+
     def close(self) -> None:
         """Release the backend."""
         self.backend.close()

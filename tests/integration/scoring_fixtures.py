@@ -85,11 +85,14 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def make_images(folder: Path, count: int, *, seed: int = 0, size: tuple[int, int] = (12, 10)) -> list[Path]:
+def make_images(
+    folder: Path, count: int, *, seed: int = 0, size: tuple[int, int] = (12, 10), smooth: bool = False
+) -> list[Path]:
     """`count` good images (PNG and JPEG alternating, in two sub-folders) plus BAD_NAMES.
 
-    Returns every file written. Bad ones: a PNG with a corrupted body, a JPEG cut in half, a text
-    file, a text file named .jpg and a zero-byte .png.
+    `smooth` draws noise at 1/8 of `size` and scales it up (photo-like files: small, and slower
+    to decode than to encode). Returns every file written. Bad ones: a PNG with a corrupted body,
+    a JPEG cut in half, a text file, a text file named .jpg and a zero-byte .png.
     """
     rng = np.random.default_rng(seed)
     written = []
@@ -97,7 +100,11 @@ def make_images(folder: Path, count: int, *, seed: int = 0, size: tuple[int, int
         fmt, ext = ("PNG", "png") if i % 2 else ("JPEG", "jpg")
         sub = folder / ("a" if i % 3 else "b")
         sub.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        if smooth:
+            base = rng.integers(0, 256, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+            pixels = np.asarray(Image.fromarray(base).resize(size, Image.Resampling.BILINEAR))
+        else:
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         path = sub / f"img{i:05d}.{ext}"
         path.write_bytes(encode(pixels, fmt))
         written.append(path)
