@@ -125,7 +125,9 @@ def bare_backend(repo: Path, name: str, paths: list[Path], batch: int, repeat: i
     return len(rows) / statistics.median(times)
 
 
-def local_engine(repo: Path, name: str, images: Path, work: Path, batch: int, workers: int, repeat: int) -> float:
+def local_engine(
+    repo: Path, name: str, images: Path, work: Path, batch: int, workers: int, repeat: int
+) -> float:
     """Images/s of a whole `kiln score` job (median of `repeat` fresh jobs)."""
     from serving.scoring.job import ScoreConfig, prepare_job
 
@@ -174,10 +176,14 @@ def decode_rates(repo: Path, name: str, paths: list[Path], batch: int) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet20,resnet50", help="comma-separated (default %(default)s)")
-    parser.add_argument("--images", type=int, help="images per model (default: 2048 ResNet-20, 256 ResNet-50)")
+    parser.add_argument(
+        "--images", type=int, help="images per model (default: 2048 ResNet-20, 256 ResNet-50)"
+    )
     parser.add_argument("--batch-size", type=int, help="default: 64 ResNet-20, 16 ResNet-50")
     parser.add_argument("--workers", type=int, default=2, help="engine decode threads (default %(default)s)")
-    parser.add_argument("--repeat", type=int, default=3, help="passes; the median is reported (default %(default)s)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="passes; the median is reported (default %(default)s)"
+    )
     parser.add_argument("--decode", action="store_true", help="also measure decode threads vs processes")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -205,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             publish(name, work / "repo", max_batch=max(batch, 64))
             paths = make_images(work / f"images-{name}", count, image_size)
             bare = bare_backend(work / "repo", name, paths, batch, args.repeat)
-            engine = local_engine(work / "repo", name, work / f"images-{name}", work, batch, args.workers, args.repeat)
+            engine = local_engine(
+                work / "repo", name, work / f"images-{name}", work, batch, args.workers, args.repeat
+            )
             lines.append(
                 f"| {name} | {size}² (JPEG {image_size[0]}x{image_size[1]}) | {count} | {batch} | "
                 f"{args.workers} | {bare:.1f} | {engine:.1f} | {engine / bare:.1%} |"
@@ -215,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 rates = decode_rates(work / "repo", name, paths, batch)
                 decode_lines.append(f"| {name} | " + " | ".join(f"{rates[k]:.0f}" for k in rates) + " |")
     if decode_lines:
-        lines += ["", "decode + preprocess only, images/s:", "", "| model | 1 thread | 2 threads | 2 processes |",
-                  "|---|---|---|---|", *decode_lines]  # fmt: skip
+        header = "| model | 1 thread | 2 threads | 2 processes |"
+        lines += ["", "decode + preprocess only, images/s:", "", header, "|---|---|---|---|", *decode_lines]
     print("\n".join(lines))
     return 0
 

@@ -20,12 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", required=True, type=Path, help="model repository folder")
     parser.add_argument("--model", required=True, help="NAME or NAME:VERSION (default: the newest version)")
     parser.add_argument(
-        "--input", required=True, help="a directory, a glob ('**' allowed) or a manifest .parquet/.csv with a 'path' column"
+        "--input",
+        required=True,
+        help="a directory, a glob ('**' allowed) or a manifest .parquet/.csv with a 'path' column",
     )
     parser.add_argument("--output", required=True, type=Path, help="output folder (Parquet shards + ledger)")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, help="rows per backend call (default: min(32, max_batch_size))")
-    parser.add_argument("--workers", type=int, default=2, help="local engine: decode threads (default %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, help="rows per backend call (default: min(32, max_batch_size))"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="local engine: decode threads (default %(default)s)"
+    )
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="default %(default)s")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
     parser.add_argument("--artefact", help="artefact file of the version (default: the FP32 ONNX)")
@@ -34,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard-size", type=int, default=10_000, help="rows per output shard (default %(default)s)"
     )
     parser.add_argument("--ray-address", help="ray engine: cluster address (default: start a local Ray)")
-    parser.add_argument("--actors", type=int, default=1, help="ray engine: backend actors (default %(default)s)")
+    parser.add_argument(
+        "--actors", type=int, default=1, help="ray engine: backend actors (default %(default)s)"
+    )
     parser.add_argument(
         "--actor-cpus", type=float, default=1.0, help="ray engine: CPUs per actor (default %(default)s)"
     )

@@ -99,10 +99,7 @@ def _from_glob(pattern: str) -> list[tuple[str, str]]:
 
 
 def _from_manifest(path: Path) -> list[tuple[str, str]]:
-    if path.suffix.lower() == ".csv":
-        columns = _read_csv(path)
-    else:
-        columns = _read_parquet(path)
+    columns = _read_csv(path) if path.suffix.lower() == ".csv" else _read_parquet(path)
     if "path" not in columns:
         raise InputError(f"manifest {path} has no 'path' column (columns: {sorted(columns)})")
     paths = columns["path"]

@@ -1,9 +1,10 @@
 """One scoring job end to end: inputs -> verified model -> ledger -> engine -> shards -> summary.
 
 `prepare_job` does everything that can fail because of what the user asked for (no inputs, no
-model, a bad manifest, an output folder of another job): those are `ScoreUsageError`-like
-ValueErrors raised before any work. `ScoreJob.run` then computes the pending shards; a failure
-there (a backend crash) leaves the committed shards in place, and rerunning resumes.
+model, a bad manifest, an output folder of another job, a missing optional dependency): those
+raise ValueError subclasses (or a KilnError when the artefact cannot load) before any work.
+`ScoreJob.run` then computes the pending shards; a failure there (a backend crash) leaves the
+committed shards in place, and rerunning resumes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from serving.backends import BackendOptions
+from serving.manifest import Artefact, Manifest
 from serving.scoring.inputs import InputList, list_inputs
 from serving.scoring.ledger import JobIdentity, Ledger, LedgerError, ShardPlan, ShardRecord
 from serving.scoring.local_engine import LocalEngine, LocalOptions
@@ -156,30 +158,41 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
         logits=config.logits,
     )
     model = None
-    if config.engine == "local":
-        options = BackendOptions(device=config.device)
-        model = ScoringModel(resolved, artefact, top_k=config.top_k, options=options)
-        model.warm_up(batch)
-        engine: Engine = LocalEngine(
-            model, inputs, LocalOptions(workers=config.workers, batch_size=batch), logits=config.logits
-        )
-    else:
-        from serving.scoring.ray_engine import RayEngine, RayOptions
-
-        ray_options = RayOptions(
-            address=config.ray_address, actors=config.actors, actor_cpus=config.actor_cpus, batch_size=batch
-        )
-        engine = RayEngine(
-            repo=config.repo, manifest=manifest, artefact=artefact, identity=identity, inputs=inputs,
-            options=ray_options, top_k=config.top_k, device=config.device, logits=config.logits,
-        )  # fmt: skip
     try:
+        if config.engine == "local":
+            model = ScoringModel(
+                resolved, artefact, top_k=config.top_k, options=BackendOptions(device=config.device)
+            )
+            model.warm_up(batch)
+            options = LocalOptions(workers=config.workers, batch_size=batch)
+            engine: Engine = LocalEngine(model, inputs, options, logits=config.logits)
+        else:
+            engine = _ray_engine(config, resolved.manifest, artefact, identity, inputs, batch)
         ledger = Ledger.open(config.output, job_id)
     except BaseException:
         if model is not None:
             model.close()
         raise
     return ScoreJob(config=config, inputs=inputs, ledger=ledger, engine=engine, model=model)
+
+
+def _ray_engine(
+    config: ScoreConfig,
+    manifest: Manifest,
+    artefact: Artefact,
+    identity: ModelIdentity,
+    inputs: InputList,
+    batch: int,
+) -> Engine:
+    from serving.scoring.ray_engine import RayEngine, RayOptions  # Ray is optional: import on use
+
+    options = RayOptions(
+        address=config.ray_address, actors=config.actors, actor_cpus=config.actor_cpus, batch_size=batch
+    )
+    return RayEngine(
+        repo=config.repo, manifest=manifest, artefact=artefact, identity=identity, inputs=inputs,
+        options=options, top_k=config.top_k, device=config.device, logits=config.logits,
+    )  # fmt: skip
 
 
 def run_score(config: ScoreConfig) -> ScoreSummary:

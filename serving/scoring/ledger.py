@@ -207,7 +207,9 @@ class Ledger:
             last_id=str(ids[-1]),
             committed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
-        atomic_write_text(self._ledger_dir / f"{Path(name).stem}.json", json.dumps(dataclasses.asdict(record)))
+        atomic_write_text(
+            self._ledger_dir / f"{Path(name).stem}.json", json.dumps(dataclasses.asdict(record))
+        )
         return record
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -67,7 +67,9 @@ class _Decoded:
 class LocalEngine:
     """Runs the pending shards of a job through the pipeline (see module docstring)."""
 
-    def __init__(self, model: ScoringModel, inputs: InputList, options: LocalOptions, *, logits: bool) -> None:
+    def __init__(
+        self, model: ScoringModel, inputs: InputList, options: LocalOptions, *, logits: bool
+    ) -> None:
         if options.batch_size > model.max_batch_size:
             raise ValueError(
                 f"batch size {options.batch_size} exceeds the model's max_batch_size {model.max_batch_size}"
@@ -147,7 +149,7 @@ class LocalEngine:
             scored = self._model.score(rows)
         task, inputs = item.task, self._inputs
         return results_table(
-            first_row=task.start,
+            rows=np.arange(task.start, task.stop),
             ids=inputs.ids[task.start : task.stop],
             paths=inputs.paths[task.start : task.stop],
             errors=item.errors,

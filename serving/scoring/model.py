@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.backends import Backend, BackendOptions, load_backend, numpy_dtype
+from serving.errors import KilnError
 from serving.manifest import Artefact, Manifest
 from serving.preprocess import ImageLimits, Preprocessor
 from serving.repository import ModelRepository, ResolvedVersion
-from serving.errors import KilnError
 from serving.topk import class_scores, classification_output, top_k
 from serving.version_policy import VersionPolicy
 
@@ -48,7 +48,9 @@ def choose_artefact(manifest: Manifest, wanted: str | None) -> Artefact:
     if wanted is not None:
         if wanted not in {a.path for a in manifest.artefacts}:
             have = [a.path for a in manifest.artefacts]
-            raise ValueError(f"model {manifest.name!r} v{manifest.version} has no artefact {wanted!r}; have {have}")
+            raise ValueError(
+                f"model {manifest.name!r} v{manifest.version} has no artefact {wanted!r}; have {have}"
+            )
         return manifest.artefact(wanted)
     art = manifest.find_artefact("onnx", "fp32") or next(
         (a for a in manifest.artefacts if a.format == "onnx"), None
@@ -78,7 +80,9 @@ class RowLoader:
         self.preprocessor = preprocessor
 
     @classmethod
-    def for_artefact(cls, manifest: Manifest, artefact: Artefact, limits: ImageLimits | None = None) -> RowLoader:
+    def for_artefact(
+        cls, manifest: Manifest, artefact: Artefact, limits: ImageLimits | None = None
+    ) -> RowLoader:
         """The loader an artefact needs, without loading the artefact (its input dtype from kiln.json)."""
         dtype = numpy_dtype(manifest.datatype_of(artefact, manifest.input.name))
         return cls(Preprocessor(manifest.input, limits=limits, dtype=dtype))

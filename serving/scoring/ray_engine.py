@@ -32,7 +32,7 @@ from serving.backends import BackendOptions
 from serving.manifest import Artefact, Manifest
 from serving.scoring.inputs import InputList
 from serving.scoring.ledger import ShardPlan
-from serving.scoring.model import ModelIdentity, RowLoader, ScoringModel
+from serving.scoring.model import ModelIdentity, RowLoader, Scored, ScoringModel
 from serving.scoring.writer import results_table
 
 __all__ = ["RayEngine", "RayOptions", "RayUnavailableError"]
@@ -79,7 +79,7 @@ def _preprocess(batch: dict[str, np.ndarray], loader: RowLoader) -> dict[str, np
     """Ray task: read and preprocess the files of a batch; failures become error strings."""
     paths = batch["path"]
     pixels = np.zeros((len(paths), *loader.preprocessor.sample_shape), loader.preprocessor.dtype)
-    errors = [loader.load(str(p), pixels[i]) for i, p in enumerate(paths)]
+    errors = [loader.load(os.fsdecode(p), pixels[i]) for i, p in enumerate(paths)]
     return {**batch, "pixels": pixels, "error": np.array([e or "" for e in errors], dtype=object)}
 
 
@@ -88,7 +88,7 @@ class _Scorer:
 
     def __init__(self, spec: _ModelSpec) -> None:
         ident = spec.identity
-        options = BackendOptions(device=spec.device, intra_op_threads=spec.threads if spec.threads else 0)
+        options = BackendOptions(device=spec.device, intra_op_threads=spec.threads)
         self._model = ScoringModel.open(
             spec.repo, ident.model, ident.version, top_k=spec.top_k, artefact=ident.artefact, options=options
         )
@@ -105,23 +105,19 @@ class _Scorer:
             step = self._model.max_batch_size
             parts = [self._model.score(pixels[i : i + step]) for i in range(0, len(pixels), step)]
             scored = parts[0] if len(parts) == 1 else _concat(parts)
-        rows = np.asarray(batch["_row"], dtype=np.int64)
-        table = results_table(
-            first_row=0,
-            ids=[str(v) for v in batch["id"]],
-            paths=[str(v) for v in batch["path"]],
+        return results_table(
+            rows=np.asarray(batch["_row"], dtype=np.int64),
+            ids=[os.fsdecode(v) for v in batch["id"]],
+            paths=[os.fsdecode(v) for v in batch["path"]],
             errors=errors,
             scored=scored,
             identity=self._model.identity,
             labels=self._model.labels,
             with_logits=self._logits,
         )
-        return table.set_column(0, "_row", pa.array(rows))
 
 
-def _concat(parts: Sequence[Any]) -> Any:
-    from serving.scoring.model import Scored
-
+def _concat(parts: Sequence[Scored]) -> Scored:
     outputs = None if parts[0].outputs is None else np.concatenate([p.outputs for p in parts])
     return Scored(
         indices=np.concatenate([p.indices for p in parts]),
@@ -147,9 +143,9 @@ class RayEngine:
         logits: bool,
     ) -> None:
         if options.batch_size > manifest.max_batch_size:
-            raise ValueError(
-                f"batch size {options.batch_size} exceeds the model's max_batch_size {manifest.max_batch_size}"
-            )
+            limit = manifest.max_batch_size
+            raise ValueError(f"batch size {options.batch_size} exceeds the model's max_batch_size {limit}")
+        _import_ray()  # fail before any work when the optional dependency is missing
         self._loader = RowLoader.for_artefact(manifest, artefact)
         threads = max(1, int(options.actor_cpus)) if device == "cpu" else 0
         self._spec = _ModelSpec(
@@ -191,8 +187,9 @@ class RayEngine:
                 yield pa.table(
                     {
                         "_row": pa.array(np.arange(first, last, dtype=np.int64)),
-                        "id": pa.array(ids[first:last], pa.string()),
-                        "path": pa.array(paths[first:last], pa.string()),
+                        # bytes: a file name need not be UTF-8 (os.fsdecode restores it exactly)
+                        "id": pa.array([os.fsencode(i) for i in ids[first:last]], pa.binary()),
+                        "path": pa.array([os.fsencode(p) for p in paths[first:last]], pa.binary()),
                     }
                 )
 
@@ -224,7 +221,9 @@ def _connected(ray: Any, options: RayOptions) -> Iterator[None]:
     try:
         ray.init(address=options.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RayUnavailableError(f"cannot connect to Ray at {options.address or 'a new local cluster'}: {exc}") from None
+        raise RayUnavailableError(
+            f"cannot connect to Ray at {options.address or 'a new local cluster'}: {exc}"
+        ) from None
     try:
         yield
     finally:

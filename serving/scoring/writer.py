@@ -64,7 +64,9 @@ def with_row_column(schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Schema:
     return pa.schema([pa.field(ROW_COLUMN, pa.int64()), *schema])
 
 
-def _lists(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType, names: pa.Array | None = None) -> pa.Array:
+def _lists(
+    values: np.ndarray, ok: np.ndarray, value_type: pa.DataType, names: pa.Array | None = None
+) -> pa.Array:
     """[n, m] values -> list<value_type> with rows where `ok` is False set to null.
 
     With `names`, the values are indices into it (labels): taken in Arrow, which is ~20x faster
@@ -81,7 +83,7 @@ def _lists(values: np.ndarray, ok: np.ndarray, value_type: pa.DataType, names: p
 
 def results_table(
     *,
-    first_row: int,
+    rows: np.ndarray,
     ids: Sequence[str],
     paths: Sequence[str],
     errors: Sequence[str | None],
@@ -92,38 +94,57 @@ def results_table(
 ) -> pa.Table:
     """One batch of results as a table of `with_row_column()`.
 
-    `scored` covers the rows whose error is None, in order (None when every row failed).
+    `rows` are the global input indices of the batch; `scored` covers the rows whose error is
+    None, in order (None when every row failed).
     """
     n = len(ids)
     ok = np.array([e is None for e in errors], dtype=bool)
-    if int(ok.sum()) != (0 if scored is None else len(scored.indices)):
-        raise ValueError(f"{int(ok.sum())} good rows but {0 if scored is None else len(scored.indices)} scored")
-    k = 0 if scored is None else scored.indices.shape[1]
-    indices = np.zeros((n, k), np.int64)
-    scores = np.zeros((n, k), np.float32)
-    outputs = np.zeros((n, 0 if scored is None or scored.outputs is None else scored.outputs.shape[1]), np.float32)
-    if scored is not None:
-        indices[ok], scores[ok] = scored.indices, scored.scores
-        if with_logits and scored.outputs is not None:
-            outputs[ok] = scored.outputs
-    label_lists = _lists(indices, ok, pa.string(), names=pa.array(list(labels), pa.string()))
+    good = 0 if scored is None else len(scored.indices)
+    if int(ok.sum()) != good or len(rows) != n:
+        raise ValueError(f"{n} rows ({len(rows)} indices), {int(ok.sum())} good but {good} scored")
+    indices = _expand(None if scored is None else scored.indices, ok)
+    scores = _expand(None if scored is None else scored.scores, ok)
+    logits = pa.nulls(n, pa.list_(pa.float32()))
+    if with_logits and scored is not None and scored.outputs is not None:
+        logits = _lists(_expand(scored.outputs, ok).astype(np.float32), ok, pa.float32())
     columns = {
-        ROW_COLUMN: pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
-        "id": pa.array(ids, pa.string()),
-        "path": pa.array(paths, pa.string()),
+        ROW_COLUMN: pa.array(np.asarray(rows, dtype=np.int64)),
+        "id": _text(ids),
+        "path": _text(paths),
         "model": pa.array([identity.model] * n, pa.string()),
         "version": pa.array(np.full(n, identity.version, np.int64)),
         "artefact": pa.array([identity.artefact] * n, pa.string()),
         "sha256": pa.array([identity.sha256] * n, pa.string()),
-        "labels": label_lists,
+        "labels": _lists(indices, ok, pa.string(), names=pa.array(list(labels), pa.string())),
         "indices": _lists(indices.astype(np.int32), ok, pa.int32()),
-        "scores": _lists(scores, ok, pa.float32()),
-        "logits": _lists(outputs, ok & with_logits, pa.float32())
-        if with_logits
-        else pa.nulls(n, pa.list_(pa.float32())),
+        "scores": _lists(scores.astype(np.float32), ok, pa.float32()),
+        "logits": logits,
         "error": pa.array(list(errors), pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=with_row_column())
+
+
+def _text(values: Sequence[str]) -> pa.Array:
+    """Strings as Arrow UTF-8; a file name that is not valid UTF-8 (Linux allows any bytes) is
+    written with its bad bytes escaped (b'\\xff' -> "\\xff") rather than failing the batch."""
+    try:
+        return pa.array(values, pa.string())
+    except UnicodeEncodeError:
+        return pa.array(
+            [v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for v in values],
+            pa.string(),
+        )
+
+
+def _expand(values: np.ndarray | None, ok: np.ndarray) -> np.ndarray:
+    """Rows of the good inputs -> one row per input (zeros where not ok; masked out later)."""
+    if values is None:
+        return np.zeros((len(ok), 0), np.int64)
+    if ok.all():
+        return values
+    full = np.zeros((len(ok), *values.shape[1:]), values.dtype)
+    full[ok] = values
+    return full
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str], metadata: dict[str, str]) -> int:

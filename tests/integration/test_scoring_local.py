@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,9 @@ def test_manifest_with_missing_files(repo: Path, images: Path, tmp_path: Path) -
     assert all(rows[k]["error"] is None for k in ("k0", "k1", "k2"))
 
 
-def test_rerun_skips_and_another_model_is_refused(repo: Path, images: Path, tmp_path: Path) -> None:
+def test_rerun_skips_and_another_model_is_refused(
+    repo: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     own = tmp_path / "repo"
     shutil.copytree(repo, own)
     out = tmp_path / "out"
@@ -113,7 +117,33 @@ def test_rerun_skips_and_another_model_is_refused(repo: Path, images: Path, tmp_
     code = main(["score", "--repo", str(own), "--model", "tiny", "--input", str(images), "--output", str(out),
                  "--shard-size", "100"])  # fmt: skip
     assert code == 2
+    assert "holds results of a different job (version 1 != 2" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+
+
+def test_ray_engine_missing_is_a_clear_error(
+    repo: Path,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    argv = ["score", "--repo", str(repo), "--model", "tiny", "--input", str(images), "--output",
+            str(tmp_path / "out"), "--engine", "ray"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--engine ray needs Ray Data (ray is not installed): pip install" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_name_that_is_not_utf8(repo: Path, images: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    odd = folder / os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    odd.write_bytes(next(images.rglob("img*.png")).read_bytes())
+    run_score(_config(repo, folder, tmp_path / "out"))
+    (row,) = read_output(tmp_path / "out").to_pylist()
+    assert row["error"] is None and row["id"] == "caf\\xe9.png"  # the bad byte escaped, not lost
 
 
 def test_cli_happy_path_prints_the_summary(
@@ -145,7 +175,12 @@ def test_cli_happy_path_prints_the_summary(
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(
-    repo: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    repo: Path,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
 ) -> None:
     (tmp_path / "bad.csv").write_text("file\nx.png\n", encoding="utf-8")
     (tmp_path / "a-file").write_text("x", encoding="utf-8")

@@ -98,7 +98,7 @@ def test_nothing_to_score_is_an_error(tmp_path: Path) -> None:
         list_inputs(str(tmp_path / "*.png"))
     with pytest.raises(InputError, match="does not exist"):
         list_inputs(str(tmp_path / "missing"))
-    with pytest.raises(InputError, match="manifest .* does not exist"):
+    with pytest.raises(InputError, match=r"manifest .* does not exist"):
         list_inputs(str(tmp_path / "missing.csv"))
 
 

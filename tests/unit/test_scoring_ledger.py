@@ -29,7 +29,7 @@ def _batch(first: int, count: int, bad: tuple[int, ...] = ()) -> pa.Table:
     good = sum(e is None for e in errors)
     scored = Scored(indices=np.zeros((good, 1), np.int64), scores=np.ones((good, 1)), outputs=None)
     return results_table(
-        first_row=first, ids=[f"id{first + i}" for i in range(count)],
+        rows=np.arange(first, first + count), ids=[f"id{first + i}" for i in range(count)],
         paths=[f"/p{first + i}" for i in range(count)], errors=errors, scored=scored if good else None,
         identity=MODEL, labels=("only",), with_logits=False,
     )  # fmt: skip
@@ -84,7 +84,9 @@ def test_unusable_output_folders(tmp_path: Path) -> None:
         Ledger.open(tmp_path / "file", IDENTITY)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "results.csv").write_text("x")
-    with pytest.raises(LedgerError, match=r"not empty and holds no _kiln_score.json \(found \['results.csv'\]\)"):
+    with pytest.raises(
+        LedgerError, match=r"not empty and holds no _kiln_score.json \(found \['results.csv'\]\)"
+    ):
         Ledger.open(tmp_path / "busy", IDENTITY)
 
 
@@ -118,7 +120,7 @@ def test_assembler_commits_whole_shards_from_batches_in_any_order(tmp_path: Path
 def test_assembler_refuses_duplicates_and_strays(tmp_path: Path) -> None:
     with Ledger.open(tmp_path, IDENTITY) as ledger:
         assembler = ShardAssembler(ledger, [0, 2])
-        with pytest.raises(RuntimeError, match="rows 0..2 once each, got 3 rows \\(2 distinct\\)"):
+        with pytest.raises(RuntimeError, match=r"rows 0\.\.2 once each, got 3 rows \(2 distinct\)"):
             assembler.add(pa.concat_tables([_batch(0, 2), _batch(1, 1)]))
         with pytest.raises(RuntimeError, match="shard 1, which is not pending"):
             assembler.add(_batch(3, 1))

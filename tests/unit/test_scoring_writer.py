@@ -9,7 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from serving.scoring.model import ModelIdentity, Scored
-from serving.scoring.writer import OUTPUT_SCHEMA, ROW_COLUMN, results_table, with_row_column, write_parquet_atomic
+from serving.scoring.writer import (
+    OUTPUT_SCHEMA,
+    ROW_COLUMN,
+    results_table,
+    with_row_column,
+    write_parquet_atomic,
+)
 
 IDENTITY = ModelIdentity(model="m", version=3, artefact="model.onnx", sha256="ab" * 32)
 LABELS = ("zero", "one", "two")
@@ -26,8 +32,9 @@ def _scored(rows: int) -> Scored:
 
 def test_good_and_error_rows() -> None:
     table = results_table(
-        first_row=10, ids=["a", "b", "c"], paths=["/a", "/b", "/c"], errors=[None, "bad file", None],
-        scored=_scored(2), identity=IDENTITY, labels=LABELS, with_logits=True,
+        rows=np.arange(10, 13), ids=["a", "b", "c"], paths=["/a", "/b", "/c"],
+        errors=[None, "bad file", None], scored=_scored(2),
+        identity=IDENTITY, labels=LABELS, with_logits=True,
     )  # fmt: skip
     assert table.schema == with_row_column()
     rows = table.to_pylist()
@@ -45,7 +52,7 @@ def test_good_and_error_rows() -> None:
 
 def test_logits_are_null_unless_asked_for() -> None:
     table = results_table(
-        first_row=0, ids=["a"], paths=["/a"], errors=[None], scored=_scored(1),
+        rows=np.arange(1), ids=["a"], paths=["/a"], errors=[None], scored=_scored(1),
         identity=IDENTITY, labels=LABELS, with_logits=False,
     )  # fmt: skip
     assert table.column("logits").null_count == 1 and table.column("scores").null_count == 0
@@ -53,23 +60,23 @@ def test_logits_are_null_unless_asked_for() -> None:
 
 def test_all_rows_bad() -> None:
     table = results_table(
-        first_row=0, ids=["a", "b"], paths=["/a", "/b"], errors=["x", "y"], scored=None,
+        rows=np.arange(2), ids=["a", "b"], paths=["/a", "/b"], errors=["x", "y"], scored=None,
         identity=IDENTITY, labels=LABELS, with_logits=True,
     )  # fmt: skip
     assert table.column("labels").null_count == 2 and table.column("error").to_pylist() == ["x", "y"]
 
 
 def test_scored_rows_must_match_good_rows() -> None:
-    with pytest.raises(ValueError, match="2 good rows but 1 scored"):
+    with pytest.raises(ValueError, match="2 good but 1 scored"):
         results_table(
-            first_row=0, ids=["a", "b"], paths=["/a", "/b"], errors=[None, None], scored=_scored(1),
+            rows=np.arange(2), ids=["a", "b"], paths=["/a", "/b"], errors=[None, None], scored=_scored(1),
             identity=IDENTITY, labels=LABELS, with_logits=False,
         )  # fmt: skip
 
 
 def test_atomic_write_leaves_only_the_target(tmp_path: Path) -> None:
     table = results_table(
-        first_row=0, ids=["a"], paths=["/a"], errors=[None], scored=_scored(1),
+        rows=np.arange(1), ids=["a"], paths=["/a"], errors=[None], scored=_scored(1),
         identity=IDENTITY, labels=LABELS, with_logits=False,
     ).drop_columns([ROW_COLUMN])  # fmt: skip
     size = write_parquet_atomic(table, tmp_path / "part.parquet", {"k": "v"})
