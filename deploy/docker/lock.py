@@ -45,7 +45,7 @@ _GPU = (
 )
 _INDEX = "https://pypi.org/simple"
 _FILES = "https://files.pythonhosted.org/"
-_MANYLINUX = tuple(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40)) + ("manylinux2014_x86_64",)
+_MANYLINUX = (*(f"manylinux_2_{minor}_x86_64" for minor in range(17, 40)), "manylinux2014_x86_64")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +70,9 @@ LOCKS = (
         python="3.11",
         comment="Dockerfile.cpu (python:3.11-slim, linux/amd64)",
     ),
-    Lock(name="gpu", pins=_GPU, python="3.12", comment="Dockerfile.gpu (Ubuntu 24.04 python3.12, linux/amd64)"),
+    Lock(
+        name="gpu", pins=_GPU, python="3.12", comment="Dockerfile.gpu (Ubuntu 24.04 python3.12, linux/amd64)"
+    ),
     Lock(
         name="train",
         pins=(

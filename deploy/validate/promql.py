@@ -83,7 +83,7 @@ class _NoGpus:
     """An NVML stand-in with zero devices, enough to construct the collector."""
 
     @staticmethod
-    def nvmlDeviceGetCount() -> int:  # noqa: N802 - NVML's name
+    def nvmlDeviceGetCount() -> int:  # NVML's spelling
         return 0
 
 
@@ -141,4 +141,8 @@ def all_expressions() -> list[tuple[str, str]]:
 def unknown_names(known: set[str]) -> list[str]:
     """'where: name' for each metric an expression uses that is neither known nor allowed."""
     allowed = known | recorded_names() | set(PROMETHEUS_SERIES)
-    return [f"{where}: {name}" for where, expr in all_expressions() for name in sorted(metric_names(expr) - allowed)]
+    return [
+        f"{where}: {name}"
+        for where, expr in all_expressions()
+        for name in sorted(metric_names(expr) - allowed)
+    ]

@@ -58,7 +58,9 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def kustomize_with(overlay: Path, components: Sequence[Path], namespace: str = "kiln") -> list[dict[str, Any]]:
+def kustomize_with(
+    overlay: Path, components: Sequence[Path], namespace: str = "kiln"
+) -> list[dict[str, Any]]:
     """Render `overlay` with extra Kustomize components, as an operator enabling them would."""
     with tempfile.TemporaryDirectory(prefix="kiln-kustomize-") as tmp:
         # Kustomize refuses absolute paths: refer to the trees relative to the temporary root.
@@ -113,7 +115,9 @@ def definition_problems(data: Any, definition: str, version: str, where: str) ->
     defs = _definitions(version)
     schema = {"$defs": defs, "$ref": f"#/$defs/{definition}"}
     validator = jsonschema.Draft202012Validator(_rebase(schema))
-    return [f"{where} @ {version}: {'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(data)]
+    return [
+        f"{where} @ {version}: {'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(data)
+    ]
 
 
 @functools.cache
@@ -155,8 +159,9 @@ def _service_monitor(obj: dict[str, Any]) -> list[str]:
         if not isinstance(ep.get("port"), str):
             problems.append(f"spec.endpoints[{i}].port must name a Service port")
         problems += [f"spec.endpoints[{i}].{k}: unknown field" for k in set(ep) - known]
-        problems += [f"spec.endpoints[{i}].{k}: not a duration: {ep[k]!r}"
-                     for k in ("interval", "scrapeTimeout") if k in ep and not _DURATION.match(str(ep[k]))]  # fmt: skip
+        for key in ("interval", "scrapeTimeout"):
+            if key in ep and not _DURATION.match(str(ep[key])):
+                problems.append(f"spec.endpoints[{i}].{key}: not a duration: {ep[key]!r}")
     return problems
 
 
