@@ -21,6 +21,11 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--host", str, "address to bind (default 0.0.0.0)"),
     ("--port", int, "gRPC port (default 8001; 0 picks a free one)"),
     ("--metrics-port", int, "Prometheus /metrics port (default 8002; 0 picks a free one)"),
+    (
+        "--health-port",
+        int,
+        "plaintext grpc.health.v1-only port for kubelet probes when TLS is on (default off)",
+    ),
     ("--device", str, "cpu, cuda, cuda:N or auto (default cpu)"),
     ("--backend", str, f"artefact backend: {', '.join(BACKENDS)} (default auto)"),
     ("--precision", str, f"artefact precision: {', '.join(PRECISIONS)} (default auto)"),

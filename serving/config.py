@@ -42,6 +42,8 @@ class ServeConfig:
     host: str = "0.0.0.0"  # all interfaces, as Triton: the server usually runs in a container
     port: int = 8001  # 0 = pick a free port (tests)
     metrics_port: int | None = 8002  # None disables /metrics; 0 = pick a free port
+    # a plaintext listener serving only grpc.health.v1: kubelet gRPC probes cannot speak TLS
+    health_port: int | None = None  # None = off (probes use the main port); 0 = pick a free port
     # models and versions
     models: tuple[str, ...] = ()  # load only these (empty: every model in the repository)
     version_policy: str = "latest"  # "latest", "latest:N", "all", "specific:1,3"
@@ -124,10 +126,12 @@ def _validate(cfg: ServeConfig) -> None:
         _fail("repo", f"not a directory: {cfg.repo}")
     if not cfg.host:
         _fail("host", "must not be empty")
-    for name in ("port", "metrics_port"):
+    for name in ("port", "metrics_port", "health_port"):
         _check_range(cfg, name, 0, 65535)
     if cfg.metrics_port and cfg.metrics_port == cfg.port:
         _fail("metrics_port", f"must differ from port ({cfg.port})")
+    if cfg.health_port and cfg.health_port in (cfg.port, cfg.metrics_port):
+        _fail("health_port", f"must differ from port and metrics_port ({cfg.port}, {cfg.metrics_port})")
     _check_version_policy(cfg.version_policy)
     if not (cfg.device in ("cpu", "cuda", "auto") or _is_cuda_index(cfg.device)):
         _fail("device", f"expected {DEVICES_HINT}, got {cfg.device!r}")

@@ -65,7 +65,9 @@ class Server:
         self.manager = ModelManager(config, on_state_change=self.health.set_model, metrics=self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
         self._classifier: ClassifierServicer | None = None
         self._metrics_http = None
         self._ready = self._stopping = False
@@ -98,6 +100,8 @@ class Server:
             await self.manager.close(drain=False)
             raise OSError(f"cannot bind gRPC to {address}: {exc}") from None
         await self._grpc.start()
+        if cfg.health_port is not None:
+            await self._start_health_listener(cfg.host, cfg.health_port)
         if cfg.metrics_port is not None:
             self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=self.registry)
             self.metrics_port = self._metrics_http.server_port
@@ -117,6 +121,16 @@ class Server:
             states,
             extra={"grpc_port": self.port, "metrics_port": self.metrics_port},
         )
+
+    async def _start_health_listener(self, host: str, port: int) -> None:
+        """Health only, without TLS or token: what kubelet's gRPC probes can reach."""
+        self._health_grpc = grpc.aio.server()
+        self.health.add_to_server(self._health_grpc)
+        try:
+            self.health_port = self._health_grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the health port {host}:{port}: {exc}") from None
+        await self._health_grpc.start()
 
     def _build_grpc(self) -> grpc.aio.Server:
         cfg = self.config
@@ -186,6 +200,8 @@ class Server:
                 extra={"model": loaded.model, "success": stats.success.count, "fail": stats.fail.count},
             )
         await self.manager.close(drain=True)
+        if self._health_grpc is not None:  # last: probes see NOT_SERVING throughout the drain
+            await self._health_grpc.stop(0)
         if self._classifier is not None:
             self._classifier.close()
         if self._metrics_http is not None:

@@ -71,6 +71,17 @@ def test_tls_server(repo: Path, pki: Path) -> None:
             assert _code(plaintext.server_live) == grpc.StatusCode.UNAVAILABLE
 
 
+def test_plaintext_health_port_beside_a_tls_server(repo: Path, pki: Path) -> None:
+    """Kubelet gRPC probes cannot speak TLS: the health-only port answers them in plaintext."""
+    config = _config(repo, tls_cert=pki / "server.pem", tls_key=pki / "server.key", health_port=0)
+    with running_server(config) as srv:
+        health_address = f"127.0.0.1:{srv.server.health_port}"
+        with KilnClient(health_address, timeout=5) as probe:
+            assert probe.health("") == "SERVING" and probe.health("tiny") == "SERVING"
+            # only health lives there: inference still needs the TLS port
+            assert _code(lambda: _infer(probe)) == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_mutual_tls_requires_a_client_certificate(repo: Path, pki: Path) -> None:
     config = _config(
         repo, tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem"
