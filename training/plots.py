@@ -19,7 +19,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path) -> None:
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [row["train_loss"] for row in history], label="train")
     loss_ax.plot(epochs, [row["val_loss"] for row in history], label="val")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy (log scale)", title="loss", yscale="log")
     acc_ax.plot(epochs, [100 * row["train_acc"] for row in history], label="train")
     acc_ax.plot(epochs, [100 * row["val_acc"] for row in history], label="val")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
