@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,19 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from benchmarks.machine import describe_cpu
+
 ENGINES = ("pytorch", "ort-unfused", "ort-fused", "ort-fp16", "ort-int8")
-
-
-def machine() -> str:
-    """The CPU model name from lscpu (falls back to platform.processor())."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or platform.machine()
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def throughput(fn: Callable[[], object], batch: int, iters: int, warmup: int) -> float:
@@ -150,7 +139,8 @@ def markdown(rows: list[tuple[str, int, dict[str, float]]], args: argparse.Names
     lines = [
         f"## Export engines on CPU ({args.size}x{args.size}, random weights)",
         "",
-        f"- machine: {machine()}, {torch.get_num_threads()} threads; date: {dt.date.today().isoformat()}",
+        f"- machine: {describe_cpu()}, {torch.get_num_threads()} threads",
+        f"- date: {dt.date.today().isoformat()}",
         f"- torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"python {platform.python_version()}",
         f"- command: `{' '.join(sys.argv)}`; median of {args.iters} runs after {args.warmup} warm-up",

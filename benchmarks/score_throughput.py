@@ -25,7 +25,6 @@ import datetime as dt
 import io
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,23 +35,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from benchmarks.machine import describe_cpu
+
 MODELS = {  # name: (input size, resize, image width x height, classes)
     "resnet20": (32, 32, (40, 32), 10),
     "resnet50": (224, 256, (400, 300), 1000),
 }
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def machine() -> str:
-    """The CPU model name from lscpu (falls back to platform.processor())."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or platform.machine()
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def publish(name: str, repo: Path, max_batch: int) -> None:
@@ -193,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     lines = [
-        f"machine: {machine()} ({len(__import__('os').sched_getaffinity(0))} CPUs), "
+        f"machine: {describe_cpu()} ({len(__import__('os').sched_getaffinity(0))} CPUs), "
         f"date: {dt.date.today().isoformat()}, python {platform.python_version()}, "
         f"onnxruntime {onnxruntime.__version__}",
         f"command: {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}",

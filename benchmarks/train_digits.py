@@ -10,9 +10,7 @@ torch version and thread count, ready for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,18 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "unknown").strip()
-    flags = fields.get("Flags", "")
-    isa = "AVX-512/VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
-    family, model = fields.get("CPU family", "?").strip(), fields.get("Model", "?").strip()
-    return f"{name} (family {family} model {model}, {isa})"
+from benchmarks.machine import describe_cpu  # noqa: E402
 
 
 def main() -> int:
@@ -59,7 +46,7 @@ def main() -> int:
     for derived in ("num_classes", "in_channels"):
         model.pop(derived)
     print(
-        f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"machine: {describe_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"date {time.strftime('%Y-%m-%d')}"
     )
     print(f"settings: {vars(args)}")
