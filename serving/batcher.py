@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -36,6 +38,8 @@ from serving.errors import (
 __all__ = ["BatchObserver", "DynamicBatcher"]
 
 log = logging.getLogger(__name__)
+
+_HANDOFF_TIMEOUT_S = 0.002  # longest the loop waits for a worker to pick a batch up (see _dispatch)
 
 
 class BatchObserver(Protocol):
@@ -98,7 +102,7 @@ class DynamicBatcher:
         self._queued_rows = self._inflight = 0
         self._waiter: asyncio.Future[None] | None = None
         self._wake_rows = 1
-        self._running: set[asyncio.Future[Any]] = set()
+        self._running: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._accepting = self._closing = False
         self.dropped = {"expired": 0, "cancelled": 0}
@@ -266,25 +270,55 @@ class DynamicBatcher:
         now = time.monotonic()
         waits = [now - r.enqueued for r in batch]
         self._inflight += len(batch)
+        tracker = self._loop.create_future()  # what stop() awaits
+        self._running.add(tracker)
+        started = threading.Event()
         try:
-            running = self._loop.run_in_executor(
-                self._executor, self._compute, [r.inputs for r in batch], [r.rows for r in batch]
+            work = self._executor.submit(
+                self._compute, [r.inputs for r in batch], [r.rows for r in batch], started
             )
         except RuntimeError as exc:  # e.g. a caller-owned executor that was shut down
-            running = self._loop.create_future()
-            running.set_exception(exc)
-        self._running.add(running)
-        running.add_done_callback(partial(self._finish, batch, waits))
+            work = concurrent.futures.Future()
+            work.set_exception(exc)
+        else:
+            if self._owns_executor:  # our executor has a thread free for every slot: no long wait
+                # GIL handoff: let the worker reach the backend before the loop goes on. Right
+                # after a batch the loop runs a burst of handlers and gRPC sends that hold the
+                # GIL for milliseconds; a worker woken meanwhile waits for the GIL (up to the 5 ms
+                # switch interval) while the cores idle. Waiting here releases the GIL, and the
+                # backend call releases it again within microseconds.
+                started.wait(_HANDOFF_TIMEOUT_S)
+        # The worker hands the result straight to _finish with one call_soon_threadsafe; the
+        # run_in_executor/wrap_future chain would cost one more event-loop pass per batch.
+        work.add_done_callback(partial(self._from_worker, batch, waits, tracker))
 
-    def _finish(self, batch: list[_Request], waits: list[float], running: asyncio.Future[Any]) -> None:
+    def _from_worker(
+        self,
+        batch: list[_Request],
+        waits: list[float],
+        tracker: asyncio.Future[None],
+        work: concurrent.futures.Future[Any],
+    ) -> None:
+        """Runs in the worker thread (or inline if `work` was already done)."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._finish, batch, waits, tracker, work)
+
+    def _finish(
+        self,
+        batch: list[_Request],
+        waits: list[float],
+        tracker: asyncio.Future[None],
+        work: concurrent.futures.Future[Any],
+    ) -> None:
         self._slots.release()
-        self._running.discard(running)
+        self._running.discard(tracker)
+        tracker.set_result(None)
         self._inflight -= len(batch)
         rows = sum(r.rows for r in batch)
         exc = (
             ModelUnavailableError("batch cancelled", reason="stopped")
-            if running.cancelled()
-            else running.exception()
+            if work.cancelled()
+            else work.exception()
         )
         if exc is not None:
             if isinstance(exc, KilnError):
@@ -296,7 +330,7 @@ class DynamicBatcher:
                 if not req.future.done():
                     req.future.set_exception(exc)
             return
-        results, compute_seconds = running.result()
+        results, compute_seconds = work.result()
         for req, out in zip(batch, results, strict=True):
             if not req.future.done():
                 req.future.set_result(out)
@@ -320,12 +354,17 @@ class DynamicBatcher:
     # -- worker thread ---------------------------------------------------------------------------
 
     def _compute(
-        self, inputs: list[Mapping[str, np.ndarray]], rows: list[int]
+        self,
+        inputs: list[Mapping[str, np.ndarray]],
+        rows: list[int],
+        started: threading.Event | None = None,
     ) -> tuple[list[dict[str, np.ndarray]], float]:
         """Concatenate, infer, check the output batch, slice back per request (off the event loop)."""
         merged = (
             inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
         )
+        if started is not None:
+            started.set()  # the dispatching loop may go on: infer releases the GIL right away
         start = time.perf_counter()
         outputs = self._backend.infer(merged)
         seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--instances", int, "model instances per version (default 1)"),
     ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),
-    ("--max-queue-delay-us", int, "longest wait for a fuller batch, in microseconds (default 200)"),
+    ("--max-queue-delay-us", int, "longest wait for a fuller batch, in microseconds (default 0: none)"),
     ("--preferred-batch-sizes", str, "comma-separated batch sizes to prefer, e.g. 4,8,16"),
     ("--max-queue-size", int, "queued requests per model before RESOURCE_EXHAUSTED (default 512)"),
     ("--version-policy", str, "latest, latest:N, all or specific:V1,V2 (default latest)"),

@@ -57,7 +57,10 @@ class ServeConfig:
     warmup: bool = True
     # dynamic batching
     max_batch_size: int | None = None  # None: the manifest's value
-    max_queue_delay_us: int = 200
+    # 0 (Triton's default): a batch leaves as soon as an instance is free, so batches grow only
+    # from requests that arrive while the instances are busy, and a lone request never waits.
+    # Under 1 ms the wait is rounded up to 1 ms anyway (asyncio's epoll timeout resolution).
+    max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 512  # queued rows per model before RESOURCE_EXHAUSTED
     # Classify preprocessing

@@ -1,9 +1,12 @@
 """The one place where serving errors become gRPC statuses.
 
 Handlers raise domain errors (serving.errors.KilnError subclasses, each naming its status in
-`code`); `ErrorMappingInterceptor` turns them into `context.abort(status, message)` for every
-service on the server. Anything else is a bug: it is logged with its traceback and the client
-gets INTERNAL with the request's id, never the exception text (which may leak paths or data).
+`code`); `wrap_handler` turns them into `context.abort(status, message)`. The server wraps each
+service's handlers once, at registration (`add_mapped_service`), rather than through a server
+interceptor: grpc.aio runs every interceptor as an extra coroutine on every call, which cost
+about 5 % of the server's per-request CPU (benchmarks/RESULTS-serving.md). Anything else is a
+bug: it is logged with its traceback and the client gets INTERNAL with the request's id, never
+the exception text (which may leak paths or data).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -111,6 +114,9 @@ def wrap_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps KilnError (and unexpected exceptions) to gRPC statuses for every service.
 
+    For servers whose services cannot be registered through `add_mapped_service`; Kiln's own
+    server uses that instead (no per-call coroutine).
+
     Wrapped handlers are cached per method path, so the per-call cost is one dict lookup. It must
     come after any interceptor whose answer depends on the call (authentication), never before.
     """
@@ -132,3 +138,47 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: UNIMPLEMENTED; not cached, so junk paths cannot grow the cache
         wrapped = self._cache[method] = wrap_handler(method, handler)
         return wrapped
+
+
+class _MappedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers map exceptions (wrapped once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None  # not ours: junk paths never grow the cache
+            cached = self._cache[method] = wrap_handler(method, handler)
+        return cached
+
+
+class _MappingRegistrar:
+    """Stands in for the server while a generated `add_*Servicer_to_server` registers a service."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_MappedGenericHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {name: wrap_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+
+def add_mapped_service(
+    add_servicer: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+) -> None:
+    """Register `servicer` through its generated `add_servicer` with every handler error-mapped.
+
+    The per-call cost is nil (the wrapping happens here, once), unlike ErrorMappingInterceptor.
+    """
+    add_servicer(servicer, _MappingRegistrar(server))

@@ -116,15 +116,23 @@ class KilnMetrics:
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+        # (model, version, code) -> (counter child, histogram child): `labels()` takes a lock and
+        # builds a key on every call, and observe_request runs once per request.
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.gpu = gpu_collector() if gpu else None
         if self.gpu is not None:
             r.register(self.gpu)
 
     def observe_request(self, model: str, version: str, code: str, seconds: float | None = None) -> None:
         """Count one finished request by status code name ("OK", "INVALID_ARGUMENT", ...) and its latency."""
-        self.requests.labels(model, version, code).inc()
+        key = (model, version, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.request_duration.labels(model, version))
+            self._request_children[key] = children
+        children[0].inc()
         if seconds is not None:
-            self.request_duration.labels(model, version).observe(seconds)
+            children[1].observe(seconds)
 
     @contextmanager
     def track_inflight(self, model: str, version: str) -> Iterator[None]:
@@ -156,6 +164,8 @@ class KilnMetrics:
 
     def forget(self, model: str, version: str) -> None:
         """Remove every series of an unloaded model version (load state excepted: keep "unloaded")."""
+        for key in [k for k in self._request_children if k[:2] == (model, version)]:
+            del self._request_children[key]
         for metric in (
             self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
             self.batch_size, self.queue_depth, self.inflight,

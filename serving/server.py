@@ -23,7 +23,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.config import ServeConfig
 from serving.grpc_classify import ClassifierServicer
-from serving.grpc_errors import ErrorMappingInterceptor
+from serving.grpc_errors import add_mapped_service
 from serving.grpc_inference import InferenceServicer
 from serving.grpc_security import BearerTokenInterceptor, server_credentials
 from serving.grpc_standard import Health, enable_reflection
@@ -134,11 +134,10 @@ class Server:
 
     def _build_grpc(self) -> grpc.aio.Server:
         cfg = self.config
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        # Interceptors cost a coroutine per call, so only the token check (which must decide per
+        # call) is one; error mapping is wrapped around each handler at registration instead.
         token = cfg.token()
-        if token is not None:
-            interceptors.append(BearerTokenInterceptor(token))  # first: it decides per call
-        interceptors.append(ErrorMappingInterceptor())
+        interceptors = [BearerTokenInterceptor(token)] if token is not None else None
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(cfg))
         inference = InferenceServicer(
             self.manager,
@@ -147,10 +146,10 @@ class Server:
             is_ready=lambda: self._ready,
             metrics=self.metrics,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        add_mapped_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference, server)
         self._classifier = ClassifierServicer(self.manager, cfg, metrics=self.metrics)
-        cpb_grpc.add_ClassifierServicer_to_server(self._classifier, server)
-        self.health.add_to_server(server)
+        add_mapped_service(cpb_grpc.add_ClassifierServicer_to_server, self._classifier, server)
+        self.health.add_to_server(server)  # grpc's own servicers map their own errors
         if cfg.reflection:
             enable_reflection(server)
         return server
