@@ -8,6 +8,10 @@ holds `max_batch_size` rows (or the smallest preferred size) or the oldest reque
 thread that concatenates, runs `backend.infer`, checks the output batch and slices it back per
 request. Results are set from a done-callback on the event loop, never on a future that is
 already done. There is no polling: the task sleeps on one future, woken by `submit` or a timer.
+When a dispatch comes just before a burst of event-loop work (a finished batch's handlers), the
+loop hands the GIL to the worker until it is inside the backend (see `_dispatch`): otherwise the
+worker waits out the burst and the model idles (+6-16 % served throughput at concurrency 16-64,
+benchmarks/RESULTS-serving.md).
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class DynamicBatcher:
         self._executor, self._owns_executor = executor, executor is None
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = self._inflight = 0
+        self._resolved = 0  # requests answered since the last dispatch (see _dispatch)
         self._waiter: asyncio.Future[None] | None = None
         self._wake_rows = 1
         self._running: set[asyncio.Future[None]] = set()
@@ -281,13 +286,15 @@ class DynamicBatcher:
             work = concurrent.futures.Future()
             work.set_exception(exc)
         else:
-            if self._owns_executor:  # our executor has a thread free for every slot: no long wait
-                # GIL handoff: let the worker reach the backend before the loop goes on. Right
-                # after a batch the loop runs a burst of handlers and gRPC sends that hold the
-                # GIL for milliseconds; a worker woken meanwhile waits for the GIL (up to the 5 ms
-                # switch interval) while the cores idle. Waiting here releases the GIL, and the
-                # backend call releases it again within microseconds.
+            # GIL handoff: when the loop is about to run a burst (the handlers of a batch that just
+            # finished, more queued requests), a worker woken now would wait for the GIL, up to
+            # the 5 ms switch interval, while the cores idle. Waiting here releases the GIL until
+            # the worker is inside the backend, which releases it again within microseconds.
+            # Our own executor has a free thread for every slot, so the wait is short.
+            burst = self._resolved > 1 or bool(self._queue)
+            if burst and self._owns_executor:
                 started.wait(_HANDOFF_TIMEOUT_S)
+        self._resolved = 0
         # The worker hands the result straight to _finish with one call_soon_threadsafe; the
         # run_in_executor/wrap_future chain would cost one more event-loop pass per batch.
         work.add_done_callback(partial(self._from_worker, batch, waits, tracker))
@@ -314,6 +321,7 @@ class DynamicBatcher:
         self._running.discard(tracker)
         tracker.set_result(None)
         self._inflight -= len(batch)
+        self._resolved += len(batch)
         rows = sum(r.rows for r in batch)
         exc = (
             ModelUnavailableError("batch cancelled", reason="stopped")

@@ -43,16 +43,26 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--max-send-message-bytes", int, "largest response message (default 64 MiB)"),
     ("--max-image-bytes", int, "largest encoded image for Classify (default 16 MiB)"),
     ("--max-image-pixels", int, "largest decoded image, width x height (default 40 M)"),
+    ("--max-images-per-request", int, "most images in one Classify request (default 4096)"),
     ("--preprocess-workers", int, "threads decoding Classify images (default 2)"),
     ("--default-top-k", int, "classes per image when a Classify request gives none (default 5)"),
     ("--tls-cert", str, "server certificate (PEM); enables TLS with --tls-key"),
     ("--tls-key", str, "server private key (PEM)"),
     ("--tls-client-ca", str, "CA (PEM) that client certificates must chain to (mTLS)"),
     ("--auth-token-file", str, "file holding the bearer token clients must send (or KILN_AUTH_TOKEN)"),
+    (
+        "--admin-token-file",
+        str,
+        "file holding the token RepositoryModelLoad/Unload need as x-kiln-admin-token (or KILN_ADMIN_TOKEN)",
+    ),
     ("--log-format", str, f"{' or '.join(LOG_FORMATS)} (default text)"),
     ("--log-level", str, f"{', '.join(LOG_LEVELS)} (default info)"),
 )
-_SWITCHES = (("warmup", "warm-up inference on load"), ("reflection", "gRPC server reflection"))
+_SWITCHES = (
+    ("warmup", "warm-up inference on load"),
+    ("reflection", "gRPC server reflection"),
+    ("repository_control", "the RepositoryModelLoad/Unload RPCs"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, kind, text in _FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=text)
     for name, text in _SWITCHES:
-        parser.add_argument(f"--{name}", dest=name, action="store_true", default=None, help=f"enable {text}")
-        parser.add_argument(f"--no-{name}", dest=name, action="store_false", help=f"disable {text}")
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--{flag}", dest=name, action="store_true", default=None, help=f"enable {text}")
+        parser.add_argument(f"--no-{flag}", dest=name, action="store_false", help=f"disable {text}")
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"

@@ -26,7 +26,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_SECRET_FIELDS = frozenset({"auth_token"})
+_SECRET_FIELDS = frozenset({"auth_token", "admin_token"})
 _MIB = 1024 * 1024
 
 
@@ -67,6 +67,7 @@ class ServeConfig:
     preprocess_workers: int = 2
     max_image_bytes: int = 16 * _MIB
     max_image_pixels: int = 40_000_000  # decompression-bomb guard (decoded width * height)
+    max_images_per_request: int = 4096  # per Classify request (bulk jobs: ClassifyStream, kiln score)
     default_top_k: int = 5
     # transport
     max_receive_message_bytes: int = 64 * _MIB
@@ -74,12 +75,17 @@ class ServeConfig:
     max_connection_age_s: float | None = None  # lets load balancers rebalance long-lived clients
     grace_period_s: float = 20.0  # SIGTERM drain budget (below Kubernetes' default 30 s)
     reflection: bool = True
+    # RepositoryModelLoad/Unload; off: they answer UNIMPLEMENTED (Triton's model-control "none")
+    repository_control: bool = True
     # security
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
     auth_token_file: Path | None = None
     auth_token: str | None = field(default=None, repr=False)
+    # set: RepositoryModelLoad/Unload also need metadata `x-kiln-admin-token: <token>`
+    admin_token_file: Path | None = None
+    admin_token: str | None = field(default=None, repr=False)
     # logging
     log_format: str = "text"
     log_level: str = "info"
@@ -107,6 +113,14 @@ class ServeConfig:
             return self.auth_token
         if self.auth_token_file is not None:
             return self.auth_token_file.read_text(encoding="utf-8").strip()
+        return None
+
+    def admin_secret(self) -> str | None:
+        """The token RepositoryModelLoad/Unload need (from admin_token or admin_token_file), or None."""
+        if self.admin_token is not None:
+            return self.admin_token
+        if self.admin_token_file is not None:
+            return self.admin_token_file.read_text(encoding="utf-8").strip()
         return None
 
 
@@ -148,7 +162,7 @@ def _validate(cfg: ServeConfig) -> None:
             _fail(name, f"expected one of {list(choices)}, got {getattr(cfg, name)!r}")
     for name in ("instances", "preprocess_workers", "max_queue_size", "default_top_k", "max_batch_size"):
         _check_range(cfg, name, 1)
-    for name in ("max_image_bytes", "max_image_pixels", "intra_op_threads"):
+    for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "intra_op_threads"):
         _check_range(cfg, name, 1)
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):
         _check_range(cfg, name, 1024, 2**31 - 1)
@@ -166,7 +180,7 @@ def _validate_security(cfg: ServeConfig) -> None:
         _fail("tls_cert", "tls_cert and tls_key must be given together")
     if cfg.tls_client_ca is not None and cfg.tls_cert is None:
         _fail("tls_client_ca", "mTLS needs the server's own tls_cert and tls_key too")
-    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
         path = getattr(cfg, name)
         if path is not None and not path.is_file():
             _fail(name, f"file not found: {path}")
@@ -175,6 +189,13 @@ def _validate_security(cfg: ServeConfig) -> None:
     token = cfg.token()
     if token is not None and len(token) < 8:
         _fail("auth_token", "the bearer token must be at least 8 characters")
+    if cfg.admin_token is not None and cfg.admin_token_file is not None:
+        _fail("admin_token_file", "give the admin token either in a file or in KILN_ADMIN_TOKEN, not both")
+    admin = cfg.admin_secret()
+    if admin is not None and len(admin) < 8:
+        _fail("admin_token", "the admin token must be at least 8 characters")
+    if admin is not None and admin == token:
+        _fail("admin_token", "the admin token must differ from the bearer token (or it guards nothing)")
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -251,7 +272,9 @@ def _from_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
     for key, raw in data.items():
         name = _known(str(key).replace("-", "_"), f"config file {path}")
         if name in _SECRET_FIELDS:
-            raise ConfigError(f"config file {path}: {name} must come from auth_token_file or KILN_AUTH_TOKEN")
+            raise ConfigError(
+                f"config file {path}: {name} must come from {name}_file or {ENV_PREFIX}{name.upper()}"
+            )
         value = _coerce(raw, hints[name], f"{path}: {name}")
         if isinstance(value, Path) and not value.is_absolute():
             value = path.parent / value  # relative paths in the file are relative to the file

@@ -31,8 +31,6 @@ from serving.model_manager import ModelManager
 from serving.model_version import LoadedVersion
 from serving.preprocess import ImageLimits, Preprocessor
 
-MAX_IMAGES = 4096  # per request; larger jobs belong to ClassifyStream or `kiln score`
-
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 (stable: max subtracted)."""
@@ -112,10 +110,9 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         try:
             if not request.model:
                 raise InvalidInputError("model is empty")
-            if not 1 <= len(request.images) <= MAX_IMAGES:
-                raise InvalidInputError(
-                    f"send 1 to {MAX_IMAGES} images per request, got {len(request.images)}"
-                )
+            most = self._config.max_images_per_request  # larger jobs: ClassifyStream or `kiln score`
+            if not 1 <= len(request.images) <= most:
+                raise InvalidInputError(f"send 1 to {most} images per request, got {len(request.images)}")
             images = [_image_input(i, image) for i, image in enumerate(request.images)]
             loaded, rows = await self._preprocess(request, images)
             preprocess_s = time.perf_counter() - start

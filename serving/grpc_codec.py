@@ -61,10 +61,10 @@ def param_value(param: pb.InferParameter) -> Any:
 def _element_count(name: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InvalidInputError(f"input {name!r}: shape {list(shape)} has too many elements ({count})")
-    return count
+    # Zero dims do not count: numpy refuses [0, 2**62, 2**62] too (its size check skips zeros).
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidInputError(f"input {name!r}: shape {list(shape)} has too many elements")
+    return math.prod(shape)
 
 
 def _dtype_for(name: str, datatype: str) -> tuple[np.dtype | None, str | None]:

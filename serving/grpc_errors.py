@@ -7,6 +7,11 @@ interceptor: grpc.aio runs every interceptor as an extra coroutine on every call
 about 5 % of the server's per-request CPU (benchmarks/RESULTS-serving.md). Anything else is a
 bug: it is logged with its traceback and the client gets INTERNAL with the request's id, never
 the exception text (which may leak paths or data).
+
+A request message that does not parse (random bytes, invalid UTF-8 in a string field) is the
+client's error too: the wrapped deserializer hands the handler a marker instead of raising, and
+the handler answers INVALID_ARGUMENT. Left to grpc, a parse failure is UNKNOWN (unary) or an
+unexpected exception logged with a traceback (streams).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from serving.errors import KilnError
+from serving.errors import InvalidInputError, KilnError
 
 log = logging.getLogger("kiln.grpc")
 
@@ -38,13 +43,25 @@ _CLIENT_CODES = frozenset(
 )
 
 
+# Messages travel in the grpc-message trailer, and clients refuse trailers over ~8 KiB; messages
+# echo client-chosen values (a 20 kB model name), so they are clipped.
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip_message(message: str) -> str:
+    """`message`, cut to MAX_MESSAGE_CHARS characters (saying how long it was)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message)} characters, clipped)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The (status, client message) for an exception: a KilnError's own code, else INTERNAL."""
     if isinstance(exc, KilnError):
         try:
-            return grpc.StatusCode[exc.code], exc.message
+            return grpc.StatusCode[exc.code], clip_message(exc.message)
         except KeyError:
-            return grpc.StatusCode.UNKNOWN, exc.message
+            return grpc.StatusCode.UNKNOWN, clip_message(exc.message)
     return grpc.StatusCode.INTERNAL, "internal server error"
 
 
@@ -58,9 +75,45 @@ def log_failure(method: str, exc: BaseException, code: grpc.StatusCode) -> None:
         log.error("%s -> %s: %s", method, code.name, exc, exc_info=exc)
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+class _Undecodable:
+    """Stands for a request message that failed to parse (see the module docstring)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or anything a parser of hostile bytes may raise
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return safe
+
+
+def _check_decoded(request: Any) -> Any:
+    if type(request) is _Undecodable:
+        raise InvalidInputError(f"the request message could not be parsed ({request.reason[:200]})")
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _check_decoded(request)
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], streaming: bool = False
+) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            request = _checked_stream(request) if streaming else _check_decoded(request)
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -73,10 +126,11 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]]
+    method: str, behavior: Callable[..., AsyncIterator[Any]], streaming: bool = False
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            request = _checked_stream(request) if streaming else _check_decoded(request)
             async for item in behavior(request, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -104,8 +158,8 @@ def wrap_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             return handler  # sync behaviours run in grpc's executor; leave them as they are
         return factory(
-            wrapper(method, behavior),
-            request_deserializer=handler.request_deserializer,
+            wrapper(method, behavior, handler.request_streaming),
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     return handler

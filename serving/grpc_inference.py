@@ -158,7 +158,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (so they batch); answers come as they finish.
 
-        A failed request yields `error_message` and the stream carries on, as Triton does.
+        A failed request yields `error_message` and the stream carries on, as Triton does. A
+        window slot is freed only once its answer was handed to gRPC, so a client that stops
+        reading stops the server reading its requests (no compute or buffering for it).
         """
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
@@ -167,13 +169,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(request: pb.ModelInferRequest) -> None:
             try:
                 response = await self._infer(request, deadline_of(context, request))
-                done.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                item = pb.ModelStreamInferResponse(infer_response=response)
             except KilnError as exc:
                 log_failure("/inference.GRPCInferenceService/ModelStreamInfer", exc, status_of(exc)[0])
                 echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                done.put_nowait(pb.ModelStreamInferResponse(error_message=str(exc), infer_response=echo))
-            finally:
-                window.release()
+                item = pb.ModelStreamInferResponse(error_message=str(exc), infer_response=echo)
+            except BaseException:
+                window.release()  # no answer will be yielded for it
+                raise
+            done.put_nowait(item)
 
         async def reader() -> None:
             try:
@@ -191,6 +195,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (item := await done.get()) is not None:
                 yield item
+                window.release()
             await reading  # re-raise a broken request stream
         finally:
             reading.cancel()

@@ -2,12 +2,15 @@
 
 The token check is a server interceptor placed first in the chain. It compares
 `authorization: Bearer <token>` with `hmac.compare_digest` (constant time, so the token cannot be
-guessed byte by byte from response times). Health checks are exempt: Kubernetes probes carry no
-credentials, and a probe learns nothing but SERVING / NOT_SERVING.
+guessed byte by byte from response times) on sha256 digests (so the time does not reveal the
+token's length either: compare_digest on raw values returns early when the lengths differ).
+Health checks are exempt: Kubernetes probes carry no credentials, and a probe learns nothing but
+SERVING / NOT_SERVING.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -58,7 +61,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the bearer token must not be empty")
-        self._expected = token.encode("utf-8")
+        self._expected = hashlib.sha256(token.encode("utf-8")).digest()
         self._missing = _rejecting_handlers("missing bearer token (send 'authorization: Bearer <token>')")
         self._wrong = _rejecting_handlers("invalid bearer token")
 
@@ -79,7 +82,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return None  # unknown method: UNIMPLEMENTED either way
         if header is None or not header.lower().startswith(_BEARER):
             return self._missing[_kind(handler)]
-        presented = header[len(_BEARER) :].strip().encode("utf-8")
+        presented = hashlib.sha256(header[len(_BEARER) :].strip().encode("utf-8")).digest()
         if not hmac.compare_digest(presented, self._expected):
             return self._wrong[_kind(handler)]
         return handler

@@ -14,11 +14,12 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from protos._pool import POOL
 from protos.inference import grpc_service_pb2
 from protos.kiln.classify.v1 import classify_pb2
+from serving.grpc_errors import add_mapped_service
 
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CLASSIFY_SERVICE = classify_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -36,8 +37,8 @@ class Health:
         self._server_serving = False
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Register grpc.health.v1.Health on `server`."""
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        """Register grpc.health.v1.Health on `server` (unparsable requests: INVALID_ARGUMENT)."""
+        add_mapped_service(health_pb2_grpc.add_HealthServicer_to_server, self.servicer, server)
 
     async def set_server(self, serving: bool) -> None:
         """Overall status ("" and the two Kiln services)."""
@@ -62,5 +63,7 @@ def enable_reflection(server: grpc.aio.Server) -> tuple[str, ...]:
     for module in (health_pb2, reflection_pb2):
         POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)  # identical re-adds are no-ops
     names = (INFERENCE_SERVICE, CLASSIFY_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=POOL)
+    # what reflection.enable_server_reflection does for an aio server, registered error-mapped
+    servicer = reflection.aio.ReflectionServicer(names, pool=POOL)
+    add_mapped_service(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer, server)
     return names

@@ -13,7 +13,6 @@ A version that fails to load is UNAVAILABLE with its reason; the other models ke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +20,13 @@ from dataclasses import dataclass
 from serving.backends import Backend, BackendOptions, load_backend
 from serving.batcher import DynamicBatcher
 from serving.config import ServeConfig
-from serving.errors import KilnError, ModelNotFoundError, ModelUnavailableError
+from serving.errors import (
+    InvalidInputError,
+    KilnError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
 from serving.grpc_statistics import ModelStats
 from serving.manifest import Artefact, Manifest
 from serving.metrics import KilnMetrics
@@ -32,11 +37,12 @@ from serving.model_version import (
     choose_artefact,
     warmup_inputs,
 )
-from serving.repository import ModelRepository, RepositoryError, VersionPolicy
+from serving.repository import ModelRepository, RepositoryError, VersionPolicy, check_model_name
 
 log = logging.getLogger("kiln.models")
 
 READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
+MAX_VERSION_DIGITS = 18  # int() of a longer digit string is slow (or refused past 4300 digits)
 StateListener = Callable[[str, bool], Awaitable[None]]  # (model, any version ready)
 
 
@@ -81,7 +87,7 @@ class ModelManager:
             if live:
                 return live[max(live)]
             self._raise_absent(model, None)
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
             raise ModelNotFoundError(f"model {model!r} has no version {version!r} (versions are integers)")
         loaded = live.get(int(version)) if live else None
         if loaded is None:
@@ -89,6 +95,7 @@ class ModelManager:
         return loaded
 
     def _raise_absent(self, model: str, version: int | None) -> None:
+        _check_name(model)  # on the miss path only: a bad name is named as such, at no cost to hits
         known = [s for (m, _), s in self._states.items() if m == model]
         if version is not None:
             state = self._states.get((model, version))
@@ -133,18 +140,24 @@ class ModelManager:
         """Load every model of the repository (or config.models) under the version policy."""
         names = list(self.config.models) or self.repository.model_names()
         for name in names:
-            # A failure is recorded UNAVAILABLE with its reason (and logged); the others keep loading.
-            with contextlib.suppress(ModelUnavailableError):
+            try:
                 await self.load(name)
+            except (ModelUnavailableError, ModelLoadError):
+                pass  # recorded UNAVAILABLE with its reason (and logged); the others keep loading
+            except InvalidInputError as exc:  # a folder whose name is no model name
+                self._model_errors[name] = str(exc)
 
     async def load(self, model: str, *, retry_failed: bool = True) -> None:
         """(Re)load `model`: bring up the versions the policy selects, then retire the others.
 
         Old versions are retired only once a selected version is READY, so a broken new version
         never takes a working model down. `retry_failed=False` (polling) leaves versions that
-        already failed alone. Raises ModelNotFoundError if the folder is absent, and
-        ModelUnavailableError with the reasons if no version is ready.
+        already failed alone. Raises ModelNotFoundError if the folder is absent,
+        ModelUnavailableError with the reasons if no version is ready, and (retry_failed only)
+        ModelLoadError if a selected version failed while others still serve: an operator's
+        explicit load must not answer OK when the version asked for was refused.
         """
+        _check_name(model)  # before any path, lock or state is made from a client-chosen name
         if self._stopped:
             raise ModelUnavailableError("the server is shutting down", reason="stopped")
         self._unloaded.discard(model)
@@ -173,9 +186,16 @@ class ModelManager:
             await self._notify(model)
         if not self._live.get(model):
             self._raise_absent(model, None)
+        failed = [
+            s for s in (self._states.get((model, v)) for v in sorted(wanted)) if s and s.state == UNAVAILABLE
+        ]
+        if failed and retry_failed:
+            reasons = "; ".join(f"version {s.version} failed to load: {s.reason}" for s in failed)
+            raise ModelLoadError(f"model {model!r}: {reasons}; still serving {sorted(self._live[model])}")
 
     async def unload(self, model: str) -> None:
         """Drain and unload every version of `model` (NOT_FOUND if it is not known)."""
+        _check_name(model)
         if model not in self._live and not any(m == model for m, _ in self._states):
             raise ModelNotFoundError(f"model {model!r} is not loaded")
         async with self._locks.setdefault(model, asyncio.Lock()):
@@ -308,3 +328,11 @@ class ModelManager:
                 await loaded.batcher.stop(drain=drain)
                 await asyncio.to_thread(loaded.backend.close)
         self._live.clear()
+
+
+def _check_name(model: str) -> None:
+    """InvalidInputError unless `model` is a safe repository folder name (no '/', '..', NUL...)."""
+    try:
+        check_model_name(model)
+    except RepositoryError as exc:
+        raise InvalidInputError(str(exc)) from None

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.config import ServeConfig
+from serving.grpc_admin import guard_repository_control
 from serving.grpc_classify import ClassifierServicer
 from serving.grpc_errors import add_mapped_service
 from serving.grpc_inference import InferenceServicer
@@ -146,6 +147,7 @@ class Server:
             is_ready=lambda: self._ready,
             metrics=self.metrics,
         )
+        guard_repository_control(inference, cfg)  # repository_control / admin token (SECURITY.md)
         add_mapped_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference, server)
         self._classifier = ClassifierServicer(self.manager, cfg, metrics=self.metrics)
         add_mapped_service(cpb_grpc.add_ClassifierServicer_to_server, self._classifier, server)

@@ -1,0 +1,250 @@
+"""Helpers of benchmarks/serve_throughput.py: processes pinned to CPUs, perf_analyzer runs and
+their CSV, the in-process ONNX Runtime reference figures, and the machine/version summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measure:
+    """One perf_analyzer measurement (latencies in ms; server split from ModelStatistics)."""
+
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    queue_ms: float
+    compute_ms: float
+    stable: bool
+    load: str
+
+
+def load_average() -> str:
+    """The 1-minute load average (the box is shared: a high one flags a noisy figure)."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pin(cpus: set[int]):
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _ready(port: int) -> bool:
+    import grpc
+
+    from protos.inference import grpc_service_pb2 as pb
+    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready
+        except grpc.RpcError:
+            return False
+
+
+@contextlib.contextmanager
+def running(
+    cmd: Sequence[str], port: int, cpus: set[int], log_dir: Path, timeout_s: float = 300.0
+) -> Iterator[None]:
+    """Run a server (pinned to `cpus`) until the block ends; waits for ServerReady first."""
+    log = open(log_dir / f"server-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pin(cpus))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _ready(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become ready: {' '.join(cmd)} (log {log.name})")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def measure_pa(
+    template: Sequence[str],
+    port: int,
+    model: str,
+    concurrency: int,
+    work: Path,
+    cpus: set[int],
+    *,
+    window_ms: int,
+) -> Measure:
+    """perf_analyzer at one concurrency; retried once accepting unstable windows if it must be.
+
+    A failed measurement comes back with NaN figures (the run carries on to the other rows).
+    """
+    csv_path = work / f"pa-{model}-{port}-c{concurrency}.csv"
+    cmd = [a.replace("{model}", model) for a in template]
+    cmd += ["-u", f"127.0.0.1:{port}", "--concurrency-range", str(concurrency), "-f", str(csv_path)]
+    cmd += ["-p", str(window_ms)]
+    load = load_average()
+    for stable in (True, False):
+        if not stable:  # -s 999: the first three windows count as stable
+            cmd[cmd.index("-s") + 1] = "999"
+        done = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, preexec_fn=_pin(cpus)
+        )
+        if done.returncode == 0:
+            return _parse_csv(csv_path, stable=stable, load=load)
+    print(f"perf_analyzer failed: {' '.join(cmd)}\n{done.stdout[-800:]}{done.stderr[-800:]}", file=sys.stderr)
+    nan = float("nan")
+    return Measure(
+        throughput=nan, p50_ms=nan, p99_ms=nan, queue_ms=nan, compute_ms=nan, stable=False, load=load
+    )
+
+
+def _parse_csv(path: Path, *, stable: bool, load: str) -> Measure:
+    with path.open(newline="") as f:
+        row = next(csv.DictReader(f))
+    us = lambda key: float(row.get(key) or 0.0) / 1000.0  # noqa: E731 - µs columns to ms
+    return Measure(
+        throughput=float(row["Inferences/Second"]),
+        p50_ms=us("p50 latency"),
+        p99_ms=us("p99 latency"),
+        queue_ms=us("Server Queue"),
+        compute_ms=us("Server Compute Infer"),
+        stable=stable,
+        load=load,
+    )
+
+
+def _session(onnx: Path, spin: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    return ort.InferenceSession(str(onnx), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _throughput(run: Callable[[], None], batch: int, seconds: float) -> float:
+    """Rows/s over at least `seconds` and 3 runs."""
+    count, start = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - start < seconds:
+        run()
+        count += 1
+    return count * batch / (time.perf_counter() - start)
+
+
+def _latencies(run: Callable[[], None], seconds: float) -> np.ndarray:
+    """Seconds per call over at least `seconds` and 30 calls."""
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 30:
+        tick = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tick)
+    return np.asarray(times)
+
+
+class Engine:
+    """In-process ONNX Runtime on the served file: 2 intra-op threads, spinning off ("0") and on ("1").
+
+    `measure()` is quick, so the served rows can be bracketed by engine figures taken just
+    before and just after them (the box is shared: load drifts within minutes).
+    """
+
+    def __init__(self, onnx: Path, shape: tuple[int, ...], input_name: str) -> None:
+        rng = np.random.default_rng(0)
+        self._x16 = rng.standard_normal((16, *shape)).clip(-2.5, 2.5).astype(np.float32)
+        self._name = input_name
+        self._sessions = {spin: _session(onnx, spin) for spin in ("0", "1")}
+        for session in self._sessions.values():
+            for _ in range(3):
+                session.run(None, {input_name: self._x16})
+
+    def _one(self, spin: str, seconds: float) -> tuple[float, float, float]:
+        session, x16, name = self._sessions[spin], self._x16, self._name
+
+        def run16() -> None:
+            session.run(None, {name: x16})
+
+        def run1() -> None:
+            session.run(None, {name: x16[:1]})
+
+        rate = _throughput(run16, 16, seconds=seconds)
+        lat = _latencies(run1, seconds=seconds) * 1e3
+        return rate, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+
+    def measure(self, seconds: float = 2.0) -> dict:
+        """E (batch-16 rows/s, the better spinning) and E1 (batch-1 p50/p99 ms of the better p99)."""
+        load = load_average()
+        figures = {spin: self._one(spin, seconds) for spin in self._sessions}
+        best = min(figures.values(), key=lambda f: f[2])
+        return {
+            "load": load,
+            "E_by_spin": {spin: f[0] for spin, f in figures.items()},
+            "E": max(f[0] for f in figures.values()),
+            "E1_p50_ms": best[1],
+            "E1_p99_ms": best[2],
+        }
+
+
+def bracket(before: dict, after: dict) -> dict:
+    """The mean of two engine measurements taken around a block of served measurements."""
+    keys = ("E", "E1_p50_ms", "E1_p99_ms")
+    merged = {k: (before[k] + after[k]) / 2 for k in keys}
+    merged["load"] = f"{before['load']}/{after['load']}"
+    return merged
+
+
+def cpu_summary() -> str:
+    """lscpu model name, CPU count and the SIMD flags that matter for ONNX Runtime."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or platform.machine()
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("Flags", "").split())
+    have = [f for f in FLAGS_OF_NOTE if f in flags]
+    return (
+        f"{info.get('Model name', '?')} (family {info.get('CPU family', '?')} model "
+        f"{info.get('Model', '?')}), {info.get('CPU(s)', '?')} CPUs, "
+        f"{info.get('Hypervisor vendor', 'bare metal')} guest; flags: {' '.join(have) or 'none of note'}"
+    )
+
+
+def versions(perf_analyzer: Path) -> str:
+    """Python and the packages on the measured path, plus perf_analyzer's version."""
+    from importlib import metadata
+
+    names = ("onnxruntime", "grpcio", "protobuf", "numpy", "prometheus-client")
+    parts = [f"Python {platform.python_version()}"]
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{name} {metadata.version(name)}")
+    try:
+        out = subprocess.run([str(perf_analyzer), "--version"], capture_output=True, text=True, timeout=30)
+        parts.append((out.stdout + out.stderr).strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, IndexError):
+        parts.append("perf_analyzer ?")
+    return ", ".join(parts) + f"; kernel {platform.release()}; {sys.platform}"

@@ -1,0 +1,314 @@
+"""`kiln serve` under perf_analyzer beside its ceilings on this machine, in one run.
+
+    .venv/bin/python benchmarks/serve_throughput.py                   # ResNet-20 + ResNet-50 (~10 min)
+    .venv/bin/python benchmarks/serve_throughput.py --models resnet20 --concurrency 1,16
+
+For each model, from the same run and the same CPUs (client, server and references all pinned
+to `--cpus`, default: every CPU this process may use):
+- E: in-process ONNX Runtime throughput of the served ONNX file at batch 16, 2 intra-op threads
+  (the better of intra-op spinning on and off); E1: its batch-1 latency (p50, p99).
+- N: throughput of benchmarks/null_server.py (bare grpc.aio KServe v2, answers zeros) under
+  perf_analyzer at each concurrency: the ceiling of any Python gRPC server here.
+- L = 1 / (1/E + 1/N): the ceiling of a server that also runs the model on the same cores.
+- `kiln serve` (defaults; "batcher off" = --max-batch-size 1) under perf_analyzer over gRPC at
+  each concurrency: throughput, p50/p99, and the server's own queue/compute split.
+Results are appended as a dated section to benchmarks/RESULTS-serving.md (`--results`).
+
+Models (built once into `--repo` unless present): ResNet-20 (CIFAR, 3x32x32, 10 classes) trained
+one epoch on the synthetic set by `kiln train` and exported by `kiln export` (the real path);
+ResNet-50 (3x224x224, 1000 classes) with random weights, BN folded, exported and published as
+`kiln export` would. perf_analyzer is fed real values (--input-data: normalised-image-like
+N(0,1) values clipped to +-2.5), since its random data decodes to NaN/denormals for FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+from benchmarks.serve_bench_lib import (  # noqa: E402
+    Engine,
+    Measure,
+    bracket,
+    cpu_summary,
+    free_port,
+    measure_pa,
+    running,
+    versions,
+)
+
+PYTHON = sys.executable
+DEFAULT_PA = ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A benchmarked model: its input side and class count."""
+
+    name: str
+    size: int
+    classes: int
+
+
+MODELS = {"resnet20": ModelSpec(name="resnet20", size=32, classes=10),
+          "resnet50": ModelSpec(name="resnet50", size=224, classes=1000)}  # fmt: skip
+
+
+def prepare(spec: ModelSpec, repo: Path, work: Path) -> list[str]:
+    """Build `spec` into `repo` unless it is there; returns the commands it ran (for the record)."""
+    if (repo / spec.name).is_dir():
+        return []
+    if spec.name == "resnet20":
+        runs = work / "runs"
+        cmds = [
+            [PYTHON, "-m", "serving.dispatch", "train", "--model", "resnet20", "--data", "synthetic",
+             "--channels", "3", "--image-size", "32", "--num-samples", "600", "--num-classes", "10",
+             "--epochs", "1", "--runs-dir", str(runs), "--name", "r20", "--no-progress"],
+            [PYTHON, "-m", "serving.dispatch", "export", str(runs / "r20"), "--repo", str(repo),
+             "--name", "resnet20", "--precision", "fp32", "--max-batch", "64"],
+        ]  # fmt: skip
+        import subprocess
+
+        for cmd in cmds:
+            subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=1800)
+        return [" ".join(c) for c in cmds]
+    publish_random(spec, repo, max_batch=64)
+    return [f"publish_random({spec.name!r}) (benchmarks/serve_throughput.py)"]
+
+
+def publish_random(spec: ModelSpec, repo: Path, *, max_batch: int) -> None:
+    """Random-weight ImageNet-style model, BN folded, ONNX, published as `kiln export` would."""
+    import torch
+
+    from export.fold import fold_batchnorms
+    from export.onnx_export import export_onnx, save_onnx
+    from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+    from serving.repository import publish_version
+    from training.models import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset(spec.name, num_classes=spec.classes)).eval()
+    proto = export_onnx(fold_batchnorms(model)[0], (3, spec.size, spec.size))
+
+    def populate(tmp: Path, version: int) -> Manifest:
+        save_onnx(proto, tmp / "model.onnx")
+        return Manifest(
+            name=spec.name, version=version, architecture={"preset": spec.name},
+            labels=tuple(f"class{i}" for i in range(spec.classes)),
+            input=InputSpec(
+                name="input", datatype="FP32", layout="NCHW", shape=(-1, 3, spec.size, spec.size),
+                preprocessing=Preprocessing(resize=spec.size * 8 // 7, crop=spec.size,
+                                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+            ),
+            outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, spec.classes)),),
+            artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),
+            max_batch_size=max_batch,
+            provenance=Provenance(
+                run_id="benchmark", dataset_fingerprint="0" * 64, git_commit=None,
+                created_at=dt.datetime.now(dt.UTC).isoformat(), kiln_version="benchmark",
+            ),
+        )  # fmt: skip
+
+    publish_version(repo, spec.name, populate)
+
+
+def model_files(repo: Path, name: str) -> tuple[Path, str, tuple[int, ...], int]:
+    """(ONNX path, input name, per-row input shape, classes) of the latest version in `repo`."""
+    version = max((p for p in (repo / name).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    manifest = json.loads((version / "kiln.json").read_text())
+    shape = tuple(manifest["input"]["shape"][1:])
+    classes = manifest["outputs"][0]["shape"][-1]
+    return version / "model.onnx", manifest["input"]["name"], shape, classes
+
+
+def input_data(path: Path, input_name: str, shape: tuple[int, ...], samples: int = 4) -> Path:
+    """perf_analyzer --input-data JSON: `samples` normalised-image-like rows (no NaN, no denormals)."""
+    rng = np.random.default_rng(0)
+    rows = [
+        np.round(rng.standard_normal(shape).clip(-2.5, 2.5), 4).astype(np.float32) for _ in range(samples)
+    ]
+    data = [{input_name: {"content": r.ravel().tolist(), "shape": list(shape)}} for r in rows]
+    path.write_text(json.dumps({"data": data}))
+    return path
+
+
+def bench_model(spec: ModelSpec, args: argparse.Namespace, cpus: set[int]) -> dict:
+    """Every figure of one model (see the module docstring).
+
+    The null server and both kiln servers run side by side (idle ones cost nothing); for each
+    concurrency the three perf_analyzer runs come back to back, bracketed by engine figures taken
+    just before and after, so every ratio compares figures taken within a minute or two.
+    """
+    onnx, input_name, shape, classes = model_files(args.repo, spec.name)
+    data = input_data(args.work / f"{spec.name}-input.json", input_name, shape)
+    engine = Engine(onnx, shape, input_name)
+    pa = [str(args.perf_analyzer), "-i", "grpc", "-m", "{model}", "--input-data", str(data),
+          "--max-trials", "6", "-s", str(args.stability)]  # fmt: skip
+    ports = {"null": free_port(), "on": free_port(), "off": free_port()}
+    cmds = {"null": [PYTHON, str(ROOT / "benchmarks" / "null_server.py"), "--port", str(ports["null"]),
+                     "--input-shape", ",".join(map(str, shape)), "--classes", str(classes)]}  # fmt: skip
+    for mode, extra in (("on", []), ("off", ["--max-batch-size", "1"])):
+        cmds[mode] = [PYTHON, "-m", "serving.dispatch", "serve", "--repo", str(args.repo), "--models",
+                      spec.name, "--host", "127.0.0.1", "--port", str(ports[mode]),
+                      "--metrics-port", str(free_port()), "--log-level", "warning", *extra]  # fmt: skip
+    result: dict = {"model": spec.name, "shape": shape, "classes": classes, "engines": [], "blocks": []}
+    result["commands"] = [" ".join(c) for c in cmds.values()] + [
+        " ".join(pa) + " -u 127.0.0.1:PORT --concurrency-range C -f out.csv -p WINDOW_MS"
+    ]
+    with contextlib.ExitStack() as stack:
+        for name, cmd in cmds.items():
+            stack.enter_context(running(cmd, ports[name], cpus, args.work))
+        before = engine.measure()
+        result["engines"].append(before)
+        for _ in range(args.rounds):
+            for c in args.concurrency:
+                # long enough for ~3c answers when each takes c/E seconds
+                window = max(args.measurement_ms, int(3000 * c / before["E"]))
+                block: dict = {"c": c, "window_ms": window}
+                for name in ("null", "on", "off"):
+                    model = "null" if name == "null" else spec.name
+                    block[name] = measure_pa(pa, ports[name], model, c, args.work, cpus, window_ms=window)
+                after = engine.measure()
+                result["engines"].append(after)
+                block["engine"] = bracket(before, after)
+                result["blocks"].append(block)
+                before = after
+    return result
+
+
+def limit(e: float, n: float) -> float:
+    """L = 1 / (1/E + 1/N)."""
+    return 1.0 / (1.0 / e + 1.0 / n)
+
+
+def render_model(res: dict) -> list[str]:
+    """The markdown table and the target checks of one model."""
+    engines = res["engines"]
+    lines = [
+        f"### {res['model']} ({'x'.join(map(str, res['shape']))}, {res['classes']} classes)", "",
+        "- Engine figures in time order (E img/s at batch 16, spinning off/on; E1 p99 ms; load): "
+        + "; ".join(f"{g['E_by_spin']['0']:.0f}/{g['E_by_spin']['1']:.0f}, {g['E1_p99_ms']:.2f}, "
+                    f"{g['load']}" for g in engines),
+        "- Each block's E and E1 are the means of the engine figures just before and after it.", "",
+        "| conc | batcher | served inf/s | p50 ms | p99 ms | srv queue ms | srv compute ms | E | E1 p99 "
+        "| N | L | served/L | served/E | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for block in res["blocks"]:
+        e, n = block["engine"]["E"], block["null"].throughput
+        lim = limit(e, n)
+        for mode in ("on", "off"):
+            m = block[mode]
+            flag = "" if m.stable else " (unstable)"
+            lines.append(
+                f"| {block['c']} | {mode} | {m.throughput:.1f}{flag} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
+                f"{m.queue_ms:.2f} | {m.compute_ms:.2f} | {e:.1f} | {block['engine']['E1_p99_ms']:.2f} | "
+                f"{n:.0f} | {lim:.1f} | {m.throughput / lim:.2f} | {m.throughput / e:.2f} | {m.load} |"
+            )
+    return [*lines, "", *targets(res), ""]
+
+
+def targets(res: dict) -> list[str]:
+    """Issue 10's targets for this model (batcher on), each marked met / NOT met, per round."""
+    out: list[str] = []
+
+    def check(text: str, ok: bool) -> None:
+        out.append(f"- {'met' if ok else 'NOT met'}: {text}")
+
+    for block in res["blocks"]:
+        c, on, eng = block["c"], block["on"], block["engine"]
+        e, lim = eng["E"], limit(eng["E"], block["null"].throughput)
+        if res["model"] == "resnet20" and c in (16, 64):
+            check(f"c{c} served {on.throughput:.0f} >= 0.9 x L = {0.9 * lim:.0f} "
+                  f"(ratio {on.throughput / lim:.2f})", on.throughput >= 0.9 * lim)  # fmt: skip
+        if res["model"] == "resnet20" and c == 16:
+            check(f"c16 p99 {on.p99_ms:.2f} ms <= 10 ms (by Little's law the mean alone is "
+                  f"16/served = {16e3 / on.throughput:.1f} ms here)", on.p99_ms <= 10.0)  # fmt: skip
+        if res["model"] == "resnet20" and c == 1:
+            bound = eng["E1_p99_ms"] + 1.0
+            check(f"c1 p99 {on.p99_ms:.2f} ms <= E1 p99 + 1 ms = {bound:.2f} ms", on.p99_ms <= bound)
+        if res["model"] == "resnet50" and c in (16, 64):
+            check(f"c{c} served {on.throughput:.1f} >= 0.95 x E = {0.95 * e:.1f} "
+                  f"(ratio {on.throughput / e:.2f})", on.throughput >= 0.95 * e)  # fmt: skip
+    return out
+
+
+def render(results: list[dict], args: argparse.Namespace, prepared: list[str], cpus: set[int]) -> str:
+    """The dated markdown section."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"## {now}: served throughput (benchmarks/serve_throughput.py)", "",
+        f"- Machine: {cpu_summary()}; client, server and references pinned to CPUs {sorted(cpus)}",
+        f"- Versions: {versions(args.perf_analyzer)}",
+        f"- Command: `{' '.join([Path(PYTHON).name, *sys.argv])}`",
+        f"- perf_analyzer: gRPC, sync, `-p max({args.measurement_ms}, 3000*C/E)` ms, "
+        f"`--max-trials 6 -s {args.stability}`; "
+        "figures are its last stable windows ('unstable': the first 3 windows were accepted); "
+        "'load' is the 1-minute load average before each measurement (the box is shared)",
+        "- Served rows: `kiln serve` defaults (batcher on: max_batch_size 64, max_queue_delay_us 0); "
+        "batcher off: `--max-batch-size 1`",
+    ]  # fmt: skip
+    lines += [f"- Prepared: `{c}`" for c in prepared]
+    for res in results:
+        lines += ["", *[f"- `{c}`" for c in res["commands"]], "", *render_model(res)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags (see --help)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet20,resnet50", help="comma-separated: resnet20, resnet50")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated perf_analyzer concurrencies")
+    p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "serve-repo")
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "serve-work")
+    p.add_argument(
+        "--perf-analyzer", type=Path, default=Path(os.environ.get("KILN_PERF_ANALYZER", DEFAULT_PA))
+    )
+    p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer window (-p)")
+    p.add_argument("--stability", type=int, default=20, help="perf_analyzer -s (percent)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every concurrency block this often")
+    p.add_argument("--cpus", default="", help="CPU list for every process (default: all allowed)")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
+    p.add_argument("--no-append", action="store_true", help="print the section, do not append it")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    if not args.perf_analyzer.is_file():
+        p.error(f"perf_analyzer not found at {args.perf_analyzer} (make tools, or set KILN_PERF_ANALYZER)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare the models, measure, print and append the results."""
+    args = parse_args(argv)
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepared = [c for m in args.models for c in prepare(MODELS[m], args.repo, args.work)]
+    results = [bench_model(MODELS[m], args, cpus) for m in args.models]
+    section = render(results, args, prepared, cpus)
+    print(section)
+    if not args.no_append:
+        with args.results.open("a", encoding="utf-8") as out:
+            out.write("\n" + section)
+    return 0
+
+
+__all__ = ["Measure", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
