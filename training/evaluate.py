@@ -30,13 +30,22 @@ class EvalResult:
 class Normalizer(torch.nn.Module):
     """uint8 [N,C,H,W] -> float, scaled to [0,1], minus mean, over std (the model's input contract)."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        spatial_dims: int = 2,
+        from_uint8: bool = True,
+    ) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        view = (1, -1) + (1,) * spatial_dims
+        self.from_uint8 = from_uint8
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
 
     def scale(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().div_(255.0)
+        return images.float().div_(255.0) if self.from_uint8 else images.float()
 
     def forward(self, scaled: torch.Tensor) -> torch.Tensor:
         return (scaled - self.mean) / self.std

@@ -31,6 +31,20 @@ def input_record(
     }
 
 
+def signal_input_record(bundle: Any) -> dict:
+    """How a 1-D model expects its input: float32 signals [N, C, L], normalised per channel."""
+    return {
+        "kind": "signal",
+        "channels": bundle.in_channels,
+        "length": bundle.signal_length,
+        "layout": "NCL",
+        "dtype": "float32",
+        "scale": bundle.input_scale,
+        "mean": [float(m) for m in bundle.mean],
+        "std": [float(s) for s in bundle.std],
+    }
+
+
 def write_run_json(
     run_dir: Path,
     *,

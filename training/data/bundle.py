@@ -17,10 +17,13 @@ ImageDataset = Dataset[tuple[torch.Tensor, int]]
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class DataBundle:
-    """A loaded dataset. Splits yield `(uint8 tensor [C,H,W], int label)`.
+    """A loaded dataset. Image splits yield `(uint8 tensor [C,H,W], int label)`; signal splits
+    (layout "NCL": mnist1d, signals) yield `(float32 tensor [C,L], int label)`.
 
-    `mean`/`std` are per channel on the [0,1] scale, from the train split only.
-    `augment` names the `make_augment` policy suited to the set (or the spec's override).
+    `mean`/`std` are per channel on the scale `input_scale` maps stored values to (images: uint8
+    x 1/255, i.e. [0,1]; signals: 1.0, the raw values), from the train split only.
+    `augment` names the policy suited to the set (or the spec's override): a `make_augment`
+    policy for images, a `make_signal_augment` one for signals (`augment_for` picks).
     """
 
     spec: DataSpec
@@ -29,12 +32,29 @@ class DataBundle:
     test: ImageDataset
     class_names: tuple[str, ...]
     in_channels: int
-    image_size: int
+    image_size: int | None  # square side of the images; None for signals
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    channel_order: str
+    channel_order: str | None  # "L" or "RGB"; None for signals
     fingerprint: str
     augment: str
+    layout: str = "NCHW"  # "NCL" for signals
+    signal_length: int | None = None  # samples per channel of each signal; None for images
+    input_scale: float = 1.0 / 255.0  # stored value x input_scale is what mean/std describe
+
+    @property
+    def is_signal(self) -> bool:
+        """True when the samples are signals [C, L] (layout NCL)."""
+        return self.layout == "NCL"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's model input shape without the batch: (C, H, W) or (C, L)."""
+        if self.is_signal:
+            assert self.signal_length is not None
+            return (self.in_channels, self.signal_length)
+        assert self.image_size is not None
+        return (self.in_channels, self.image_size, self.image_size)
 
     @property
     def num_classes(self) -> int:
@@ -54,6 +74,9 @@ class DataBundle:
             "channel_order": self.channel_order,
             "fingerprint": self.fingerprint,
             "augment": self.augment,
+            "layout": self.layout,
+            "signal_length": self.signal_length,
+            "input_scale": self.input_scale,
         }
 
 

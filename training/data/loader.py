@@ -13,12 +13,16 @@ def _readers() -> dict[str, Callable[[DataSpec], DataBundle]]:
     from training.data.cifar import load_cifar10_bundle
     from training.data.digits import load_digits_bundle
     from training.data.imagefolder import load_imagefolder_bundle
+    from training.data.mnist1d import load_mnist1d_bundle
+    from training.data.signal_files import load_signals_bundle
     from training.data.synthetic import load_synthetic_bundle
 
     return {
         "cifar10": load_cifar10_bundle,
         "digits": load_digits_bundle,
         "imagefolder": load_imagefolder_bundle,
+        "mnist1d": load_mnist1d_bundle,
+        "signals": load_signals_bundle,
         "synthetic": load_synthetic_bundle,
     }
 

@@ -26,7 +26,8 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 def macs_by_layer(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """MACs of each convolution/linear module for one sample, keyed by module name.
 
-    `input_shape` is one sample's shape without the batch dimension, e.g. (3, 224, 224). The
+    `input_shape` is one sample's shape without the batch dimension, e.g. (3, 224, 224), or
+    (channels, length) for a 1-D model (`spatial_dims=1`). The
     model runs once in eval mode under no_grad on zeros with the dtype and device of its first
     parameter (a model built under `torch.device("meta")` is counted without any memory).
     """
@@ -68,7 +69,8 @@ def macs_by_layer(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, i
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Total multiply-accumulates of one forward pass for one sample of shape `input_shape`
-    (no batch dimension, e.g. (3, 224, 224)); see the module docstring for what is counted."""
+    (no batch dimension, e.g. (3, 224, 224), or (1, 40) for a 1-D model); see the module
+    docstring for what is counted."""
     return sum(macs_by_layer(model, input_shape).values())
 
 

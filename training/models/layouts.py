@@ -37,6 +37,8 @@ class ResNetLayout:
     stages: tuple[int, ...]  # blocks per stage
     width: int  # planes of the first stage; stage i has width * 2**i
     shortcut: str  # "A" | "B" | "C"
+    strides: tuple[int, ...]  # first-block stride of each stage (1 where dilation replaced it)
+    dilations: tuple[int, ...]  # dilation of each stage's blocks (its first block: the previous one's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +46,10 @@ class PlainLayout:
     """Resolved shape of a plain (VGG-style) CNN."""
 
     channels: tuple[int, ...]  # output channels of each conv stage
-    convs: tuple[int, ...]  # 3x3 convolutions in each stage
+    convs: tuple[int, ...]  # convolutions in each stage
     hidden: tuple[int, ...]  # hidden fully connected sizes
     depth: int  # weight layers: convolutions + linear layers
+    dilations: tuple[int, ...]  # dilation of each convolution, in order (sum(convs) entries)
 
 
 def resnet_layout(config: ModelConfig) -> ResNetLayout:
@@ -64,7 +67,42 @@ def resnet_layout(config: ModelConfig) -> ResNetLayout:
         stages = (per_stage,) * CIFAR_STAGES
     shortcut = config.shortcut or _default_shortcut(arch, style, block)
     width = config.width if config.width is not None else DEFAULT_WIDTH[style]
-    return ResNetLayout(block=block, stages=stages, width=width, shortcut=shortcut)
+    strides, dilations = _stage_dilations(arch, style, len(stages), config.output_stride)
+    return ResNetLayout(
+        block=block, stages=stages, width=width, shortcut=shortcut, strides=strides, dilations=dilations
+    )
+
+
+def natural_output_stride(style: str, num_stages: int) -> int:
+    """Input size / final feature map size without dilation: stem (imagenet 4, cifar 1) x 2 per
+    stage after the first."""
+    return (4 if style == "imagenet" else 1) * 2 ** (num_stages - 1)
+
+
+def _stage_dilations(
+    arch: str, style: str, num_stages: int, output_stride: int | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Strides and dilations per stage for an output stride (torchvision's
+    replace_stride_with_dilation, from the last stage backwards): each stage that loses its
+    stride 2 doubles the dilation, so the receptive field is kept while the maps stay larger."""
+    natural = natural_output_stride(style, num_stages)
+    allowed = [natural >> k for k in range(num_stages)]  # natural, /2, ... down to the stem's
+    wanted = natural if output_stride is None else output_stride
+    if wanted not in allowed:
+        raise ModelConfigError(
+            f"{arch} output_stride={output_stride} is not possible for the {style} style with "
+            f"{num_stages} stages; expected one of {', '.join(map(str, allowed))}"
+        )
+    dilated = allowed.index(wanted)  # stages, counted from the last, whose stride becomes dilation
+    strides, dilations, dilation = [], [], 1
+    for i in range(num_stages):
+        stride = 1 if i == 0 else 2
+        if i >= num_stages - dilated:
+            dilation *= stride
+            stride = 1
+        strides.append(stride)
+        dilations.append(dilation)
+    return tuple(strides), tuple(dilations)
 
 
 def _imagenet_stages(arch: str, depth: int, block: str | None) -> tuple[str, tuple[int, ...]]:
@@ -132,4 +170,16 @@ def plain_layout(config: ModelConfig) -> PlainLayout:
             f"plain_cnn depth {config.depth} does not match its layers: {sum(convs)} convolutions + "
             f"{len(config.hidden) + 1} linear layers = {depth} (leave depth out to derive it)"
         )
-    return PlainLayout(channels=channels, convs=convs, hidden=config.hidden, depth=depth)
+    dilations = config.dilation
+    if isinstance(dilations, int):
+        dilations = (dilations,) * sum(convs)
+    if len(dilations) != sum(convs):
+        raise ModelConfigError(
+            f"dilation={list(dilations)} has {len(dilations)} entries but the network has "
+            f"{sum(convs)} convolutions (give one value for all, or one per convolution)"
+        )
+    if config.padding == "same" and config.kernel_size % 2 == 0:
+        raise ModelConfigError(
+            f"kernel_size={config.kernel_size} must be odd for padding 'same' (or use padding 'valid')"
+        )
+    return PlainLayout(channels=channels, convs=convs, hidden=config.hidden, depth=depth, dilations=dilations)

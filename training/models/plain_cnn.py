@@ -1,54 +1,89 @@
-"""Plain VGG-style CNN: stages of 3x3 conv [-BN] -ReLU, each closed by a 2x2 max-pool, then an
+"""Plain VGG-style CNN: stages of conv [-BN] -ReLU, each closed by a 2x2 max-pool, then an
 adaptive average pool and a fully connected head (Linear-ReLU-Dropout per hidden layer).
 
 Follows torchvision's `vgg.py` (features / avgpool / classifier, conv bias kept even with BN,
 init), so the VGG presets have torchvision's parameter counts. One difference: the max-pools use
 `ceil_mode=True`, so tiny inputs (8x8 through five stages) shrink to 1x1 instead of to nothing;
 on even sizes (224 = 7 * 32) the result is the same as torchvision's.
+
+Beyond VGG (all defaults keep VGG): `spatial_dims=1` builds the same network from Conv1d layers
+for signals [N,C,L]; `kernel_size`, `conv_stride`, `padding` ("same"/"valid") and per-conv
+`dilation` set every convolution's geometry; `stage_pool="none"` drops the pools (the MNIST-1D
+seed model: three stride-2 valid convolutions, no pooling).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from training.models.config import ModelConfig
+from training.models.layers import BN_TYPES, CONV_TYPES, adaptive_avg_pool, batch_norm, conv, max_pool
 from training.models.layouts import PlainLayout, plain_layout
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConvGeometry:
+    """What every convolution of a plain CNN shares."""
+
+    dims: int  # 1 or 2
+    kernel_size: int
+    stride: int
+    same_padding: bool  # "same": dilation * (k-1)/2; else "valid" (0)
+    batch_norm: bool
+    stage_pool: bool  # a 2x2/2 max-pool after each stage
+
+
 class PlainCNN(nn.Module):
-    """`features` (conv stages), `avgpool` (adaptive, pool_size^2), `classifier` (FC head)."""
+    """`features` (conv stages), `avgpool` (adaptive, pool_size^dims), `classifier` (FC head)."""
 
     def __init__(
         self,
         *,
         layout: PlainLayout,
+        geometry: ConvGeometry,
         in_channels: int,
         num_classes: int,
-        batch_norm: bool,
         dropout: float,
         pool_size: int,
     ) -> None:
         super().__init__()
-        self.features = _features(layout, in_channels, batch_norm)
-        self.avgpool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
-        self.classifier = _classifier(layout, layout.channels[-1] * pool_size**2, num_classes, dropout)
+        self.features = _features(layout, geometry, in_channels)
+        self.avgpool = adaptive_avg_pool(pool_size, dims=geometry.dims)
+        pooled = layout.channels[-1] * pool_size**geometry.dims
+        self.classifier = _classifier(layout, pooled, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
 
 
-def _features(layout: PlainLayout, in_channels: int, batch_norm: bool) -> nn.Sequential:
+def _features(layout: PlainLayout, geo: ConvGeometry, in_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
+    dilations = iter(layout.dilations)
     for out_channels, count in zip(layout.channels, layout.convs, strict=True):
         for _ in range(count):
-            layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(out_channels))
+            dilation = next(dilations)
+            padding = dilation * (geo.kernel_size - 1) // 2 if geo.same_padding else 0
+            layers.append(
+                conv(
+                    in_channels,
+                    out_channels,
+                    geo.kernel_size,
+                    dims=geo.dims,
+                    stride=geo.stride,
+                    padding=padding,
+                    dilation=dilation,
+                )
+            )
+            if geo.batch_norm:
+                layers.append(batch_norm(out_channels, dims=geo.dims))
             layers.append(nn.ReLU(inplace=True))
             in_channels = out_channels
-        layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+        if geo.stage_pool:
+            layers.append(max_pool(2, 2, dims=geo.dims, ceil_mode=True))
     return nn.Sequential(*layers)
 
 
@@ -65,11 +100,11 @@ def _classifier(layout: PlainLayout, in_features: int, num_classes: int, dropout
 def _init(model: nn.Module) -> None:
     """torchvision VGG init: He normal convs (fan_out), BN identity, N(0, 0.01) linear layers."""
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, CONV_TYPES):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, BN_TYPES):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
@@ -81,9 +116,16 @@ def build(config: ModelConfig) -> PlainCNN:
     """Build a plain CNN from a validated config (registry entry point)."""
     model = PlainCNN(
         layout=plain_layout(config),
+        geometry=ConvGeometry(
+            dims=config.spatial_dims,
+            kernel_size=config.kernel_size,
+            stride=config.conv_stride,
+            same_padding=config.padding == "same",
+            batch_norm=config.batch_norm,
+            stage_pool=config.stage_pool == "max",
+        ),
         in_channels=config.in_channels,
         num_classes=config.num_classes,
-        batch_norm=config.batch_norm,
         dropout=config.dropout,
         pool_size=config.pool_size,
     )

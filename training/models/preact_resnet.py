@@ -6,16 +6,29 @@ convolution on the pre-activated input, as the authors' code; option A pads the 
 CIFAR style: the stem is one 3x3 conv and every block pre-activates (resnet-1k-layers).
 ImageNet style: conv-BN-ReLU-maxpool stem, so the first block skips its own pre-activation
 (fb.resnet.torch preresnet.lua). Bottlenecks put the stride on the 3x3 conv, as our v1.
+`output_stride` (dilation) and `spatial_dims=1` (Conv1d, signals) work as in `resnet.py`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.models.layers import PadShortcut, conv1x1, conv3x3, init_weights, make_shortcut
-from training.models.layouts import resnet_layout
+from training.models.layers import (
+    PadShortcut,
+    adaptive_avg_pool,
+    batch_norm,
+    conv,
+    conv1x1,
+    conv3x3,
+    init_weights,
+    make_shortcut,
+    max_pool,
+)
+from training.models.layouts import ResNetLayout, resnet_layout
 
 
 class _PreActBlock(nn.Module):
@@ -23,10 +36,12 @@ class _PreActBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, preactivate: bool, downsample: nn.Module | None) -> None:
+    def __init__(
+        self, in_planes: int, preactivate: bool, downsample: nn.Module | None, dims: int = 2
+    ) -> None:
         super().__init__()
         self.preactivate = preactivate
-        self.bn1 = nn.BatchNorm2d(in_planes) if preactivate else None
+        self.bn1 = batch_norm(in_planes, dims=dims) if preactivate else None
         self.relu = nn.ReLU(inplace=True)  # only ever applied to fresh BN outputs
         self.downsample = downsample
         # Projections read the pre-activated input; identity and option A the raw one.
@@ -40,7 +55,7 @@ class _PreActBlock(nn.Module):
     def residual(self, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def last_conv(self) -> nn.Conv2d:
+    def last_conv(self) -> nn.Module:
         raise NotImplementedError
 
 
@@ -50,18 +65,26 @@ class PreActBasicBlock(_PreActBlock):
     expansion = 1
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int, downsample: nn.Module | None, preactivate: bool = True
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        downsample: nn.Module | None,
+        preactivate: bool = True,
+        *,
+        dilation: int = 1,
+        dims: int = 2,
     ) -> None:
-        super().__init__(in_planes, preactivate, downsample)
-        self.conv1 = conv3x3(in_planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
+        super().__init__(in_planes, preactivate, downsample, dims)
+        self.conv1 = conv3x3(in_planes, planes, stride, dilation=dilation, dims=dims)
+        self.bn2 = batch_norm(planes, dims=dims)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation, dims=dims)
 
     def residual(self, out: torch.Tensor) -> torch.Tensor:
         out = self.conv1(out)
         return self.conv2(self.relu(self.bn2(out)))
 
-    def last_conv(self) -> nn.Conv2d:
+    def last_conv(self) -> nn.Module:
         return self.conv2
 
 
@@ -71,22 +94,39 @@ class PreActBottleneck(_PreActBlock):
     expansion = 4
 
     def __init__(
-        self, in_planes: int, planes: int, stride: int, downsample: nn.Module | None, preactivate: bool = True
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        downsample: nn.Module | None,
+        preactivate: bool = True,
+        *,
+        dilation: int = 1,
+        dims: int = 2,
     ) -> None:
-        super().__init__(in_planes, preactivate, downsample)
-        self.conv1 = conv1x1(in_planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn3 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
+        super().__init__(in_planes, preactivate, downsample, dims)
+        self.conv1 = conv1x1(in_planes, planes, dims=dims)
+        self.bn2 = batch_norm(planes, dims=dims)
+        self.conv2 = conv3x3(planes, planes, stride, dilation=dilation, dims=dims)
+        self.bn3 = batch_norm(planes, dims=dims)
+        self.conv3 = conv1x1(planes, planes * self.expansion, dims=dims)
 
     def residual(self, out: torch.Tensor) -> torch.Tensor:
         out = self.conv1(out)
         out = self.conv2(self.relu(self.bn2(out)))
         return self.conv3(self.relu(self.bn3(out)))
 
-    def last_conv(self) -> nn.Conv2d:
+    def last_conv(self) -> nn.Module:
         return self.conv3
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Stage:
+    planes: int
+    count: int
+    stride: int
+    dilations: tuple[int, int]  # first block's, the others' (torchvision's dilation rule)
+    preact_first: bool
 
 
 BLOCK_TYPES: dict[str, type[PreActBasicBlock | PreActBottleneck]] = {
@@ -102,52 +142,65 @@ class PreActResNet(nn.Module):
         self,
         *,
         block: type[PreActBasicBlock | PreActBottleneck],
-        stages: tuple[int, ...],
-        width: int,
-        shortcut: str,
+        layout: ResNetLayout,
         style: str,
         in_channels: int,
         num_classes: int,
         dropout: float = 0.0,
+        dims: int = 2,
     ) -> None:
         super().__init__()
+        width = layout.width
         self.in_planes = width
+        self.dims = dims
         imagenet = style == "imagenet"
         if imagenet:
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
+            self.conv1 = conv(in_channels, width, 7, dims=dims, stride=2, padding=3, bias=False)
+            self.bn1 = batch_norm(width, dims=dims)
             self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            self.maxpool = max_pool(3, 2, dims=dims, padding=1)
         else:
-            self.conv1 = conv3x3(in_channels, width)
+            self.conv1 = conv3x3(in_channels, width, dims=dims)
         self.stem_activates = imagenet
-        self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(stages)))
-        for i, (name, count) in enumerate(zip(self.stage_names, stages, strict=True)):
+        self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(layout.stages)))
+        previous_dilation = 1
+        for i, name in enumerate(self.stage_names):
             # After a conv-BN-ReLU stem the first block's own pre-activation would repeat it.
             preact_first = not (imagenet and i == 0)
-            layer = self._make_layer(block, width * 2**i, count, 1 if i == 0 else 2, shortcut, preact_first)
-            self.add_module(name, layer)
-        self.bn_final = nn.BatchNorm2d(self.in_planes)
+            stage = _Stage(
+                planes=width * 2**i,
+                count=layout.stages[i],
+                stride=layout.strides[i],
+                dilations=(previous_dilation, layout.dilations[i]),
+                preact_first=preact_first,
+            )
+            self.add_module(name, self._make_layer(block, stage, layout.shortcut))
+            previous_dilation = layout.dilations[i]
+        self.bn_final = batch_norm(self.in_planes, dims=dims)
         self.relu_final = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = adaptive_avg_pool(1, dims=dims)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(self.in_planes, num_classes)
 
     def _make_layer(
-        self,
-        block: type[PreActBasicBlock | PreActBottleneck],
-        planes: int,
-        count: int,
-        stride: int,
-        shortcut: str,
-        preact_first: bool,
+        self, block: type[PreActBasicBlock | PreActBottleneck], stage: _Stage, shortcut: str
     ) -> nn.Sequential:
         blocks = []
-        for i in range(count):
-            s = stride if i == 0 else 1
-            out_planes = planes * block.expansion
-            downsample = make_shortcut(shortcut, self.in_planes, out_planes, s, norm=False)
-            blocks.append(block(self.in_planes, planes, s, downsample, preact_first or i > 0))
+        for i in range(stage.count):
+            s = stage.stride if i == 0 else 1
+            out_planes = stage.planes * block.expansion
+            downsample = make_shortcut(shortcut, self.in_planes, out_planes, s, norm=False, dims=self.dims)
+            blocks.append(
+                block(
+                    self.in_planes,
+                    stage.planes,
+                    s,
+                    downsample,
+                    stage.preact_first or i > 0,
+                    dilation=stage.dilations[0] if i == 0 else stage.dilations[1],
+                    dims=self.dims,
+                )
+            )
             self.in_planes = out_planes
         return nn.Sequential(*blocks)
 
@@ -167,13 +220,12 @@ def build(config: ModelConfig) -> PreActResNet:
     layout = resnet_layout(config)
     model = PreActResNet(
         block=BLOCK_TYPES[layout.block],
-        stages=layout.stages,
-        width=layout.width,
-        shortcut=layout.shortcut,
+        layout=layout,
         style=config.style,
         in_channels=config.in_channels,
         num_classes=config.num_classes,
         dropout=config.dropout,
+        dims=config.spatial_dims,
     )
     init_weights(model)
     if config.zero_init_residual:

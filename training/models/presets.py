@@ -17,6 +17,24 @@ _VGG_CONVS: dict[int, tuple[int, ...]] = {
     19: (2, 2, 4, 4, 4),
 }
 _CIFAR = {"style": "cifar", "num_classes": 10}
+# The seed model of the MNIST-1D chapter (Prince, "Understanding Deep Learning", notebook 10.2):
+# three Conv1d(15 channels, kernel 3, stride 2, no padding)-ReLU, flatten, one linear layer.
+# At length 40 the maps are 19, 9, 4 long; the adaptive pool to 4 is then the identity and the
+# linear layer reads 4 x 15 = 60 features (2,050 parameters), while other lengths still work.
+_MNIST1D_CNN = {
+    "arch": "plain_cnn",
+    "spatial_dims": 1,
+    "in_channels": 1,
+    "num_classes": 10,
+    "channels": (15, 15, 15),
+    "convs_per_stage": 1,
+    "conv_stride": 2,
+    "padding": "valid",
+    "stage_pool": "none",
+    "batch_norm": False,
+    "hidden": (),
+    "pool_size": 4,
+}
 _IMAGENET = {"style": "imagenet", "num_classes": 1000}
 
 
@@ -45,6 +63,12 @@ def _presets() -> dict[str, dict[str, Any]]:
         }
         table[f"vgg{depth}"] = {**vgg, "batch_norm": False}
         table[f"vgg{depth}_bn"] = {**vgg, "batch_norm": True}
+    # torchvision's definitions (and dropout rates) of the other classic ImageNet networks.
+    table["alexnet"] = {"arch": "alexnet", "dropout": 0.5, "num_classes": 1000}
+    table["googlenet"] = {"arch": "googlenet", "dropout": 0.2, "num_classes": 1000}
+    for depth in (121, 161, 169, 201):
+        table[f"densenet{depth}"] = {"arch": "densenet", "depth": depth, "num_classes": 1000}
+    table["mnist1d_cnn"] = _MNIST1D_CNN
     return table
 
 
@@ -56,7 +80,8 @@ def preset_names() -> list[str]:
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The config of a named network, with any fields replaced (validated together).
 
-    CIFAR presets default to 10 classes, ImageNet ones (resnet18..200, vgg*) to 1000.
+    CIFAR presets default to 10 classes, ImageNet ones (resnet18..200, vgg*, alexnet, googlenet,
+    densenet*) to 1000; "mnist1d_cnn" is a 1-D net for [N, 1, 40] signals and 10 classes.
     """
     table = _presets()
     if name not in table:

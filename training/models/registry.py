@@ -2,8 +2,8 @@
 
 A family is its validator (pure), the config fields it reads, and a module exposing
 `build(config) -> torch.nn.Module`. The module is imported only when a model is built, so
-configs validate without torch. New families (issue 11: AlexNet, VGG, GoogLeNet, DenseNet,
-1-D nets) plug in with `register_family` plus, where they need them, new `ModelConfig` fields.
+configs validate without torch. New families plug in with `register_family` plus, where they
+need them, new `ModelConfig` fields.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from training.models.classic_layouts import alexnet_width, densenet_layout, googlenet_width
 from training.models.errors import ModelConfigError
 from training.models.layouts import plain_layout, resnet_layout
 
@@ -23,8 +24,27 @@ if TYPE_CHECKING:
 
 # Fields every family reads; any other field must keep its default unless the family lists it.
 COMMON_FIELDS = frozenset({"arch", "depth", "num_classes", "in_channels", "dropout"})
-RESNET_FIELDS = frozenset({"style", "block", "width", "shortcut", "zero_init_residual"})
-PLAIN_FIELDS = frozenset({"channels", "convs_per_stage", "batch_norm", "hidden", "pool_size"})
+RESNET_FIELDS = frozenset(
+    {"style", "block", "width", "shortcut", "zero_init_residual", "output_stride", "spatial_dims"}
+)
+PLAIN_FIELDS = frozenset(
+    {
+        "channels",
+        "convs_per_stage",
+        "batch_norm",
+        "hidden",
+        "pool_size",
+        "spatial_dims",
+        "kernel_size",
+        "conv_stride",
+        "padding",
+        "stage_pool",
+        "dilation",
+    }
+)
+ALEXNET_FIELDS = frozenset({"width"})
+GOOGLENET_FIELDS = frozenset({"width", "aux_heads"})
+DENSENET_FIELDS = frozenset({"width", "growth_rate"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,5 +124,32 @@ register_family(
         fields=RESNET_FIELDS,
         validate=resnet_layout,
         summary="ResNet v2, pre-activation (He et al. 2016)",
+    )
+)
+register_family(
+    FamilySpec(
+        name="alexnet",
+        module="training.models.alexnet",
+        fields=ALEXNET_FIELDS,
+        validate=alexnet_width,
+        summary="AlexNet as torchvision (Krizhevsky 2014 one-GPU variant, no LRN)",
+    )
+)
+register_family(
+    FamilySpec(
+        name="googlenet",
+        module="training.models.googlenet",
+        fields=GOOGLENET_FIELDS,
+        validate=googlenet_width,
+        summary="GoogLeNet / Inception v1 as torchvision (BN after each conv, optional aux heads)",
+    )
+)
+register_family(
+    FamilySpec(
+        name="densenet",
+        module="training.models.densenet",
+        fields=DENSENET_FIELDS,
+        validate=densenet_layout,
+        summary="DenseNet-BC 121/161/169/201 as torchvision (BN-ReLU-conv dense layers)",
     )
 )

@@ -3,6 +3,10 @@
 Module names follow torchvision's `resnet.py` (conv1/bn1/relu/maxpool/layerN/avgpool/fc and
 `downsample` shortcuts), so an ImageNet-style state_dict has torchvision's keys. Bottlenecks put
 the stride on the 3x3 convolution ("v1.5", as torchvision); this changes no parameter count.
+`output_stride` replaces the stride of the last stage(s) by dilation exactly as torchvision's
+`replace_stride_with_dilation` (a dilated stage's first block keeps the previous dilation); basic
+blocks dilate both 3x3 convolutions (torchvision refuses dilation there). `spatial_dims=1` builds
+the same network from Conv1d layers for signals [N, C, L].
 """
 
 from __future__ import annotations
@@ -11,8 +15,17 @@ import torch
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.models.layers import conv1x1, conv3x3, init_weights, make_shortcut
-from training.models.layouts import resnet_layout
+from training.models.layers import (
+    adaptive_avg_pool,
+    batch_norm,
+    conv,
+    conv1x1,
+    conv3x3,
+    init_weights,
+    make_shortcut,
+    max_pool,
+)
+from training.models.layouts import ResNetLayout, resnet_layout
 
 
 class BasicBlock(nn.Module):
@@ -20,13 +33,22 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, downsample: nn.Module | None) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        downsample: nn.Module | None,
+        *,
+        dilation: int = 1,
+        dims: int = 2,
+    ) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_planes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1 = conv3x3(in_planes, planes, stride, dilation=dilation, dims=dims)
+        self.bn1 = batch_norm(planes, dims=dims)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation, dims=dims)
+        self.bn2 = batch_norm(planes, dims=dims)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +58,7 @@ class BasicBlock(nn.Module):
         out += identity
         return self.relu(out)
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         """The BN whose gamma `zero_init_residual` zeroes."""
         return self.bn2
 
@@ -46,14 +68,23 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, downsample: nn.Module | None) -> None:
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        downsample: nn.Module | None,
+        *,
+        dilation: int = 1,
+        dims: int = 2,
+    ) -> None:
         super().__init__()
-        self.conv1 = conv1x1(in_planes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.conv1 = conv1x1(in_planes, planes, dims=dims)
+        self.bn1 = batch_norm(planes, dims=dims)
+        self.conv2 = conv3x3(planes, planes, stride, dilation=dilation, dims=dims)
+        self.bn2 = batch_norm(planes, dims=dims)
+        self.conv3 = conv1x1(planes, planes * self.expansion, dims=dims)
+        self.bn3 = batch_norm(planes * self.expansion, dims=dims)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -65,7 +96,7 @@ class Bottleneck(nn.Module):
         out += identity
         return self.relu(out)
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         """The BN whose gamma `zero_init_residual` zeroes."""
         return self.bn3
 
@@ -74,47 +105,62 @@ BLOCK_TYPES: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "b
 
 
 class ResNet(nn.Module):
-    """Stem, stages `layer1..layerK` (stride 2 from the second), global average pool, dropout, fc."""
+    """Stem, stages `layer1..layerK` (stride 2 from the second, or dilation instead), global
+    average pool, dropout, fc."""
 
     def __init__(
         self,
         *,
         block: type[BasicBlock | Bottleneck],
-        stages: tuple[int, ...],
-        width: int,
-        shortcut: str,
+        layout: ResNetLayout,
         style: str,
         in_channels: int,
         num_classes: int,
         dropout: float = 0.0,
+        dims: int = 2,
     ) -> None:
         super().__init__()
+        width = layout.width
         self.in_planes = width
+        self.dims = dims
         if style == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = conv(in_channels, width, 7, dims=dims, stride=2, padding=3, bias=False)
         else:
-            self.conv1 = conv3x3(in_channels, width)
-        self.bn1 = nn.BatchNorm2d(width)
+            self.conv1 = conv3x3(in_channels, width, dims=dims)
+        self.bn1 = batch_norm(width, dims=dims)
         self.relu = nn.ReLU(inplace=True)
         # CIFAR style has no max-pool; Identity keeps one forward for both styles.
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if style == "imagenet" else nn.Identity()
-        self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(stages)))
-        for i, (name, count) in enumerate(zip(self.stage_names, stages, strict=True)):
-            layer = self._make_layer(block, width * 2**i, count, 1 if i == 0 else 2, shortcut)
+        self.maxpool = max_pool(3, 2, dims=dims, padding=1) if style == "imagenet" else nn.Identity()
+        self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(layout.stages)))
+        previous_dilation = 1
+        for i, name in enumerate(self.stage_names):
+            dilations = (previous_dilation, layout.dilations[i])
+            layer = self._make_layer(
+                block, width * 2**i, layout.stages[i], layout.strides[i], dilations, layout.shortcut
+            )
             self.add_module(name, layer)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            previous_dilation = layout.dilations[i]
+        self.avgpool = adaptive_avg_pool(1, dims=dims)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(self.in_planes, num_classes)
 
     def _make_layer(
-        self, block: type[BasicBlock | Bottleneck], planes: int, count: int, stride: int, shortcut: str
+        self,
+        block: type[BasicBlock | Bottleneck],
+        planes: int,
+        count: int,
+        stride: int,
+        dilations: tuple[int, int],
+        shortcut: str,
     ) -> nn.Sequential:
+        """One stage; `dilations` = (first block's, the others'), as torchvision."""
         blocks = []
         for i in range(count):
             s = stride if i == 0 else 1
             out_planes = planes * block.expansion
-            downsample = make_shortcut(shortcut, self.in_planes, out_planes, s, norm=True)
-            blocks.append(block(self.in_planes, planes, s, downsample))
+            downsample = make_shortcut(shortcut, self.in_planes, out_planes, s, norm=True, dims=self.dims)
+            dilation = dilations[0] if i == 0 else dilations[1]
+            blocks.append(block(self.in_planes, planes, s, downsample, dilation=dilation, dims=self.dims))
             self.in_planes = out_planes
         return nn.Sequential(*blocks)
 
@@ -131,13 +177,12 @@ def build(config: ModelConfig) -> ResNet:
     layout = resnet_layout(config)
     model = ResNet(
         block=BLOCK_TYPES[layout.block],
-        stages=layout.stages,
-        width=layout.width,
-        shortcut=layout.shortcut,
+        layout=layout,
         style=config.style,
         in_channels=config.in_channels,
         num_classes=config.num_classes,
         dropout=config.dropout,
+        dims=config.spatial_dims,
     )
     init_weights(model)
     if config.zero_init_residual:
