@@ -59,8 +59,13 @@ class Hammer:
                     response = client.inference.ModelInfer(_request(), timeout=30)
                 except grpc.RpcError as exc:
                     with self.lock:
-                        if self.stop_on_unavailable and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                            self.refused += 1  # the listener is closed: never accepted
+                        # After SIGTERM the listener refuses new calls: UNAVAILABLE, or CANCELLED for a
+                        # call gRPC core had read but no handler had started. Neither was accepted; the
+                        # test proves it: exit < grace (nothing cancelled at grace expiry) and the
+                        # server's drained count equals the successes seen here.
+                        refused = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                        if self.stop_on_unavailable and exc.code() in refused:
+                            self.refused += 1
                             return
                         self.failures.append((exc.code(), exc.details()))
                     continue
