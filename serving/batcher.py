@@ -43,7 +43,7 @@ __all__ = ["BatchObserver", "DynamicBatcher"]
 
 log = logging.getLogger(__name__)
 
-_HANDOFF_TIMEOUT_S = 0.002  # longest the loop waits for a worker to pick a batch up (see _dispatch)
+_HANDOFF_TIMEOUT_S = 0.001  # longest the loop waits for a worker to pick a batch up (see _dispatch)
 
 
 class BatchObserver(Protocol):

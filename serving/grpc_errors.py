@@ -146,16 +146,20 @@ def _wrap_stream(
 def wrap_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A copy of `handler` whose async behaviour maps exceptions to statuses."""
     kinds = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler, _wrap_unary),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler, _wrap_stream),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler, _wrap_unary),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler, _wrap_stream),
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
     )
-    for attr, factory, wrapper in kinds:
+    for attr, factory in kinds:
         behavior = getattr(handler, attr)
         if behavior is None:
             continue
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        if inspect.isasyncgenfunction(behavior):  # yields its responses
+            wrapper = _wrap_stream
+        elif inspect.iscoroutinefunction(behavior):  # returns its response, or writes them
+            wrapper = _wrap_unary  # (grpc's aio Health.Watch streams with `await context.write`)
+        else:
             return handler  # sync behaviours run in grpc's executor; leave them as they are
         return factory(
             wrapper(method, behavior, handler.request_streaming),

@@ -109,13 +109,15 @@ def _param(kind: str, value: int) -> pb.InferParameter:
         return pb.InferParameter(uint64_param=value)
     if kind == "double":
         return pb.InferParameter(double_param=float("nan") if value % 3 == 0 else value / 7)
+    if kind == "small":  # e.g. a `timeout` of 0-2 microseconds: expires before it is queued
+        return pb.InferParameter(int64_param=value % 3)
     if kind == "string":
         return pb.InferParameter(string_param="p" * (value % 300))
     return pb.InferParameter()  # unset oneof
 
 
 PARAM_KEYS = ["timeout", "priority", "classification", "binary_data_output", "sequence_id", "k", ""]
-PARAM_KINDS = ["bool", "int64", "uint64", "double", "string", "none"]
+PARAM_KINDS = ["bool", "int64", "uint64", "double", "string", "none", "small", "small"]
 PARAMS = mostly(
     [],
     st.lists(
@@ -224,6 +226,9 @@ def infer_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
     if draw(mostly(False, st.just(True), weight=9)):  # one raw entry too many
         request.raw_input_contents.append(b"\x00" * 4)
     _fill_params(request.parameters, draw(PARAMS), draw(st.sampled_from([0, 0, 0, 0, 2_000])))
+    timeout_us = draw(mostly(0, st.sampled_from([1, 2, 50, 10**12, -5]), weight=6))
+    if timeout_us:  # KServe's `timeout` (µs): the tiny ones expire before the request is queued
+        request.parameters["timeout"].int64_param = timeout_us
     wanted = mostly([], st.lists(st.sampled_from(["logits", "logits", "probs", ""]), min_size=1, max_size=2))
     for name in draw(wanted):
         out = request.outputs.add(name=name)

@@ -1,7 +1,8 @@
 """Model files damaged on disk: the sha256 check refuses the damaged version, at start and at
 (re)load, with a reason that says so; every other model and version keeps serving throughout,
-under load, with no failed request. Damage here keeps the file size (a bit flip), so the refusal
-comes from the checksum, not the cheaper size check.
+under load, with no failed request, and a repaired version is swapped in, still without one.
+Damage here keeps the file size (a bit flip), so the refusal comes from the checksum, not the
+cheaper size check.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def test_damaged_new_version_is_refused_under_load_and_nothing_fails(tmp_path: P
     publish_tiny_model(repo, "alpha", seed=1)
     publish_tiny_model(repo, "beta", seed=2)
     damaged = publish_tiny_model(staging, "beta", seed=3, version=2)
+    good = (damaged / "model.onnx").read_bytes()
     flip_a_bit(damaged / "model.onnx")
     with running_server(_config(repo)) as srv, KilnClient(srv.address) as client:
         with Hammer(srv.address, ("alpha", "beta"), threads=3) as load:
@@ -67,11 +69,18 @@ def test_damaged_new_version_is_refused_under_load_and_nothing_fails(tmp_path: P
             assert "still serving [1]" in error.details()
             served = dict(load.ok)
             wait_until(lambda: all(load.ok[m] >= served[m] + 20 for m in served), what="serving on")
-        states = _states(client)
+            states = _states(client)
+            assert client.infer("beta", {"input": BATCH}, version="1")["logits"].shape == (1, 4)
+            (repo / "beta" / "2" / "model.onnx").write_bytes(good)  # repaired: the reload swaps it in
+            client.load_model("beta")
+            served = dict(load.ok)
+            wait_until(lambda: all(load.ok[m] >= served[m] + 20 for m in served), what="serving after swap")
         assert load.failures == []
         assert states[("beta", "1")][0] == "READY" and states[("alpha", "1")][0] == "READY"
         assert states[("beta", "2")][0] == "UNAVAILABLE" and "sha256 mismatch" in states[("beta", "2")][1]
-        assert client.infer("beta", {"input": BATCH}, version="1")["logits"].shape == (1, 4)
+        assert [(m.version, m.state) for m in client.repository_index().models if m.name == "beta"] == [
+            ("2", "READY")
+        ]
 
 
 def test_reload_of_a_damaged_file_is_refused_until_it_is_repaired(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from serving.client import KilnClient, build_infer_request
 from serving.config import ServeConfig
-from tests.fuzz.load import MARKER, Gate, metric, rss_bytes, wait_until
+from tests.fuzz.load import MARKER, Gate, live_rss_bytes, metric, wait_until
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 
 C = grpc.StatusCode
@@ -91,8 +91,8 @@ def test_cancel_and_deadline_storm_spends_no_compute(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_repeated_queue_overflow_is_resource_exhausted_without_memory_growth(tmp_path: Path) -> None:
-    queue, extra, rounds, warmup = 8, 400, 6, 2
-    padding = "p" * 16_000  # each refused request carries 16 kB that a leak would keep
+    queue, extra, rounds, warmup = 8, 400, 7, 3
+    padding = "p" * 64_000  # each refused request carries 64 kB that a leak would keep
     samples = []
     with gated_server(tmp_path, max_queue_size=queue) as (srv, gate), KilnClient(srv.address) as client:
         port = srv.server.metrics_port
@@ -114,9 +114,10 @@ def test_repeated_queue_overflow_is_resource_exhausted_without_memory_growth(tmp
             assert {_code(f) for f in held} == {C.OK}, f"round {round_index}"
             assert refused_codes == {C.RESOURCE_EXHAUSTED} and refused_seconds < 30
             if round_index >= warmup - 1:
-                samples.append(rss_bytes())
+                samples.append(live_rss_bytes())
         refused_total = metric(port, "kiln_requests_total", {"model": "tiny", "code": "RESOURCE_EXHAUSTED"})
     growth = samples[-1] - samples[0]
     assert refused_total == extra * rounds
-    # A leak of the refused requests alone would be 16 kB x 1,600 = 26 MB; noise is a few MB.
-    assert growth < 12 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB after warm-up: {samples}"
+    # A leak of the refused requests alone would keep 64 kB x 1,600 = 102 MB; in a test process
+    # that also holds torch and other servers, RSS moves by up to ~15 MB on its own.
+    assert growth < 40 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB after warm-up: {samples}"
