@@ -1,32 +1,30 @@
 """Dynamic batching in front of one backend (one model version's instance group).
 
-Shape of the thing (after Ray Serve's `_BatchQueue` and pytriton's `@batch`): `submit` validates a
-request, appends it to a bounded deque with a future and a monotonic deadline, and awaits the
-future. One background task forms batches: it takes a free instance slot, waits until the queue
-holds `max_batch_size` rows (or the smallest preferred size) or the oldest request has waited
-`max_queue_delay_us`, drops cancelled and expired requests, and hands the batch to a worker
-thread that concatenates, runs `backend.infer`, checks the output batch and slices it back per
-request. Results are set from a done-callback on the event loop, never on a future that is
-already done. There is no polling: the task sleeps on one future, woken by `submit` or a timer.
-When a dispatch comes just before a burst of event-loop work (a finished batch's handlers), the
-loop hands the GIL to the worker until it is inside the backend (see `_dispatch`): otherwise the
-worker waits out the burst and the model idles (+6-16 % served throughput at concurrency 16-64,
-benchmarks/RESULTS-serving.md).
+Shape of the thing (Triton's dynamic batcher, in Python): `submit` validates a request on the
+event loop, appends it with a future and a monotonic deadline to a bounded queue shared with one
+worker thread per backend instance, and awaits the future. Each worker forms its own batches: it
+waits until the queue holds `max_batch_size` rows (or the smallest preferred size) or the oldest
+request has waited `max_queue_delay_us`, drops cancelled and expired requests, concatenates, runs
+`backend.infer`, checks the output batch, slices it back per request and hands the results to the
+event loop with one `call_soon_threadsafe` per batch.
+
+Why the workers take batches themselves rather than an event-loop task dispatching them: under
+load the loop is busy with gRPC events, and every batch that waited for a loop pass to be formed
+and dispatched left the model idle meanwhile (the cores were ~20 % idle at concurrency 16 on a
+2-core box). Now a worker that finishes a batch starts the next one at once with whatever queued
+while it computed; the loop only appends requests and delivers results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -43,7 +41,7 @@ __all__ = ["BatchObserver", "DynamicBatcher"]
 
 log = logging.getLogger(__name__)
 
-_HANDOFF_TIMEOUT_S = 0.001  # longest the loop waits for a worker to pick a batch up (see _dispatch)
+_Outputs = dict[str, np.ndarray]
 
 
 class BatchObserver(Protocol):
@@ -60,7 +58,7 @@ class BatchObserver(Protocol):
 class _Request:
     inputs: Mapping[str, np.ndarray]
     rows: int
-    future: asyncio.Future[dict[str, np.ndarray]]
+    future: asyncio.Future[_Outputs]
     deadline: float | None  # time.monotonic() value
     enqueued: float
 
@@ -77,7 +75,6 @@ class DynamicBatcher:
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_size: int = 1024,
         instances: int | None = None,
-        executor: Executor | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
     ) -> None:
@@ -101,15 +98,14 @@ class DynamicBatcher:
         self._trigger = min(self._preferred, default=self._max_batch)  # rows that end the wait early
         self._max_queue = max_queue_size
         self._instances = instances or getattr(backend, "instances", 1)
-        self._executor, self._owns_executor = executor, executor is None
+        # Everything below is shared with the workers and guarded by _cond.
+        self._cond = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_rows = self._inflight = 0
-        self._resolved = 0  # requests answered since the last dispatch (see _dispatch)
-        self._waiter: asyncio.Future[None] | None = None
-        self._wake_rows = 1
-        self._running: set[asyncio.Future[None]] = set()
-        self._task: asyncio.Task[None] | None = None
         self._accepting = self._closing = False
+        self._workers: list[threading.Thread] = []
+        self._batches_out = 0  # batches whose results the loop has not delivered yet
+        self._drained: asyncio.Future[None] | None = None  # set when stop() waits on _batches_out
         self.dropped = {"expired": 0, "cancelled": 0}
 
     @property
@@ -128,20 +124,20 @@ class DynamicBatcher:
         return self._max_batch
 
     def start(self) -> None:
-        """Start the batching task on the running event loop."""
-        if self._task is not None or self._closing:
+        """Start one worker thread per backend instance; results go to the running event loop."""
+        if self._workers or self._closing:
             raise RuntimeError(f"batcher {self._name!r} was already started")
         self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.Semaphore(self._instances)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._instances, thread_name_prefix=f"kiln-{self._name}")
         self._accepting = True
-        self._task = self._loop.create_task(self._run(), name=f"kiln-batcher-{self._name}")
+        for i in range(self._instances):
+            worker = threading.Thread(target=self._work, name=f"kiln-{self._name}-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
 
     async def stop(self, *, drain: bool = True) -> None:
         """Stop accepting; finish queued work (drain) or fail it with UNAVAILABLE; await running batches."""
         self._accepting = False
-        if self._task is None:
+        if not self._workers:
             return
         if not drain:
             self._fail_queued(
@@ -149,17 +145,17 @@ class DynamicBatcher:
                     f"model {self._name!r} stopped before running the request", reason="stopped"
                 )
             )
-        self._closing = True
-        self._wake()
-        await self._task
-        if self._running:
-            await asyncio.wait(set(self._running))
-        if self._owns_executor and self._executor is not None:
-            self._executor.shutdown(wait=False)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        workers = [w for w in self._workers if w.is_alive()]
+        if workers:
+            await asyncio.to_thread(lambda: [w.join() for w in workers])
+        if self._batches_out:  # results the workers posted before exiting, not yet delivered
+            self._drained = self._loop.create_future()
+            await self._drained
 
-    async def submit(
-        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None
-    ) -> dict[str, np.ndarray]:
+    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> _Outputs:
         """Queue one request (any batch up to max_batch_size rows) and await its outputs.
 
         `deadline` is a `time.monotonic()` value; an expired request never reaches the backend.
@@ -173,75 +169,71 @@ class DynamicBatcher:
         if deadline is not None and deadline <= now:
             self._drop("expired")
             raise DeadlineExceededError(f"deadline expired before the request for {self._name!r} was queued")
-        if len(self._queue) >= self._max_queue:
-            raise QueueFullError(
-                f"queue of model {self._name!r} is full ({self._max_queue} requests waiting)"
-            )
-        future: asyncio.Future[dict[str, np.ndarray]] = self._loop.create_future()
-        self._queue.append(_Request(inputs, rows, future, deadline, now))
-        self._queued_rows += rows
-        if self._queued_rows >= self._wake_rows:
-            self._wake()
+        future: asyncio.Future[_Outputs] = self._loop.create_future()
+        with self._cond:
+            if len(self._queue) >= self._max_queue:
+                raise QueueFullError(
+                    f"queue of model {self._name!r} is full ({self._max_queue} requests waiting)"
+                )
+            self._queue.append(_Request(inputs, rows, future, deadline, now))
+            self._queued_rows += rows
+            self._cond.notify()
         return await future
 
-    # -- the batching task (event loop) --------------------------------------------------------
+    # -- worker threads ----------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        try:
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            waits = [time.monotonic() - r.enqueued for r in batch]
+            try:
+                results, seconds = self._compute([r.inputs for r in batch], [r.rows for r in batch])
+                outcome: tuple[list[_Outputs], float] | BaseException = (results, seconds)
+            except BaseException as exc:  # delivered to this batch's waiters only
+                outcome = exc
+            if not self._post(self._finish, batch, waits, outcome):
+                return  # the event loop is gone: nobody is waiting any more
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until a batch is due (see the module docstring); None once closing and empty."""
+        with self._cond:
             while True:
-                await self._slots.acquire()  # a free instance first: the queue fills while all are busy
-                batch = await self._next_batch()
-                if batch is None:
-                    return
-                self._dispatch(batch)
-        except asyncio.CancelledError:
-            self._accepting = False
-            self._fail_queued(
-                ModelUnavailableError(f"batcher of {self._name!r} was cancelled", reason="stopped")
-            )
-            raise
-        except Exception as exc:  # a bug: fail loudly but never leave waiters hanging
-            log.exception("batcher of %r crashed", self._name)
-            self._accepting = False
-            self._fail_queued(
-                ModelUnavailableError(f"batcher of {self._name!r} failed: {exc!r}", reason="failed")
-            )
-
-    async def _next_batch(self) -> list[_Request] | None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return None
-                await self._wait(None, wake_rows=1)
-                continue
-            now = time.monotonic()
-            due = self._queue[0].enqueued + self._delay
-            if self._closing or now >= due or self._queued_rows >= self._trigger:
-                batch = self._take(now, timed_out=self._closing or now >= due)
-                if batch:
-                    return batch
-                continue
-            await self._wait(due, wake_rows=self._trigger)
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                due = self._queue[0].enqueued + self._delay
+                if self._closing or now >= due or self._queued_rows >= self._trigger:
+                    batch = self._take(now, timed_out=self._closing or now >= due)
+                    if batch:
+                        self._inflight += len(batch)
+                        self._batches_out += 1
+                        return batch
+                    continue
+                self._cond.wait(due - now)
 
     def _take(self, now: float, *, timed_out: bool) -> list[_Request]:
-        """FIFO requests up to max rows, dropping cancelled/expired ones; honours preferred sizes."""
-        queue, taken, rows = self._queue, [], 0
+        """FIFO requests up to max rows, dropping cancelled/expired ones; honours preferred sizes.
+
+        Called with _cond held. Futures are only read here; expired ones are failed on the loop.
+        """
+        queue, taken, rows, expired = self._queue, [], 0, []
         while queue:
             req = queue[0]
-            if not req.future.done() and (req.deadline is None or req.deadline > now):
+            if req.future.done():
+                self._post(self._drop, "cancelled")
+            elif req.deadline is not None and req.deadline <= now:
+                expired.append(req)
+            else:
                 if rows + req.rows > self._max_batch:
                     break
                 taken.append(req)
                 rows += req.rows
-            elif not req.future.done():
-                req.future.set_exception(
-                    DeadlineExceededError(f"deadline expired after {now - req.enqueued:.4f}s in the queue")
-                )
-                self._drop("expired")
-            else:
-                self._drop("cancelled")
             queue.popleft()
             self._queued_rows -= req.rows
+        if expired:
+            self._post(self._expire, expired, now)
         if timed_out or rows == self._max_batch:
             return taken
         if not queue and rows < self._trigger:  # drops shrank the batch below the trigger: wait again
@@ -254,125 +246,13 @@ class DynamicBatcher:
             self._queued_rows += req.rows
         return taken[:keep]
 
-    async def _wait(self, until: float | None, *, wake_rows: int) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        self._wake_rows = wake_rows
-        timer = (
-            None if until is None else self._loop.call_later(max(0.0, until - time.monotonic()), self._wake)
-        )
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def _dispatch(self, batch: list[_Request]) -> None:
-        now = time.monotonic()
-        waits = [now - r.enqueued for r in batch]
-        self._inflight += len(batch)
-        tracker = self._loop.create_future()  # what stop() awaits
-        self._running.add(tracker)
-        started = threading.Event()
-        try:
-            work = self._executor.submit(
-                self._compute, [r.inputs for r in batch], [r.rows for r in batch], started
-            )
-        except RuntimeError as exc:  # e.g. a caller-owned executor that was shut down
-            work = concurrent.futures.Future()
-            work.set_exception(exc)
-        else:
-            # GIL handoff: when the loop is about to run a burst (the handlers of a batch that just
-            # finished, more queued requests), a worker woken now would wait for the GIL, up to
-            # the 5 ms switch interval, while the cores idle. Waiting here releases the GIL until
-            # the worker is inside the backend, which releases it again within microseconds.
-            # Our own executor has a free thread for every slot, so the wait is short.
-            burst = self._resolved > 1 or bool(self._queue)
-            if burst and self._owns_executor:
-                started.wait(_HANDOFF_TIMEOUT_S)
-        self._resolved = 0
-        # The worker hands the result straight to _finish with one call_soon_threadsafe; the
-        # run_in_executor/wrap_future chain would cost one more event-loop pass per batch.
-        work.add_done_callback(partial(self._from_worker, batch, waits, tracker))
-
-    def _from_worker(
-        self,
-        batch: list[_Request],
-        waits: list[float],
-        tracker: asyncio.Future[None],
-        work: concurrent.futures.Future[Any],
-    ) -> None:
-        """Runs in the worker thread (or inline if `work` was already done)."""
-        if not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._finish, batch, waits, tracker, work)
-
-    def _finish(
-        self,
-        batch: list[_Request],
-        waits: list[float],
-        tracker: asyncio.Future[None],
-        work: concurrent.futures.Future[Any],
-    ) -> None:
-        self._slots.release()
-        self._running.discard(tracker)
-        tracker.set_result(None)
-        self._inflight -= len(batch)
-        self._resolved += len(batch)
-        rows = sum(r.rows for r in batch)
-        exc = (
-            ModelUnavailableError("batch cancelled", reason="stopped")
-            if work.cancelled()
-            else work.exception()
-        )
-        if exc is not None:
-            if isinstance(exc, KilnError):
-                log.warning("model %r: batch of %d rows failed: %s", self._name, rows, exc)
-            else:
-                log.error("model %r: batch of %d rows failed", self._name, rows, exc_info=exc)
-                exc = BackendError(f"model {self._name!r}: batch of {rows} rows failed: {exc}")
-            for req in batch:  # one exception fanned out to every waiter of this batch only
-                if not req.future.done():
-                    req.future.set_exception(exc)
-            return
-        results, compute_seconds = work.result()
-        for req, out in zip(batch, results, strict=True):
-            if not req.future.done():
-                req.future.set_result(out)
-        if self._observer is not None:
-            self._observer.on_batch(
-                rows=rows, requests=len(batch), queue_seconds=waits, compute_seconds=compute_seconds
-            )
-
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] += 1
-        if self._observer is not None:
-            self._observer.on_dropped(reason)
-
-    def _fail_queued(self, exc: KilnError) -> None:
-        while self._queue:
-            req = self._queue.popleft()
-            if not req.future.done():
-                req.future.set_exception(exc)
-        self._queued_rows = 0
-
-    # -- worker thread ---------------------------------------------------------------------------
-
     def _compute(
-        self,
-        inputs: list[Mapping[str, np.ndarray]],
-        rows: list[int],
-        started: threading.Event | None = None,
-    ) -> tuple[list[dict[str, np.ndarray]], float]:
-        """Concatenate, infer, check the output batch, slice back per request (off the event loop)."""
+        self, inputs: list[Mapping[str, np.ndarray]], rows: list[int]
+    ) -> tuple[list[_Outputs], float]:
+        """Concatenate, infer, check the output batch, slice back per request."""
         merged = (
             inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
         )
-        if started is not None:
-            started.set()  # the dispatching loop may go on: infer releases the GIL right away
         start = time.perf_counter()
         outputs = self._backend.infer(merged)
         seconds = time.perf_counter() - start
@@ -385,3 +265,69 @@ class DynamicBatcher:
             results.append({k: v[offset : offset + n] for k, v in outputs.items()})
             offset += n
         return results, seconds
+
+    def _post(self, callback: Callable[..., object], *args: object) -> bool:
+        """Run `callback(*args)` on the event loop; False if the loop has closed."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # loop closed
+            return False
+        return True
+
+    # -- event loop ----------------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        batch: list[_Request],
+        waits: list[float],
+        outcome: tuple[list[_Outputs], float] | BaseException,
+    ) -> None:
+        with self._cond:
+            self._inflight -= len(batch)
+            self._batches_out -= 1
+        if self._batches_out == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        rows = sum(r.rows for r in batch)
+        if isinstance(outcome, BaseException):
+            exc = outcome
+            if isinstance(exc, KilnError):
+                log.warning("model %r: batch of %d rows failed: %s", self._name, rows, exc)
+            else:
+                log.error("model %r: batch of %d rows failed", self._name, rows, exc_info=exc)
+                exc = BackendError(f"model {self._name!r}: batch of {rows} rows failed: {exc}")
+            for req in batch:  # one exception fanned out to every waiter of this batch only
+                if not req.future.done():
+                    req.future.set_exception(exc)
+            return
+        results, compute_seconds = outcome
+        for req, out in zip(batch, results, strict=True):
+            if not req.future.done():
+                req.future.set_result(out)
+        if self._observer is not None:
+            self._observer.on_batch(
+                rows=rows, requests=len(batch), queue_seconds=waits, compute_seconds=compute_seconds
+            )
+
+    def _expire(self, expired: list[_Request], now: float) -> None:
+        for req in expired:
+            if req.future.done():
+                self._drop("cancelled")
+                continue
+            req.future.set_exception(
+                DeadlineExceededError(f"deadline expired after {now - req.enqueued:.4f}s in the queue")
+            )
+            self._drop("expired")
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        if self._observer is not None:
+            self._observer.on_dropped(reason)
+
+    def _fail_queued(self, exc: KilnError) -> None:
+        with self._cond:
+            failed = list(self._queue)
+            self._queue.clear()
+            self._queued_rows = 0
+        for req in failed:
+            if not req.future.done():
+                req.future.set_exception(exc)

@@ -31,6 +31,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--precision", str, f"artefact precision: {', '.join(PRECISIONS)} (default auto)"),
     ("--instances", int, "model instances per version (default 1)"),
     ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
+    ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),
     ("--max-queue-delay-us", int, "longest wait for a fuller batch, in microseconds (default 0: none)"),
     ("--preferred-batch-sizes", str, "comma-separated batch sizes to prefer, e.g. 4,8,16"),
@@ -62,6 +63,7 @@ _SWITCHES = (
     ("warmup", "warm-up inference on load"),
     ("reflection", "gRPC server reflection"),
     ("repository_control", "the RepositoryModelLoad/Unload RPCs"),
+    ("intra_op_spinning", "ONNX Runtime intra-op spinning (default off)"),
 )
 
 

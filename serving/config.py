@@ -54,6 +54,13 @@ class ServeConfig:
     precision: str = "auto"  # artefact precision to load ("auto": fp32 ONNX on CPU)
     instances: int = 1
     intra_op_threads: int | None = None  # per instance; None splits the cores between instances
+    # ORT intra-op threads busy-wait between ops: faster alone, but they burn the cores that the
+    # gRPC event loop needs when the client or other work shares the machine.
+    intra_op_spinning: bool = False
+    # How long Python lets one thread hold the GIL while another wants it. The batch workers
+    # need it briefly after each inference; at the default 5 ms they waited behind the busy
+    # event loop and the model idled (+12 % served at concurrency 64, benchmarks/RESULTS-serving.md).
+    gil_switch_interval_us: int = 200
     warmup: bool = True
     # dynamic batching
     max_batch_size: int | None = None  # None: the manifest's value
@@ -167,6 +174,7 @@ def _validate(cfg: ServeConfig) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):
         _check_range(cfg, name, 1024, 2**31 - 1)
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
+    _check_range(cfg, "gil_switch_interval_us", 1, 100_000)
     for name in ("poll_interval_s", "grace_period_s"):
         _check_range(cfg, name, 0.0)
     _check_range(cfg, "max_connection_age_s", 0.001)

@@ -239,6 +239,7 @@ class ModelManager:
             device=backend_device(cfg.device),
             instances=cfg.instances,
             intra_op_threads=cfg.intra_op_threads or 0,
+            allow_spinning=cfg.intra_op_spinning,
         )
         backend = await asyncio.to_thread(
             load_backend, resolved.manifest, artefact, version_dir=resolved.path, options=options

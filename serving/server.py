@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from importlib import metadata
 
 import grpc
@@ -85,6 +86,7 @@ class Server:
     async def start(self) -> None:
         """Load models, bind the ports and become ready (see the module docstring)."""
         cfg = self.config
+        sys.setswitchinterval(cfg.gil_switch_interval_us / 1e6)  # see ServeConfig
         await self.health.set_server(False)
         await self.manager.load_all()
         if self._stopping:  # SIGTERM arrived while models were loading: never open the port
