@@ -102,7 +102,14 @@ class BackendOptions:
     use_iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (pinned host buffers if possible)
     pinned_memory: bool = True  # CUDA: stage host copies through page-locked buffers (needs cuda-python)
     cuda_graphs: bool = False  # ORT CUDA EP: capture one graph per batch bucket (inputs padded up)
-    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # "EXHAUSTIVE" | "HEURISTIC" | "DEFAULT"
+    pad_to_buckets: bool = True  # CUDA EP with IOBinding: pad batches up to powers of two (see ort_runners)
+    # cuDNN benchmarks every conv once per new input shape under EXHAUSTIVE; dynamic batching
+    # makes many shapes, and on an H200 each new batch size stalled the model ~1 s (served
+    # ResNet-20 fell to 14 req/s at concurrency 16, benchmarks/gpu/RESULTS.md). HEURISTIC asks
+    # cuDNN's heuristics instead: no stall, kernels within a few % at fixed shapes.
+    cudnn_conv_algo_search: str = "HEURISTIC"  # "EXHAUSTIVE" | "HEURISTIC" | "DEFAULT"
+    cuda_tf32: bool = True  # CUDA EP: TF32 tensor cores for FP32 convs/matmuls (10-bit mantissa)
+    cuda_prefer_nhwc: bool = False  # CUDA EP: NHWC conv kernels (tensor-core friendly for FP16)
     trt_fp16: bool = False  # TensorRT EP: allow fp16 kernels
     trt_int8: bool = False
     trt_engine_cache_dir: str | None = None  # TensorRT EP: reuse built engines across restarts

@@ -121,6 +121,8 @@ class OnnxRuntimeBackend:
             "device_id": opts.device_id or 0,
             "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
             "enable_cuda_graph": int(opts.cuda_graphs),
+            "use_tf32": int(opts.cuda_tf32),
+            "prefer_nhwc": int(opts.cuda_prefer_nhwc),
         }
         providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         if kind == "tensorrt":
