@@ -7,8 +7,8 @@ ModelInfer passes through (no serving code changes), drives it with perf_analyze
 `--concurrency`, and prints per stage the mean / p50 / p99 in microseconds:
 
   decode      handler entry -> inputs decoded (KServe tensors -> numpy, zero-copy for raw)
-  queue       decoded -> its batch dispatched (waiting for a free instance / batch formation)
-  hop_in      dispatched -> the worker thread starts the batch (thread wake-up, then the GIL)
+  queue       decoded -> a batcher worker takes it into a batch (waiting for a free worker)
+  hop_in      taken -> the worker starts computing the batch (the GIL, between the two)
   gather      worker start -> ORT called (np.concatenate of the batch, input checks)
   ort         ONNX Runtime session.run of the whole batch
   scatter     ORT done -> worker returns (output checks, per-request slices)
@@ -59,7 +59,7 @@ def install_probes() -> None:
     from serving.batcher import DynamicBatcher
 
     decode, encode, record = gi.decode_inputs, gi.encode_outputs, gi.record_outcome
-    dispatch, finish, compute = DynamicBatcher._dispatch, DynamicBatcher._finish, DynamicBatcher._compute
+    take, finish, compute = DynamicBatcher._next_batch, DynamicBatcher._finish, DynamicBatcher._compute
     infer = OnnxRuntimeBackend.infer
     clock = time.perf_counter
 
@@ -71,13 +71,14 @@ def install_probes() -> None:
         _BY_INPUTS[id(inputs)] = rec
         return inputs
 
-    def dispatch_probe(self, batch):
+    def take_probe(self):
+        batch = take(self)
         now = clock()
-        for req in batch:
+        for req in batch or ():
             rec = _BY_INPUTS.get(id(req.inputs))
             if rec is not None:
                 rec["dispatched"] = now
-        return dispatch(self, batch)
+        return batch
 
     def compute_probe(self, inputs, rows, *rest):
         start = clock()
@@ -121,7 +122,7 @@ def install_probes() -> None:
                 _DONE.append(current[1])
 
     gi.decode_inputs, gi.encode_outputs, gi.record_outcome = decode_probe, encode_probe, record_probe
-    DynamicBatcher._dispatch, DynamicBatcher._finish = dispatch_probe, finish_probe
+    DynamicBatcher._next_batch, DynamicBatcher._finish = take_probe, finish_probe
     DynamicBatcher._compute = compute_probe
     OnnxRuntimeBackend.infer = infer_probe
 

@@ -8,7 +8,6 @@ up to `instances` calls run in parallel from the batcher's worker threads.
 from __future__ import annotations
 
 import logging
-import queue
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,10 @@ import numpy as np
 from serving.backends.base import (
     BackendOptions,
     TensorSpec,
-    check_outputs,
-    validate_inputs,
 )
 from serving.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
-from serving.errors import BackendError, KilnError, ModelLoadError, ModelUnavailableError
+from serving.backends.pool import InstancePool
+from serving.errors import ModelLoadError
 
 __all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "session_specs"]
 
@@ -48,7 +46,6 @@ _PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-_CLOSE_TIMEOUT_S = 30.0
 
 
 def session_specs(session: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -73,7 +70,6 @@ class OnnxRuntimeBackend:
 
         self._options = options or BackendOptions()
         self._max_batch_size = max_batch_size
-        self._closed = False
         kind = _provider_kind(self._options)
         available = ort.get_available_providers()
         if _PROVIDER_NAMES[kind] not in available:
@@ -83,10 +79,13 @@ class OnnxRuntimeBackend:
         sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
         self._inputs, self._outputs = session_specs(sessions[0])
         self._provider = kind
-        self._runners = [self._runner(s, kind) for s in sessions]
-        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for runner in self._runners:
-            self._free.put(runner)
+        self._pool = InstancePool(
+            [self._runner(s, kind) for s in sessions],
+            engine="onnxruntime",
+            inputs=self._inputs,
+            outputs=self._outputs,
+            max_batch_size=max_batch_size,
+        )
 
     def _session(self, ort: Any, path: Path, kind: str) -> Any:
         opts = self._options
@@ -182,7 +181,7 @@ class OnnxRuntimeBackend:
     @property
     def instances(self) -> int:
         """Sessions that can run at once."""
-        return len(self._runners)
+        return len(self._pool)
 
     @property
     def provider(self) -> str:
@@ -191,35 +190,11 @@ class OnnxRuntimeBackend:
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate, run on a free instance (blocking until one is free), return outputs by name."""
-        if self._closed:
-            raise ModelUnavailableError("backend is closed", reason="closed")
-        rows = validate_inputs(self._inputs, inputs, self._max_batch_size)
-        runner = self._free.get()
-        try:
-            outputs = runner.run(inputs, rows)
-        except KilnError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"onnxruntime failed on a batch of {rows}: {exc}") from exc
-        finally:
-            self._free.put(runner)
-        try:
-            check_outputs(outputs, self._outputs, rows)
-        except ValueError as exc:
-            raise BackendError(str(exc)) from exc
-        return outputs
+        return self._pool.run(inputs)
 
     def close(self) -> None:
         """Wait for running calls (bounded), then release sessions and pinned buffers."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._runners:
-            try:
-                self._free.get(timeout=_CLOSE_TIMEOUT_S).close()
-            except queue.Empty:
-                log.warning("onnxruntime backend closed while a call was still running")
-                break
+        self._pool.close()
 
 
 def _provider_kind(options: BackendOptions) -> str:

@@ -9,7 +9,6 @@ not portable, and a mismatch would otherwise fail obscurely or run slowly.
 from __future__ import annotations
 
 import logging
-import queue
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from serving.backends.base import BackendOptions, TensorSpec, check_outputs, datatype_of, validate_inputs
-from serving.errors import BackendError, KilnError, ModelLoadError, ModelUnavailableError
+from serving.backends.base import BackendOptions, TensorSpec, datatype_of
+from serving.backends.pool import InstancePool
+from serving.errors import ModelLoadError
 from serving.manifest_types import TensorRTInfo
 
 __all__ = ["RuntimeTarget", "TensorRTBackend", "check_plan_compatible", "plan_incompatibility"]
 
 log = logging.getLogger(__name__)
-_CLOSE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,11 +113,13 @@ class TensorRTBackend:
         self._inputs, self._outputs = _engine_specs(trt, self._engine)
         profile_max = self._engine.get_tensor_profile_shape(self._inputs[0].name, 0)[2][0]
         self._max_batch_size = min(max_batch_size, int(profile_max))
-        self._closed = False
-        self._instances = [self._instance(i, options.device_id) for i in range(options.instances)]
-        self._free: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
-        for inst in self._instances:
-            self._free.put(inst)
+        self._pool = InstancePool(
+            [self._instance(i, options.device_id) for i in range(options.instances)],
+            engine="TensorRT",
+            inputs=self._inputs,
+            outputs=self._outputs,
+            max_batch_size=self._max_batch_size,
+        )
 
     def _instance(self, index: int, device_id: int) -> _Instance:
         profiles = self._engine.num_optimization_profiles
@@ -150,40 +151,16 @@ class TensorRTBackend:
     @property
     def instances(self) -> int:
         """Execution contexts (one stream each)."""
-        return len(self._instances)
+        return len(self._pool)
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate, run on a free context, return outputs by name (blocking)."""
-        if self._closed:
-            raise ModelUnavailableError("backend is closed", reason="closed")
-        rows = validate_inputs(self._inputs, inputs, self._max_batch_size)
-        inst = self._free.get()
-        try:
-            outputs = inst.run(inputs, rows)
-        except KilnError:
-            raise
-        except Exception as exc:
-            raise BackendError(f"TensorRT failed on a batch of {rows}: {exc}") from exc
-        finally:
-            self._free.put(inst)
-        try:
-            check_outputs(outputs, self._outputs, rows)
-        except ValueError as exc:
-            raise BackendError(str(exc)) from exc
-        return outputs
+        return self._pool.run(inputs)
 
     def close(self) -> None:
         """Wait for running calls (bounded), then free buffers, streams, contexts and the engine."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._instances:
-            try:
-                self._free.get(timeout=_CLOSE_TIMEOUT_S).close()
-            except queue.Empty:
-                log.warning("TensorRT backend closed while a call was still running")
-                return
-        self._engine = None
+        if self._pool.close():
+            self._engine = None
 
 
 def _engine_specs(trt: Any, engine: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

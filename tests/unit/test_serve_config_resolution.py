@@ -70,6 +70,8 @@ def test_relative_paths_in_file_are_relative_to_the_file(tmp_path: Path) -> None
         ({"KILN_METRICS_PORT": "8001"}, "metrics_port: must differ from port (8001)"),
         ({"KILN_TLS_CERT": "/nonexistent/cert.pem"}, "tls_cert and tls_key must be given together"),
         ({"KILN_AUTH_TOKEN": "short"}, "auth_token: the bearer token must be at least 8 characters"),
+        ({"KILN_GIL_SWITCH_INTERVAL_US": "0"}, "gil_switch_interval_us: must be in [1, 100000], got 0"),
+        ({"KILN_INTRA_OP_SPINNING": "fast"}, "KILN_INTRA_OP_SPINNING: expected true/false, got 'fast'"),
     ],
 )
 def test_bad_values_name_the_source_and_value(repo: Path, env: dict[str, str], message: str) -> None:
