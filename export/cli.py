@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preprocess-in-graph",
         action="store_true",
-        help="model takes uint8 NHWC pixels and normalises in the graph",
+        help="image models: take uint8 NHWC pixels and normalise in the graph "
+        "(signal models always take raw float32 [N, C, L] and normalise in the graph)",
     )
     parser.add_argument("--probabilities", action="store_true", help="add a softmax 'probabilities' output")
     parser.add_argument("--max-batch", type=int, default=64, help="largest batch served (default: 64)")
@@ -45,10 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration-samples",
         type=int,
         default=256,
-        help="train images for INT8 calibration (default: 256)",
+        help="train samples for INT8 calibration (default: 256)",
     )
     parser.add_argument(
-        "--parity-samples", type=int, default=2000, help="held-out images for the parity gate (default: 2000)"
+        "--parity-samples",
+        type=int,
+        default=2000,
+        help="held-out samples for the parity gate (default: 2000)",
     )
     parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint to export")
     parser.add_argument("--tensorrt", action="store_true", help="also build TensorRT plans (needs a GPU)")
@@ -177,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     out.print(parity_table(result.parity, f"{result.name} v{result.version}: parity vs PyTorch"))
     errors = ", ".join(f"{k} {v:.2g}" for k, v in result.fold_errors.items())
     out.print(f"fold: {result.fold.summary()}; max rel err vs unfolded: {errors}")
+    for group in result.fold.kept_by_cause():
+        out.print(f"  {group['count']} kept as affine (Mul+Add), {group['cause']}: {group['why']}")
     if result.forced:
         out.print(f"[yellow]forced past tolerance (recorded in kiln.json): {', '.join(result.forced)}[/]")
     out.print(f"published {result.path}")

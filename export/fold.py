@@ -5,7 +5,11 @@ Every BatchNorm whose input is a convolution used nowhere else is folded into th
 weight's dtype). A BatchNorm that cannot be folded (pre-activation ResNets, a BN after an add or
 a pooling, a conv whose output is also used elsewhere) becomes an :class:`Affine` (``x·s + t``
 per channel, ONNX ``Mul`` + ``Add``) so no ``BatchNormalization`` node reaches the exported
-graph, and the report says why it was not folded.
+graph, and the report says why it was not folded, grouped by cause with an explanation per
+cause (:data:`KEPT_CAUSES`: ResNet v2 pre-activation, DenseNet's BN-ReLU-conv on a
+concatenation, a convolution whose output is also used elsewhere). Modules the eval-mode
+forward never reaches (GoogLeNet's training-only auxiliary classifiers) are left out of the
+folded module and listed as dropped, with their parameter counts.
 
 Folding is done here, in PyTorch, rather than trusted to the ONNX exporter's own fusion pass:
 that pass has shipped bugs producing wrong ResNets, and this one is checked numerically
@@ -15,6 +19,7 @@ that pass has shipped bugs producing wrong ResNets, and this one is checked nume
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,7 +28,9 @@ from torch import fx, nn
 
 __all__ = [
     "FOLD_TOLERANCES",
+    "KEPT_CAUSES",
     "Affine",
+    "DroppedModule",
     "FoldError",
     "FoldReport",
     "LayerFold",
@@ -54,6 +61,54 @@ class Affine(nn.Module):
         return f"channels={self.scale.numel()}"
 
 
+# Why a BatchNorm stayed an affine, by cause: the explanation kiln.json carries for each group.
+KEPT_CAUSES: dict[str, str] = {
+    "after_add": (
+        "pre-activation (ResNet v2): the BatchNorm normalises a residual sum (branch + shortcut) "
+        "that no single convolution produces, and the ReLU after it is not linear, so it folds "
+        "into neither neighbour"
+    ),
+    "after_concat": (
+        "BN-ReLU-conv on a concatenation (DenseNet): the BatchNorm normalises feature maps that "
+        "several earlier layers produced and later layers also read unnormalised, so no single "
+        "convolution produces its input, and the ReLU after it blocks folding into the next one"
+    ),
+    "shared_conv_output": (
+        "the convolution's output is also read elsewhere (e.g. a stem output feeding both the "
+        "first pre-activation and the shortcut): folding into it would change the other path"
+    ),
+    "not_after_conv": (
+        "its input is not a convolution's output (a pooling, linear or other op), so there is "
+        "no convolution to fold it into"
+    ),
+    "other": "see the per-layer reason",
+}
+AFFINE_NOTE = (
+    "a BatchNorm kept as an affine is exported as x*scale + shift per channel (ONNX Mul + Add): "
+    "the eval-mode BatchNorm's own arithmetic, so it costs two elementwise ops, not accuracy"
+)
+DROPPED_REASON = "not reached by the eval-mode forward pass (training-only), so not in the exported graph"
+
+
+def _cause(reason: str) -> str:
+    """The KEPT_CAUSES key of a not-foldable reason."""
+    if not reason:
+        return ""
+    called = re.match(r"input is call_(?:function|method) (\w+)", reason)
+    if called:
+        op = called.group(1)
+        if op in ("add", "iadd", "add_"):
+            return "after_add"
+        if op in ("cat", "concat", "concatenate"):
+            return "after_concat"
+        return "not_after_conv"
+    if "users" in reason:
+        return "shared_conv_output"
+    if reason.startswith("input is"):
+        return "not_after_conv"
+    return "other"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerFold:
     """What happened to one BatchNorm."""
@@ -63,16 +118,41 @@ class LayerFold:
     into: str | None  # the conv it was folded into (folded only)
     reason: str  # why it was kept as an affine ("" when folded)
 
+    @property
+    def cause(self) -> str:
+        """The KEPT_CAUSES key of `reason` ("" when folded)."""
+        return _cause(self.reason)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"bn": self.bn, "action": self.action, "into": self.into, "reason": self.reason}
+        return {
+            "bn": self.bn,
+            "action": self.action,
+            "into": self.into,
+            "reason": self.reason,
+            "cause": self.cause,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class DroppedModule:
+    """A submodule with parameters that the eval-mode forward never calls (not exported)."""
+
+    module: str
+    parameters: int
+    reason: str = DROPPED_REASON
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"module": self.module, "parameters": self.parameters, "reason": self.reason}
 
 
 @dataclass(frozen=True, kw_only=True)
 class FoldReport:
-    """Per-layer outcome of :func:`fold_batchnorms`, in graph order."""
+    """Per-layer outcome of :func:`fold_batchnorms`, in graph order, and the dropped modules."""
 
     layers: tuple[LayerFold, ...]
+    dropped: tuple[DroppedModule, ...] = ()
 
     @property
     def folded(self) -> tuple[LayerFold, ...]:
@@ -84,15 +164,44 @@ class FoldReport:
         """BatchNorms kept as a per-channel affine."""
         return tuple(layer for layer in self.layers if layer.action == "affine")
 
+    def kept_by_cause(self) -> list[dict[str, Any]]:
+        """The kept BatchNorms grouped by cause: count, explanation, the layers' names."""
+        groups: dict[str, list[LayerFold]] = {}
+        for layer in self.kept:
+            groups.setdefault(layer.cause, []).append(layer)
+        return [
+            {
+                "cause": cause,
+                "count": len(layers),
+                "why": KEPT_CAUSES[cause],
+                "reasons": sorted({layer.reason for layer in layers}),
+                "layers": [layer.bn for layer in layers],
+            }
+            for cause, layers in groups.items()
+        ]
+
     def summary(self) -> str:
-        """One line, e.g. '19 folded, 0 kept as affine'."""
-        return f"{len(self.folded)} folded, {len(self.kept)} kept as affine"
+        """One line, e.g. '19 folded, 0 kept as affine' (+ the causes and dropped modules)."""
+        if not self.layers:
+            text = "no BatchNorm layers (nothing to fold)"
+        else:
+            text = f"{len(self.folded)} folded, {len(self.kept)} kept as affine"
+            causes = ", ".join(f"{g['count']} {g['cause']}" for g in self.kept_by_cause())
+            text += f" ({causes})" if causes else ""
+        if self.dropped:
+            names = ", ".join(f"{d.module} ({d.parameters:,} params)" for d in self.dropped)
+            text += f"; dropped, training-only: {names}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (goes into kiln.json's extra section)."""
         return {
             "folded": len(self.folded),
             "kept_as_affine": len(self.kept),
+            "summary": self.summary(),
+            "kept_by_cause": self.kept_by_cause(),
+            "affine_note": AFFINE_NOTE if self.kept else "",
+            "dropped_modules": [d.to_dict() for d in self.dropped],
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -132,6 +241,29 @@ def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def _unreached_modules(source: nn.Module, gm: fx.GraphModule) -> tuple[DroppedModule, ...]:
+    """The outermost submodules with parameters that no node of the traced graph uses."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    covered = set()  # used names and all their ancestors
+    for name in used:
+        parts = name.split(".")
+        covered.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+    def reached(name: str) -> bool:
+        parts = name.split(".")
+        return name in covered or any(".".join(parts[:i]) in used for i in range(1, len(parts)))
+
+    dropped = []
+    for name, module in source.named_modules():
+        parent = name.rpartition(".")[0]
+        if not name or reached(name) or (parent and not reached(parent)):
+            continue  # the root, a used module, or inside an already reported one
+        count = sum(p.numel() for p in module.parameters())
+        if count:
+            dropped.append(DroppedModule(module=name, parameters=count))
+    return tuple(dropped)
+
+
 def _why_not_foldable(gm: fx.GraphModule, node: fx.Node, bn: nn.Module, call_sites: dict[str, int]) -> str:
     """'' when `node` (a BN call) can be folded into its input conv, else the reason."""
     if bn.running_mean is None or bn.running_var is None:
@@ -166,6 +298,7 @@ def fold_batchnorms(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
         gm = fx.symbolic_trace(source)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
         raise ValueError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+    dropped = _unreached_modules(source, gm)
     call_sites: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -194,7 +327,7 @@ def fold_batchnorms(model: nn.Module) -> tuple[fx.GraphModule, FoldReport]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.eval().requires_grad_(False)
-    return gm, FoldReport(layers=tuple(layers))
+    return gm, FoldReport(layers=tuple(layers), dropped=dropped)
 
 
 def max_relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:

@@ -1,8 +1,11 @@
-"""The images export needs (held-out split for parity, train images for INT8 calibration) and
+"""The samples export needs (held-out split for parity, train samples for INT8 calibration) and
 the host preprocessing that turns them into the model's input, as run.json describes it.
 
-Host preprocessing multiplies by `scale` (not divides by 255) so it is the exact arithmetic
-the in-graph preprocessing performs: Cast → ·scale → −mean → ÷std, all in float32.
+Images are uint8 [N,C,H,W]; host preprocessing multiplies by `scale` (not divides by 255) so it
+is the exact arithmetic the in-graph preprocessing performs: Cast → ·scale → −mean → ÷std, all
+in float32. Signals are float32 [N,C,L] (layout NCL); their normalisation (·scale when not 1,
+−mean, ÷std per channel) is always put in the exported graph, so a signal model takes the raw
+values; `SignalPreprocess` is the same arithmetic on the host, for the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HostPreprocess", "ImageSet", "sample_split", "split_arrays"]
+__all__ = [
+    "HostPreprocess",
+    "ImageSet",
+    "Preprocess",
+    "SignalPreprocess",
+    "preprocess_from_run_input",
+    "sample_split",
+    "split_arrays",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +63,16 @@ class HostPreprocess:
         """The model's input shape without the batch dim."""
         return (self.channels, self.height, self.width)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape without the batch dim (as `SignalPreprocess.input_shape`)."""
+        return self.chw
+
+    @property
+    def is_signal(self) -> bool:
+        """False: images."""
+        return False
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Normalise uint8 [N,C,H,W] to float32 [N,C,H,W]."""
         if images.dtype != np.uint8 or images.shape[1:] != self.chw:
@@ -66,8 +87,80 @@ class HostPreprocess:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SignalPreprocess:
+    """float32 signals [N,C,L] → model input: (x·scale − mean) ÷ std per channel, from run.json's
+    "input" record of kind "signal". The exported graph does the same at its front."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0
+    channels: int = 1
+    length: int = 40
+
+    @classmethod
+    def from_run_input(cls, record: Mapping[str, Any]) -> SignalPreprocess:
+        """Build from run.json's "input" dict; ValueError names a missing or bad key."""
+        try:
+            pre = cls(
+                mean=tuple(float(m) for m in record["mean"]),
+                std=tuple(float(s) for s in record["std"]),
+                scale=float(record.get("scale", 1.0)),
+                channels=int(record["channels"]),
+                length=int(record["length"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc!r}") from exc
+        if record.get("layout", "NCL") != "NCL":
+            raise ValueError(f"run.json 'input': a signal needs layout NCL, got {record.get('layout')!r}")
+        if pre.channels < 1 or pre.length < 1:
+            raise ValueError(f"run.json 'input': channels/length must be >= 1, got {pre.input_shape}")
+        if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0:
+            raise ValueError(f"run.json 'input': mean/std must have {pre.channels} values, std > 0")
+        if not np.isfinite([*pre.mean, *pre.std, pre.scale]).all() or pre.scale <= 0:
+            raise ValueError("run.json 'input': mean/std/scale must be finite and scale > 0")
+        return pre
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """The model's input shape without the batch dim: (C, L)."""
+        return (self.channels, self.length)
+
+    @property
+    def is_signal(self) -> bool:
+        """True: signals."""
+        return True
+
+    def __call__(self, signals: np.ndarray) -> np.ndarray:
+        """Normalise raw float32 [N,C,L] to the float32 [N,C,L] the PyTorch model takes."""
+        if signals.dtype != np.float32 or signals.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"expected float32 signals [N, {self.channels}, {self.length}], "
+                f"got {signals.dtype} {signals.shape}"
+            )
+        shape = (1, self.channels, 1)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.std, dtype=np.float32).reshape(shape)
+        scaled = signals if self.scale == 1.0 else signals * np.float32(self.scale)
+        return (scaled - mean) / std
+
+
+Preprocess = HostPreprocess | SignalPreprocess
+
+
+def preprocess_from_run_input(record: Mapping[str, Any]) -> Preprocess:
+    """The host preprocessing for run.json's "input" record: images or signals by its "kind"."""
+    kind = record.get("kind", "image") if isinstance(record, Mapping) else None
+    if kind == "signal":
+        return SignalPreprocess.from_run_input(record)
+    if kind == "image":
+        return HostPreprocess.from_run_input(record)
+    raise ValueError(f"run.json 'input': unknown kind {kind!r}; expected 'image' or 'signal'")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImageSet:
-    """uint8 images [N,C,H,W] and int64 labels [N]."""
+    """Model inputs before preprocessing and int64 labels [N]: uint8 images [N,C,H,W] or
+    (despite the name, kept for its callers) float32 signals [N,C,L]."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -77,11 +170,14 @@ class ImageSet:
 
     def nhwc(self) -> np.ndarray:
         """The images as uint8 [N,H,W,C] (the in-graph preprocessing input), contiguous."""
+        if self.images.ndim != 4:
+            raise ValueError(f"nhwc() needs images [N,C,H,W], got shape {self.images.shape}")
         return np.ascontiguousarray(self.images.transpose(0, 2, 3, 1))
 
 
 def split_arrays(dataset: Any, indices: Sequence[int] | None = None) -> ImageSet:
-    """Images/labels of a dataset split: the fast tensor path when it has one, else item by item."""
+    """Inputs/labels of a dataset split: the fast tensor path when it has one (image and signal
+    tensor sets both expose `.images`), else item by item (lazily decoded uint8 images)."""
     if hasattr(dataset, "images") and hasattr(dataset, "labels"):
         images, labels = dataset.images.numpy(), dataset.labels.numpy()
         if indices is not None:
@@ -94,12 +190,12 @@ def split_arrays(dataset: Any, indices: Sequence[int] | None = None) -> ImageSet
     items = [dataset[int(i)] for i in picked]
     if not items:
         raise ValueError("the split is empty")
-    images = np.stack([np.asarray(img.numpy(), dtype=np.uint8) for img, _ in items])
+    images = np.stack([np.asarray(img.numpy()) for img, _ in items])
     return ImageSet(images=images, labels=np.asarray([label for _, label in items], dtype=np.int64))
 
 
 def sample_split(dataset: Any, limit: int | None, *, seed: int = 0) -> ImageSet:
-    """Up to `limit` images of a split (all when None), a seeded random subset when fewer."""
+    """Up to `limit` samples of a split (all when None), a seeded random subset when fewer."""
     count = len(dataset)
     if count == 0:
         raise ValueError("the split is empty")

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from export.inputs import HostPreprocess
+from export.inputs import Preprocess
 from export.onnx_export import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME
 from export.parity import ParityResult
 from export.variants import Candidate
@@ -80,7 +80,12 @@ def artefact_entry(version_dir: Path, candidate: Candidate, parity: ParityReport
     )
 
 
-def _input_spec(pre: HostPreprocess, in_graph: bool) -> InputSpec:
+def _input_spec(pre: Preprocess, in_graph: bool) -> InputSpec:
+    if pre.is_signal:
+        # Raw float32 signals; their normalisation is in the graph (see signal_normalisation in
+        # the manifest's extra section), so there is no host preprocessing to describe.
+        c, length = pre.input_shape
+        return InputSpec(name=INPUT_NAME, datatype="FP32", layout="NCL", kind="signal", shape=(-1, c, length))
     c, h, w = pre.chw
     preprocessing = Preprocessing(
         resize=min(h, w),
@@ -122,7 +127,7 @@ def build_manifest(
     name: str,
     version: int,
     run: Any,
-    pre: HostPreprocess,
+    pre: Preprocess,
     in_graph: bool,
     probabilities: bool,
     max_batch: int,

@@ -4,9 +4,10 @@
   one in torch 2.13; the TorchScript exporter is deprecated) at opset 18, the opset the
   exporter's ONNX-script library is written in, so no version conversion step is involved.
   The sample batch is 2: a batch of 1 lets tracing specialise the batch dim to a constant.
-- :func:`add_preprocessing` / :func:`add_softmax` edit the finished graph rather than the torch
-  model, so the same edits apply unchanged to the FP32, FP16 and INT8 variants (the quantizer
-  then never sees the uint8 input or the softmax).
+- :func:`add_preprocessing` / :func:`add_signal_normalisation` / :func:`add_softmax` edit the
+  finished graph rather than the torch model, so the same edits apply unchanged to the FP32,
+  FP16 and INT8 variants (the quantizer then never sees the uint8 input, the raw signal
+  normalisation or the softmax).
 - :func:`check_onnx` runs the full checker and strict shape inference; :func:`save_onnx` writes
   one self-contained file (no external-data side file).
 """
@@ -30,6 +31,7 @@ __all__ = [
     "PROBABILITIES_NAME",
     "OnnxExportError",
     "add_preprocessing",
+    "add_signal_normalisation",
     "add_softmax",
     "check_onnx",
     "count_ops",
@@ -185,6 +187,60 @@ def add_preprocessing(
     batch = dims[0].dim_param or "batch"
     new_input = helper.make_tensor_value_info(input_name, TensorProto.UINT8, [batch, height, width, channels])
     old.CopyFrom(new_input)
+    return out
+
+
+def add_signal_normalisation(
+    model: onnx.ModelProto,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float = 1.0,
+    input_name: str = INPUT_NAME,
+) -> onnx.ModelProto:
+    """A copy of `model` taking raw float32 signals [batch, C, L]: (·scale) → −mean → ÷std.
+
+    Per channel, in the order (and float32 arithmetic) of training's normaliser, so clients send
+    the raw signal. Not folded into the first convolution: with zero padding that would change
+    the border outputs. The original input must be a static float [N, C, L]; the interface
+    (name, shape, dtype) stays the same.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    old = _value(out, input_name, output=False)
+    dims = old.type.tensor_type.shape.dim
+    static = [d.dim_value for d in dims[1:]]
+    if len(dims) != 3 or not all(static) or old.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise OnnxExportError(f"signal normalisation needs a static float [N, C, L] input, got {old.type}")
+    channels = static[0]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
+    if min(std) <= 0 or not scale > 0:
+        raise ValueError(f"std and scale must be > 0, got std={list(std)} scale={scale}")
+    inner = "kiln_normalised_input"
+    for node in out.graph.node:
+        node.input[:] = [inner if name == input_name else name for name in node.input]
+    per_channel = (1, channels, 1)
+    out.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(mean, dtype=np.float32).reshape(per_channel), "kiln_pre_mean"),
+            numpy_helper.from_array(np.array(std, dtype=np.float32).reshape(per_channel), "kiln_pre_std"),
+        ]
+    )
+    make = helper.make_node
+    nodes, source = [], input_name
+    if scale != 1.0:
+        scale_init = numpy_helper.from_array(np.array(scale, dtype=np.float32), "kiln_pre_scale")
+        out.graph.initializer.append(scale_init)
+        nodes.append(make("Mul", [source, "kiln_pre_scale"], ["kiln_pre_scaled"], name="kiln_pre_mul"))
+        source = "kiln_pre_scaled"
+    nodes += [
+        make("Sub", [source, "kiln_pre_mean"], ["kiln_pre_centred"], name="kiln_pre_sub"),
+        make("Div", ["kiln_pre_centred", "kiln_pre_std"], [inner], name="kiln_pre_div"),
+    ]
+    existing = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + existing)
     return out
 
 

@@ -4,6 +4,10 @@ Each step is followed by its check: fold → fold equivalence (float64 and float
 full ONNX check and no BatchNormalization left, every artefact → parity against the unfolded
 PyTorch checkpoint on held-out data. If any artefact misses its tolerance, nothing is published
 (a version is one unit) unless `force`, which publishes it with the override recorded.
+
+A signal run (run.json input kind "signal", layout NCL) exports a graph that takes the raw
+float32 signal [N, C, L] and applies the training normalisation at its front; its parity is
+measured on the raw held-out signals against PyTorch on the normalised ones.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from export.fold import FoldReport, fold_batchnorms, verify_fold
-from export.inputs import HostPreprocess, ImageSet, sample_split
+from export.inputs import ImageSet, Preprocess, preprocess_from_run_input, sample_split
 from export.manifest_build import (
     REFERENCE,
     artefact_entry,
@@ -117,14 +121,18 @@ class ExportResult:
 class _Loaded:
     model: Any
     run: Any
-    pre: HostPreprocess
+    pre: Preprocess
     held_out: ImageSet
     split: str
     calibration: np.ndarray | None
 
+    def in_graph(self, request: ExportRequest) -> bool:
+        """Whether the graph normalises its input: on request for images, always for signals."""
+        return self.pre.is_signal or request.preprocess_in_graph
+
 
 def _load(request: ExportRequest) -> _Loaded:
-    """Run, model and images; every expected failure becomes one ExportError line."""
+    """Run, model and samples; every expected failure becomes one ExportError line."""
     from training.checkpoint import CheckpointError, load_model
     from training.data import DataError, load_dataset
     from training.models import ModelConfigError
@@ -133,10 +141,22 @@ def _load(request: ExportRequest) -> _Loaded:
         raise ExportError(f"--repo {request.repo} is a file, not a directory")
     try:
         model, run = load_model(request.run_dir, which=request.which)
-        pre = HostPreprocess.from_run_input(run.input)
+        pre = preprocess_from_run_input(run.input)
+        if pre.is_signal and request.preprocess_in_graph:
+            raise ExportError(
+                "--preprocess-in-graph is for image models: a signal model always normalises in "
+                "the graph (it takes raw float32 [N, C, L])"
+            )
         bundle = load_dataset(run.data_spec)
     except (CheckpointError, ModelConfigError, DataError, ValueError) as exc:
         raise ExportError(str(exc)) from exc
+    if bundle.is_signal != pre.is_signal or tuple(bundle.input_shape) != pre.input_shape:
+        kind = "signal" if pre.is_signal else "image"
+        raise ExportError(
+            f"run.json describes a {kind} input of shape {list(pre.input_shape)} but its dataset "
+            f"{run.data_spec.name!r} gives {'signals' if bundle.is_signal else 'images'} of shape "
+            f"{list(bundle.input_shape)}"
+        )
     split = "test" if len(bundle.test) else "val"
     held_out = sample_split(getattr(bundle, split), request.parity_samples)
     calibration = None
@@ -156,10 +176,15 @@ def _runner(candidate: Candidate) -> tuple[Callable[[np.ndarray], np.ndarray], s
 def _verify(
     candidates: list[Candidate], loaded: _Loaded, request: ExportRequest, progress: Progress
 ) -> tuple[ParityResult, ...]:
-    """Parity of every candidate against the unfolded PyTorch model on the held-out images."""
+    """Parity of every candidate against the unfolded PyTorch model on the held-out samples."""
     held = loaded.held_out
     reference = torch_logits(loaded.model, loaded.pre(held.images))
-    inputs = held.nhwc() if request.preprocess_in_graph else loaded.pre(held.images)
+    if loaded.pre.is_signal:
+        inputs = held.images  # raw float32 [N, C, L]: the graph normalises
+    elif request.preprocess_in_graph:
+        inputs = held.nhwc()
+    else:
+        inputs = loaded.pre(held.images)
     results = []
     for cand in candidates:
         progress(f"parity {cand.filename}")
@@ -185,7 +210,7 @@ def _build(
     core: Any, loaded: _Loaded, request: ExportRequest, work: Path, progress: Progress
 ) -> list[Candidate]:
     options = GraphOptions(
-        preprocess=loaded.pre if request.preprocess_in_graph else None, probabilities=request.probabilities
+        preprocess=loaded.pre if loaded.in_graph(request) else None, probabilities=request.probabilities
     )
     common = {
         "options": options,
@@ -245,7 +270,7 @@ def _publish(
             version=version,
             run=loaded.run,
             pre=loaded.pre,
-            in_graph=request.preprocess_in_graph,
+            in_graph=loaded.in_graph(request),
             probabilities=request.probabilities,
             max_batch=request.max_batch,
             artefacts=entries,
@@ -258,6 +283,17 @@ def _publish(
 
 def _model_name(request: ExportRequest, loaded: _Loaded) -> str:
     return request.name or model_name_from(loaded.run.run_id)
+
+
+def _signal_normalisation(pre: Any) -> dict[str, Any]:
+    """What the graph does to a raw signal before the network (kiln.json's extra section)."""
+    return {
+        "in_graph": True,
+        "formula": "(x * scale - mean[c]) / std[c] per channel c, float32",
+        "scale": pre.scale,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+    }
 
 
 def export_run(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
@@ -279,9 +315,9 @@ def export_run(request: ExportRequest, progress: Progress | None = None) -> Expo
         )
     say("fold batchnorm")
     folded, report = fold_batchnorms(loaded.model)
-    fold_errors = verify_fold(loaded.model, folded, loaded.pre.chw)
+    fold_errors = verify_fold(loaded.model, folded, loaded.pre.input_shape)
     say("export onnx")
-    core = export_onnx(folded, loaded.pre.chw, opset=request.opset)
+    core = export_onnx(folded, loaded.pre.input_shape, opset=request.opset)
     with tempfile.TemporaryDirectory(prefix="kiln-export-") as tmp:
         candidates = _build(core, loaded, request, Path(tmp), say)
         results = _verify(candidates, loaded, request, say)
@@ -290,11 +326,13 @@ def export_run(request: ExportRequest, progress: Progress | None = None) -> Expo
             raise ParityGateError(results)
         say("publish")
         extra = {
-            "fold": {**report.to_dict(), "max_rel_err": fold_errors},
+            "fold": {"family": loaded.run.model_config.arch, **report.to_dict(), "max_rel_err": fold_errors},
             "onnx": {"opset": request.opset, "exporter": "torch.onnx.export(dynamo=True)"},
             "artefact_details": {c.filename: c.details for c in candidates},
             "held_out_split": loaded.split,
         }
+        if loaded.pre.is_signal:
+            extra["signal_normalisation"] = _signal_normalisation(loaded.pre)
         name, published = _publish(request, loaded, candidates, results, extra)
     return ExportResult(
         name=name,

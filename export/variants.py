@@ -1,8 +1,9 @@
 """Build every requested artefact file from the core FP32 ONNX graph into a work folder.
 
-The core graph (float NCHW "input" → "logits") is converted first (FP16, INT8), and only then
-wrapped with the optional in-graph preprocessing and softmax output, so the quantizer never
-sees the uint8 input or the softmax, and every variant has the same interface.
+The core graph (float NCHW or NCL "input" → "logits") is converted first (FP16, INT8), and only
+then wrapped with the in-graph preprocessing (optional for images, always for signals) and the
+optional softmax output, so the quantizer never sees the uint8 input, the raw-signal
+normalisation or the softmax, and every variant has the same interface.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 import onnx
 
 from export.fp16 import convert_fp16
-from export.inputs import HostPreprocess
+from export.inputs import Preprocess
 from export.int8 import int8_settings, quantize_int8
 from export.onnx_export import (
     OnnxExportError,
     add_preprocessing,
+    add_signal_normalisation,
     add_softmax,
     check_onnx,
     count_ops,
@@ -48,7 +50,9 @@ ORT_OPTIMIZED_FILENAME = "model.ort.onnx"
 class GraphOptions:
     """Interface options applied to every variant."""
 
-    preprocess: HostPreprocess | None = None  # set: in-graph preprocessing (uint8 NHWC input)
+    # In-graph preprocessing: HostPreprocess → the model takes uint8 NHWC pixels;
+    # SignalPreprocess → it takes raw float32 [N, C, L] signals and normalises them itself.
+    preprocess: Preprocess | None = None
     probabilities: bool = False
 
 
@@ -68,8 +72,10 @@ def finish_graph(core: onnx.ModelProto, options: GraphOptions) -> onnx.ModelProt
     """Wrap a core graph with the interface options, then check it (full checker, strict
     shape inference, and no BatchNormalization node left: folding must have removed them)."""
     model = core
-    if options.preprocess is not None:
-        pre = options.preprocess
+    pre = options.preprocess
+    if pre is not None and pre.is_signal:
+        model = add_signal_normalisation(model, mean=pre.mean, std=pre.std, scale=pre.scale)
+    elif pre is not None:
         model = add_preprocessing(model, mean=pre.mean, std=pre.std, scale=pre.scale)
     if options.probabilities:
         model = add_softmax(model)
@@ -113,7 +119,7 @@ def build_onnx_variants(
 ) -> list[Candidate]:
     """ONNX files for each precision (+ an ORT-optimised FP32 copy when asked).
 
-    `calibration` (float32 preprocessed train images) is required for int8.
+    `calibration` (float32 preprocessed train samples: the core graph's input) is required for int8.
     """
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:

@@ -1,6 +1,8 @@
 """`kiln classify IMAGE... --server HOST:PORT --model NAME`: classify images through a running server.
 
 Prints one table row per image with its top-k labels and scores, then the server's timings.
+For a 1-D (signal) model, pass `.npy` files instead, each a float [L] or [C, L] array (loaded
+without pickle); they go as raw signals. A signal model refuses images (FAILED_PRECONDITION).
 Exit status: 0 on success, 2 for bad arguments (e.g. a missing image file), 1 when the server
 refuses or fails (its status and message on stderr).
 """
@@ -11,11 +13,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `kiln classify` arguments."""
-    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/WebP files")
+    parser.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/WebP files, or .npy signals"
+    )
     parser.add_argument(
         "--server", default="127.0.0.1:8001", help="host:port of `kiln serve` (default %(default)s)"
     )
@@ -36,6 +44,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
     for image in args.images:
         if not image.is_file():
             return f"image not found: {image}"
+    if len({_is_signal(image) for image in args.images}) > 1:
+        return "pass images or .npy signals, not both"
     if args.top_k < 1:
         return f"--top-k must be >= 1, got {args.top_k}"
     if args.timeout <= 0:
@@ -47,6 +57,23 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if (args.client_cert is None) != (args.client_key is None) or (args.client_cert and not args.ca_cert):
         return "--client-cert and --client-key go together, and need --ca-cert"
     return None
+
+
+def _is_signal(path: Path) -> bool:
+    return path.suffix.lower() == ".npy"
+
+
+def _load_signals(paths: list[Path]) -> list[np.ndarray]:
+    """.npy files -> arrays; ValueError naming the file that cannot be read."""
+    import numpy as np  # imported on use: the CLI starts fast
+
+    signals = []
+    for path in paths:
+        try:
+            signals.append(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read signal {path}: {exc}") from None
+    return signals
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +99,16 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         with client:
-            response = client.classify(args.model, args.images, top_k=args.top_k, version=args.version)
+            if _is_signal(args.images[0]):
+                signals = _load_signals(args.images)
+                response = client.classify_signals(
+                    args.model, signals, top_k=args.top_k, version=args.version
+                )
+            else:
+                response = client.classify(args.model, args.images, top_k=args.top_k, version=args.version)
+    except ValueError as exc:
+        print(f"kiln classify: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         print(f"kiln classify: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@
         client.server_ready()
         logits = client.infer("resnet20", {"input": batch})["logits"]
         response = client.classify("resnet20", [Path("cat.jpg").read_bytes()], top_k=3)
+        response = client.classify_signals("mnist1d-cnn", signals_ncl, top_k=3)  # 1-D models
 
 Failures raise `grpc.RpcError` (inspect `.code()` / `.details()`). TLS: pass `ca_cert` (and
 `client_cert` + `client_key` for mTLS); a bearer token is sent as `authorization: Bearer <token>`.
@@ -40,6 +41,16 @@ def image_message(image: ImageLike) -> cpb.Image:
         raw = cpb.RawImage(height=hwc.shape[0], width=hwc.shape[1], channels=hwc.shape[2], data=hwc.tobytes())
         return cpb.Image(raw=raw)
     return cpb.Image(encoded=bytes(image))
+
+
+def signal_message(signal: np.ndarray) -> cpb.Signal:
+    """A Classify signal from a [L] or [C, L] array (sent as little-endian float32)."""
+    array = np.asarray(signal)
+    if array.ndim not in (1, 2) or array.dtype.kind not in "fiu":
+        raise ValueError(f"signals must be numeric [L] or [C, L], got {array.dtype} {list(array.shape)}")
+    cl = array.reshape(1, -1) if array.ndim == 1 else array
+    data = np.ascontiguousarray(cl, dtype="<f4").tobytes()
+    return cpb.Signal(channels=cl.shape[0], length=cl.shape[1], data=data)
 
 
 def build_infer_request(
@@ -213,6 +224,26 @@ class KilnClient:
             model=model,
             version=version,
             images=[image_message(i) for i in images],
+            top_k=top_k,
+            request_id=request_id,
+        )
+        return self._call(self.classifier.Classify, request, timeout)
+
+    def classify_signals(
+        self,
+        model: str,
+        signals: Sequence[np.ndarray] | np.ndarray,
+        *,
+        top_k: int = 0,
+        version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> cpb.ClassifyResponse:
+        """Classify raw signals ([L] or [C, L] each, or one [N, C, L] array) with a 1-D model."""
+        request = cpb.ClassifyRequest(
+            model=model,
+            version=version,
+            signals=[signal_message(s) for s in signals],
             top_k=top_k,
             request_id=request_id,
         )

@@ -1,10 +1,15 @@
-"""`kiln.classify.v1.Classifier`: images in, top-k labels out.
+"""`kiln.classify.v1.Classifier`: images (or, for a 1-D model, raw signals) in, top-k labels out.
 
 Decode/resize/normalise runs in a thread pool (serving.preprocess), never on the event loop; the
 rows then go through the model's batcher like any KServe request, so Classify and ModelInfer
 traffic batch together. Scores are softmax probabilities (or the model's own, when its output
 kind is "probabilities"). Timings: `preprocess_us` and `total_us` are exact; `compute_us` is the
 backend time of the batch that served the request and `queue_us` the rest of the batcher wait.
+
+A signal model (kiln.json input kind "signal") answers FAILED_PRECONDITION to images and takes
+`signals` instead: float32 [C, L] of exactly the model's shape, normalised in its graph, so its
+"preprocessing" is a check and a copy. The count limit is the images' one; the shape is the
+model's, so no other size limit is needed (the message size limit bounds the request).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from protos.kiln.classify.v1 import classify_pb2 as cpb
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.config import ServeConfig
-from serving.errors import InvalidInputError, KilnError, ModelUnavailableError
+from serving.errors import FailedPreconditionError, InvalidInputError, KilnError, ModelUnavailableError
 from serving.grpc_errors import log_failure, status_of
 from serving.grpc_inference import STREAM_WINDOW, deadline_of, record_outcome
 from serving.grpc_logging import REQUEST_ID
@@ -71,6 +76,34 @@ def _image_input(index: int, image: cpb.Image) -> bytes | np.ndarray:
     raise InvalidInputError(f"image {index}: neither encoded bytes nor a raw image given")
 
 
+def _signal_input(index: int, signal: cpb.Signal) -> np.ndarray:
+    """A zero-copy float32 [C, L] view of one Signal (sizes checked; values in `_signal_rows`)."""
+    shape = (signal.channels, signal.length)
+    if min(shape) < 1:
+        raise InvalidInputError(f"signal {index}: channels and length must be >= 1, got {shape}")
+    expected = shape[0] * shape[1] * 4
+    if len(signal.data) != expected:
+        raise InvalidInputError(
+            f"signal {index}: data is {len(signal.data)} bytes, expected {expected} "
+            f"({shape[0]}x{shape[1]} float32)"
+        )
+    return np.frombuffer(signal.data, dtype="<f4").reshape(shape)
+
+
+def _signal_rows(loaded: LoadedVersion, signals: list[np.ndarray]) -> np.ndarray:
+    """Signals -> [N, C, L] rows in the backend's dtype (CPU work: runs in the thread pool)."""
+    spec = loaded.manifest.input
+    for i, signal in enumerate(signals):
+        if signal.shape != (spec.channels, spec.length):
+            raise InvalidInputError(
+                f"signal {i} is {signal.shape[0]}x{signal.shape[1]} (channels x length), "
+                f"model {loaded.model} takes {spec.channels}x{spec.length}"
+            )
+        if not np.isfinite(signal).all():  # NaN/inf would come back as NaN scores
+            raise InvalidInputError(f"signal {i}: values must be finite (found NaN or infinity)")
+    return np.stack(signals).astype(loaded.backend.inputs[0].dtype, copy=False)
+
+
 class ClassifierServicer(cpb_grpc.ClassifierServicer):
     """Classify / ClassifyStream over the ModelManager; see the module docstring."""
 
@@ -110,17 +143,24 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         try:
             if not request.model:
                 raise InvalidInputError("model is empty")
+            if request.images and request.signals:
+                raise InvalidInputError("send images or signals in one request, not both")
+            kind = "signals" if request.signals else "images"
+            count = len(request.signals) + len(request.images)
             most = self._config.max_images_per_request  # larger jobs: ClassifyStream or `kiln score`
-            if not 1 <= len(request.images) <= most:
-                raise InvalidInputError(f"send 1 to {most} images per request, got {len(request.images)}")
-            images = [_image_input(i, image) for i, image in enumerate(request.images)]
-            loaded, rows = await self._preprocess(request, images)
+            if not 1 <= count <= most:
+                raise InvalidInputError(f"send 1 to {most} {kind} per request, got {count}")
+            if request.signals:
+                inputs = [_signal_input(i, signal) for i, signal in enumerate(request.signals)]
+            else:
+                inputs = [_image_input(i, image) for i, image in enumerate(request.images)]
+            loaded, rows = await self._preprocess(request, inputs)
             preprocess_s = time.perf_counter() - start
             scores = await self._run(loaded, rows, deadline)
         except BaseException as exc:
-            record_outcome(self._metrics, loaded, len(request.images), start, exc)
+            record_outcome(self._metrics, loaded, len(request.images) + len(request.signals), start, exc)
             raise
-        record_outcome(self._metrics, loaded, len(images), start, None)
+        record_outcome(self._metrics, loaded, len(inputs), start, None)
         total = time.perf_counter() - start
         compute = min(loaded.last_compute_seconds, total - preprocess_s)
         if self._metrics is not None:
@@ -140,16 +180,33 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         )
 
     async def _preprocess(
-        self, request: cpb.ClassifyRequest, images: list[bytes | np.ndarray]
+        self, request: cpb.ClassifyRequest, inputs: list[bytes | np.ndarray]
     ) -> tuple[LoadedVersion, np.ndarray]:
         """Rows for the version that will serve; redone if a hot swap changed the input spec."""
+        signals = bool(request.signals)
         loaded = self._manager.get(request.model, request.version)
-        rows = await self._preprocessor(loaded).preprocess_async(images, self._pool)
+        rows = await self._rows(loaded, inputs, signals)
         current = self._manager.get(request.model, request.version)
         if current is not loaded and current.manifest.input != loaded.manifest.input:
-            rows = await self._preprocessor(current).preprocess_async(images, self._pool)
+            rows = await self._rows(current, inputs, signals)
             current = self._manager.get(request.model, request.version)
         return current, rows
+
+    async def _rows(
+        self, loaded: LoadedVersion, inputs: list[bytes | np.ndarray], signals: bool
+    ) -> np.ndarray:
+        """Model input rows from images or signals, refusing the kind the model does not take."""
+        spec = loaded.manifest.input
+        if spec.kind == "signal" and not signals:
+            raise FailedPreconditionError(
+                f"model {loaded.model} takes a signal of length {spec.length}, not an image"
+            )
+        if spec.kind != "signal" and signals:
+            raise FailedPreconditionError(f"model {loaded.model} takes images, not signals")
+        if signals:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, _signal_rows, loaded, inputs)
+        return await self._preprocessor(loaded).preprocess_async(inputs, self._pool)
 
     async def _run(self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None) -> np.ndarray:
         """Submit in chunks of max_batch_size (they batch together) and return class scores."""

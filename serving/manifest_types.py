@@ -207,6 +207,11 @@ class InputSpec(JsonMixin):
         """Image width (None for signals)."""
         return self.shape[self.layout.index("W")] if "W" in self.layout else None
 
+    @property
+    def length(self) -> int | None:
+        """Signal length (None for images)."""
+        return self.shape[self.layout.index("L")] if "L" in self.layout else None
+
     @classmethod
     def from_dict(cls, data: Any) -> InputSpec:
         """Strict parse (see module docstring)."""

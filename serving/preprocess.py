@@ -71,6 +71,11 @@ class Preprocessor:
     ) -> None:
         """`dtype` overrides the spec's datatype (e.g. FP16 for an artefact with fp16 io)."""
         pre = spec.preprocessing
+        if spec.kind == "signal":
+            raise ValueError(
+                f"input {spec.name!r} is not an image input: it takes a signal of length "
+                f"{spec.length} ({spec.channels} channel(s)), so images cannot be preprocessed for it"
+            )
         if spec.kind != "image" or pre is None or spec.height is None or spec.width is None:
             raise ValueError(
                 f"input {spec.name!r} is not an image input with preprocessing; cannot preprocess images"

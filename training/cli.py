@@ -17,7 +17,18 @@ DEFAULTS = TrainConfig(model={}, data={})
 OPTIM_DEFAULTS = OptimConfig()
 
 # flag dest -> (section, key); section None = top-level TrainConfig field
-_MODEL_FLAGS = ("arch", "depth", "width", "style", "block", "shortcut", "dropout")
+_MODEL_FLAGS = (
+    "arch",
+    "depth",
+    "width",
+    "style",
+    "block",
+    "shortcut",
+    "dropout",
+    "spatial_dims",
+    "output_stride",
+    "aux_heads",
+)
 _DATA_FLAGS = {
     "data": "name",
     "data_path": "path",
@@ -28,7 +39,11 @@ _DATA_FLAGS = {
     "augment": "augment",
     "num_samples": "num_samples",
     "num_classes": "num_classes",
+    "mnist1d_samples": "mnist1d_samples",
+    "label_column": "label_column",
 }
+DEFAULT_PRESET = "resnet20"
+DEFAULT_SIGNAL_PRESET = "mnist1d_cnn"  # the seed model of the MNIST-1D chapter
 _OPTIM_FLAGS = tuple(f.name for f in dataclasses.fields(OptimConfig))
 _TOP_FLAGS = (
     "epochs",
@@ -50,10 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (a preset, optionally overridden)")
     model.add_argument(
         "--model",
+        "--preset",
+        dest="model",
         default=None,
-        help="preset name, e.g. resnet20, resnet50, preact_resnet18, plain_cnn (default: resnet20)",
+        help="preset name, e.g. resnet20, resnet50, preact_resnet18, vgg11_bn, densenet121, "
+        f"mnist1d_cnn (default: {DEFAULT_PRESET}; {DEFAULT_SIGNAL_PRESET} for signal data)",
     )
-    model.add_argument("--arch", help="family: plain_cnn | resnet | preact_resnet")
+    model.add_argument(
+        "--arch", help="family: plain_cnn | resnet | preact_resnet | alexnet | googlenet | densenet"
+    )
     model.add_argument(
         "--depth",
         type=int,
@@ -70,22 +90,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="A zero-pad identity, B projection on shape change, C all projections",
     )
     model.add_argument("--dropout", type=float, help="dropout before the classifier")
+    model.add_argument(
+        "--spatial-dims",
+        type=int,
+        choices=(1, 2),
+        help="1: Conv1d net for signals [N,C,L] (plain_cnn, resnet, preact_resnet); 2: images",
+    )
+    model.add_argument(
+        "--output-stride", type=int, help="resnet: dilate the last stage(s) instead of striding (16 or 8)"
+    )
+    model.add_argument(
+        "--aux-heads",
+        action=argparse.BooleanOptionalAction,
+        help="googlenet: train with the two auxiliary classifiers (dropped at export)",
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", help="digits (bundled, default) | synthetic | cifar10 | imagefolder")
+    data.add_argument(
+        "--data",
+        help="images: digits (bundled, default) | synthetic | cifar10 | imagefolder; "
+        "signals: mnist1d (generated locally) | signals (a .npz or .csv file, see --signal-file)",
+    )
     data.add_argument(
         "--data-path", help="folder for cifar10 (python batches) or imagefolder (class sub-folders)"
     )
     data.add_argument("--image-size", type=int, help="square input side (default 32)")
-    data.add_argument("--channels", type=int, choices=(1, 3), help="force 1 or 3 input channels")
+    data.add_argument(
+        "--channels",
+        type=int,
+        help="images: force 1 or 3 input channels; signals CSV: channels per row (channel-major)",
+    )
     data.add_argument("--val-fraction", type=float, help="validation share of the images (default 0.1)")
     data.add_argument("--test-fraction", type=float, help="test share of the images (default 0.2)")
     data.add_argument(
         "--augment",
-        choices=("none", "digits", "cifar", "imagenet"),
+        choices=("none", "digits", "cifar", "imagenet", "shift"),
         help="augmentation policy (default: the one suited to the dataset)",
     )
     data.add_argument("--num-samples", type=int, help="synthetic set size")
     data.add_argument("--num-classes", type=int, help="synthetic set classes")
+    data.add_argument(
+        "--mnist1d-samples",
+        type=int,
+        help="mnist1d: signals generated, 80 %% train / 20 %% test (default: the generator's 5000)",
+    )
+    data.add_argument(
+        "--signal-file",
+        type=Path,
+        help="signals: a .npz (x [N,L] or [N,C,L], y [N]; optional x_test/y_test, class_names) or "
+        "a .csv (a header row, one sample per row)",
+    )
+    data.add_argument("--label-column", help="signals CSV: the column holding the class (default: label)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=("sgd", "adamw"), help=f"default {OPTIM_DEFAULTS.optimizer}")
     opt.add_argument("--lr", type=float, help=f"peak learning rate (default {OPTIM_DEFAULTS.lr})")
@@ -132,10 +186,10 @@ def _given(args: argparse.Namespace, names: tuple[str, ...] | dict[str, str]) ->
 def build_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
     """Flags over a base config (a resumed run's) or over the defaults and the chosen preset."""
     if base is None:
-        data = {"name": "digits", **_given(args, _DATA_FLAGS)}
+        data = _data_dict(args, {"name": "digits"})
         optim = _given(args, _OPTIM_FLAGS)
         return TrainConfig(
-            model=_model_dict(args.model or "resnet20", args),
+            model=_model_dict(_preset_name(args, data), args),
             data=data,
             optim=OptimConfig(**optim),
             **_given(args, _TOP_FLAGS),
@@ -145,10 +199,48 @@ def build_config(args: argparse.Namespace, base: TrainConfig | None = None) -> T
         merged["model"] = _model_dict(args.model, args)
     else:
         merged["model"] = {**merged["model"], **_given(args, _MODEL_FLAGS)}
-    merged["data"] = {**merged["data"], **_given(args, _DATA_FLAGS)}
+    merged["data"] = _data_dict(args, merged["data"])
     merged["optim"] = {**merged["optim"], **_given(args, _OPTIM_FLAGS)}
     merged.update(_given(args, _TOP_FLAGS))
     return TrainConfig.from_dict(merged)
+
+
+# flag -> (argparse dest, the one dataset it applies to)
+_DATASET_ONLY_FLAGS = {
+    "--mnist1d-samples": ("mnist1d_samples", "mnist1d"),
+    "--signal-file": ("signal_file", "signals"),
+    "--label-column": ("label_column", "signals"),
+}
+
+
+def _data_dict(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """The data section: flags over `base`; a flag given for another kind of set is an error
+    (it would be silently ignored otherwise)."""
+    from training.data.spec import SIGNAL_DATASETS
+
+    data = {**base, **_given(args, _DATA_FLAGS)}
+    name = data.get("name")
+    if args.signal_file is not None:
+        if args.data_path is not None:
+            raise TrainConfigError("give the signal file once: --signal-file or --data-path, not both")
+        data["path"] = str(args.signal_file)
+    for flag, (dest, owner) in _DATASET_ONLY_FLAGS.items():
+        if getattr(args, dest) is not None and name != owner:
+            raise TrainConfigError(f"{flag} only applies to --data {owner}, not --data {name}")
+    if name in SIGNAL_DATASETS and args.image_size is not None:
+        raise TrainConfigError(f"--image-size does not apply to signal data (--data {name})")
+    if name == "signals" and not data.get("path"):
+        raise TrainConfigError("--data signals needs --signal-file PATH (a .npz or .csv file)")
+    return data
+
+
+def _preset_name(args: argparse.Namespace, data: dict[str, Any]) -> str:
+    """The preset asked for, else the default for the kind of data (1-D nets for signals)."""
+    from training.data.spec import SIGNAL_DATASETS
+
+    if args.model is not None:
+        return str(args.model)
+    return DEFAULT_SIGNAL_PRESET if data.get("name") in SIGNAL_DATASETS else DEFAULT_PRESET
 
 
 def _model_dict(preset_name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -172,7 +264,7 @@ def _print_summary(console: Console, result: Any, class_names: tuple[str, ...]) 
     table = Table(title=f"evaluation of {result.run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("test accuracy", f"{100 * result.test.accuracy:.2f} % ({result.test.samples} images)")
+    table.add_row("test accuracy", f"{100 * result.test.accuracy:.2f} % ({result.test.samples} samples)")
     table.add_row("test loss", f"{result.test.loss:.4f}")
     table.add_row("best val accuracy", f"{100 * result.best_val_acc:.2f} % (epoch {result.best_epoch})")
     table.add_row("wall time", f"{result.seconds:.1f} s")
@@ -197,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
             config = build_config(args, base=saved)
         else:
             config = build_config(args)
-            run_dir = args.runs_dir / (args.name or _default_run_name(config, args.model or "resnet20"))
+            preset_name = _preset_name(args, config.data)
+            run_dir = args.runs_dir / (args.name or _default_run_name(config, preset_name))
             if (run_dir / "train_state.json").exists():
                 raise TrainConfigError(
                     f"{run_dir} already holds a run; pass --resume {run_dir} or another --name"

@@ -54,7 +54,20 @@ def resolve_model_config(config: TrainConfig, bundle: DataBundle) -> ModelConfig
         given = config.model.get(key)
         if given is not None and given != value:
             raise TrainConfigError(f"model {key}={given} does not match the dataset ({value})")
-    return ModelConfig.from_dict({**config.model, **wanted})
+    model = ModelConfig.from_dict({**config.model, **wanted})
+    wanted_dims = len(bundle.input_shape) - 1
+    if model.spatial_dims != wanted_dims:
+        kind = "signals [N, C, L]" if bundle.is_signal else "images [N, C, H, W]"
+        hint = (
+            "a 1-D net: --model mnist1d_cnn, or plain_cnn/resnet/preact_resnet with --spatial-dims 1"
+            if bundle.is_signal
+            else "a 2-D net (spatial_dims=2)"
+        )
+        raise TrainConfigError(
+            f"dataset {bundle.spec.name!r} holds {kind} but the {model.arch} model has "
+            f"spatial_dims={model.spatial_dims}; use {hint}"
+        )
+    return model
 
 
 class Trainer:

@@ -140,6 +140,11 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
     inputs = list_inputs(config.inputs)
     resolved, artefact = resolve_model(config.repo, config.model, config.version, config.artefact)
     manifest = resolved.manifest
+    if manifest.input.kind == "signal":  # inputs are image files; signal rows are not supported yet
+        raise ValueError(
+            f"model {manifest.name} takes a signal of length {manifest.input.length}, not an image; "
+            "kiln score reads image files only"
+        )
     batch = config.batch_size or min(DEFAULT_BATCH, manifest.max_batch_size)
     if batch > manifest.max_batch_size:
         raise ValueError(f"--batch-size {batch} exceeds the model's max_batch_size {manifest.max_batch_size}")

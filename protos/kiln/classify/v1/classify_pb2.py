@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _kiln_pool.POOL.AddSerializedFile(b'\n&protos/kiln/classify/v1/classify.proto\x12\x10kiln.classify.v1\"I\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"O\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12)\n\x03raw\x18\x02 \x01(\x0b\x32\x1a.kiln.classify.v1.RawImageH\x00\x42\x08\n\x06source\"}\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x06images\x18\x03 \x03(\x0b\x32\x17.kiln.classify.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"@\n\x0bImageResult\x12\x31\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.kiln.classify.v1.Prediction\"X\n\x07Timings\x12\x15\n\rpreprocess_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x10\n\x08total_us\x18\x04 \x01(\x04\"\xa2\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x07results\x18\x03 \x03(\x0b\x32\x1d.kiln.classify.v1.ImageResult\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.kiln.classify.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x98\x01\n\x16\x43lassifyStreamResponse\x12\x36\n\x08response\x18\x01 \x01(\x0b\x32\".kiln.classify.v1.ClassifyResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.kiln.classify.v1.ErrorH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x08\n\x06result2\xc6\x01\n\nClassifier\x12S\n\x08\x43lassify\x12!.kiln.classify.v1.ClassifyRequest\x1a\".kiln.classify.v1.ClassifyResponse\"\x00\x12\x63\n\x0e\x43lassifyStream\x12!.kiln.classify.v1.ClassifyRequest\x1a(.kiln.classify.v1.ClassifyStreamResponse\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _kiln_pool.POOL.AddSerializedFile(b'\n&protos/kiln/classify/v1/classify.proto\x12\x10kiln.classify.v1\"I\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"O\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12)\n\x03raw\x18\x02 \x01(\x0b\x32\x1a.kiln.classify.v1.RawImageH\x00\x42\x08\n\x06source\"8\n\x06Signal\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa8\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x06images\x18\x03 \x03(\x0b\x32\x17.kiln.classify.v1.Image\x12)\n\x07signals\x18\x06 \x03(\x0b\x32\x18.kiln.classify.v1.Signal\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"@\n\x0bImageResult\x12\x31\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.kiln.classify.v1.Prediction\"X\n\x07Timings\x12\x15\n\rpreprocess_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\x12\x10\n\x08total_us\x18\x04 \x01(\x04\"\xa2\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\x07results\x18\x03 \x03(\x0b\x32\x1d.kiln.classify.v1.ImageResult\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.kiln.classify.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x98\x01\n\x16\x43lassifyStreamResponse\x12\x36\n\x08response\x18\x01 \x01(\x0b\x32\".kiln.classify.v1.ClassifyResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.kiln.classify.v1.ErrorH\x00\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x08\n\x06result2\xc6\x01\n\nClassifier\x12S\n\x08\x43lassify\x12!.kiln.classify.v1.ClassifyRequest\x1a\".kiln.classify.v1.ClassifyResponse\"\x00\x12\x63\n\x0e\x43lassifyStream\x12!.kiln.classify.v1.ClassifyRequest\x1a(.kiln.classify.v1.ClassifyStreamResponse\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAWIMAGE']._serialized_end=133
   _globals['_IMAGE']._serialized_start=135
   _globals['_IMAGE']._serialized_end=214
-  _globals['_CLASSIFYREQUEST']._serialized_start=216
-  _globals['_CLASSIFYREQUEST']._serialized_end=341
-  _globals['_PREDICTION']._serialized_start=343
-  _globals['_PREDICTION']._serialized_end=400
-  _globals['_IMAGERESULT']._serialized_start=402
-  _globals['_IMAGERESULT']._serialized_end=466
-  _globals['_TIMINGS']._serialized_start=468
-  _globals['_TIMINGS']._serialized_end=556
-  _globals['_CLASSIFYRESPONSE']._serialized_start=559
-  _globals['_CLASSIFYRESPONSE']._serialized_end=721
-  _globals['_ERROR']._serialized_start=723
-  _globals['_ERROR']._serialized_end=761
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=764
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=916
-  _globals['_CLASSIFIER']._serialized_start=919
-  _globals['_CLASSIFIER']._serialized_end=1117
+  _globals['_SIGNAL']._serialized_start=216
+  _globals['_SIGNAL']._serialized_end=272
+  _globals['_CLASSIFYREQUEST']._serialized_start=275
+  _globals['_CLASSIFYREQUEST']._serialized_end=443
+  _globals['_PREDICTION']._serialized_start=445
+  _globals['_PREDICTION']._serialized_end=502
+  _globals['_IMAGERESULT']._serialized_start=504
+  _globals['_IMAGERESULT']._serialized_end=568
+  _globals['_TIMINGS']._serialized_start=570
+  _globals['_TIMINGS']._serialized_end=658
+  _globals['_CLASSIFYRESPONSE']._serialized_start=661
+  _globals['_CLASSIFYRESPONSE']._serialized_end=823
+  _globals['_ERROR']._serialized_start=825
+  _globals['_ERROR']._serialized_end=863
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=866
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1018
+  _globals['_CLASSIFIER']._serialized_start=1021
+  _globals['_CLASSIFIER']._serialized_end=1219
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class ClassifierServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
-        """Classify one or more images with one model.
+        """Classify one or more images (or signals) with one model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
