@@ -11,9 +11,19 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from serving.config import BACKENDS, LOG_FORMATS, LOG_LEVELS, PRECISIONS, ConfigError, load_config
+from serving.config import (
+    BACKENDS,
+    EVENT_LOOPS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    PRECISIONS,
+    ConfigError,
+    ServeConfig,
+    load_config,
+)
 
 # (flag, type, help) for every overridable field; the dest is the field name.
 _FLAGS: tuple[tuple[str, Any, str], ...] = (
@@ -31,6 +41,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--precision", str, f"artefact precision: {', '.join(PRECISIONS)} (default auto)"),
     ("--instances", int, "model instances per version (default 1)"),
     ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
+    ("--event-loop", str, f"{', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),
     ("--max-queue-delay-us", int, "longest wait for a fuller batch, in microseconds (default 0: none)"),
@@ -92,10 +103,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def loop_factory(config: ServeConfig) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory when asked for (or "auto" and installed); None = asyncio's own."""
+    if config.event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if config.event_loop == "uvloop":
+            raise ConfigError("event_loop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def run(args: argparse.Namespace) -> int:
     """Resolve and validate the config, then serve until SIGTERM/SIGINT. Returns the exit code."""
     try:
         config = load_config(config_file=args.config, overrides=_overrides(args))
+        factory = loop_factory(config)
     except ConfigError as exc:
         print(f"kiln serve: {exc}", file=sys.stderr)
         return 2
@@ -109,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(config.log_format, config.log_level)
     try:
-        asyncio.run(Server(config).serve())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(Server(config).serve())
     except OSError as exc:  # e.g. the port is taken
         logging.getLogger("kiln.server").error("cannot serve: %s", exc)
         return 1

@@ -73,3 +73,14 @@ def test_classify_cli_rejects_missing_images(tmp_path: Path, capsys: pytest.Capt
     image = tmp_path / "a.png"
     image.write_bytes(b"x")
     assert classify_cli.run(_args(classify_cli, [str(image), "--model", "m", "--top-k", "0"])) == 2
+
+
+def test_event_loop_choice(tmp_path: Path) -> None:
+    import uvloop
+
+    from serving.config import ServeConfig
+
+    assert cli.loop_factory(ServeConfig(repo=tmp_path, event_loop="asyncio")) is None
+    for choice in ("auto", "uvloop"):
+        factory = cli.loop_factory(ServeConfig(repo=tmp_path, event_loop=choice))
+        assert factory is uvloop.new_event_loop
