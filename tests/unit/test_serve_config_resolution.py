@@ -71,7 +71,10 @@ def test_relative_paths_in_file_are_relative_to_the_file(tmp_path: Path) -> None
         ({"KILN_TLS_CERT": "/nonexistent/cert.pem"}, "tls_cert and tls_key must be given together"),
         ({"KILN_AUTH_TOKEN": "short"}, "auth_token: the bearer token must be at least 8 characters"),
         ({"KILN_GIL_SWITCH_INTERVAL_US": "0"}, "gil_switch_interval_us: must be in [1, 100000], got 0"),
-        ({"KILN_EVENT_LOOP": "trio"}, "event_loop: expected one of ['auto', 'uvloop', 'asyncio'], got 'trio'"),
+        (
+            {"KILN_EVENT_LOOP": "trio"},
+            "event_loop: expected one of ['auto', 'uvloop', 'asyncio'], got 'trio'",
+        ),
         ({"KILN_INTRA_OP_SPINNING": "fast"}, "KILN_INTRA_OP_SPINNING: expected true/false, got 'fast'"),
     ],
 )
