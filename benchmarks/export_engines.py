@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,32 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from benchmarks.engine_lib import ort_session, random_model, throughput
 from benchmarks.machine import describe_cpu
 
 ENGINES = ("pytorch", "ort-unfused", "ort-fused", "ort-fp16", "ort-int8")
-
-
-def throughput(fn: Callable[[], object], batch: int, iters: int, warmup: int) -> float:
-    """Images per second: batch / median latency of `iters` timed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
-
-
-def _session(path: Path, threads: int, optimize: bool) -> object:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def build_engines(
@@ -72,16 +48,9 @@ def build_engines(
     from export.fp16 import convert_fp16
     from export.int8 import int8_settings, quantize_int8
     from export.onnx_export import export_onnx, save_onnx
-    from training.models import build_model, preset
 
     overrides = {"width": args.width} if args.width else {}
-    torch.manual_seed(0)
-    model = build_model(preset(name, **overrides)).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.normal_(0, 0.1, generator=gen)
-            bn.running_var.uniform_(0.5, 1.5, generator=gen)
+    model = random_model(name, **overrides)
     shape = (3, args.size, args.size)
     folded = fold_batchnorms(model)[0]
     core = export_onnx(folded, shape)
@@ -103,7 +72,7 @@ def build_engines(
 
     engines["pytorch"] = eager
     for key, path in files.items():
-        session = _session(path, threads, optimize=key != "ort-unfused")
+        session = ort_session(path, threads, optimize=key != "ort-unfused")
         engines[key] = lambda x, s=session: s.run(None, {"input": x})
     return engines
 
