@@ -34,6 +34,7 @@ _SERVE = (
     "pyyaml==6.0.3",
     "rich==15.0.0",
     "pyarrow==26.0.1",
+    "uvloop==0.23.0",
 )
 # GPU image: ONNX Runtime for CUDA 13. TensorRT is not in this lock: PyPI only carries source
 # stubs for it, and the wheels come from NVIDIA's index (Dockerfile.gpu, TENSORRT_VERSION).
