@@ -220,14 +220,8 @@ class KilnClient:
         timeout: float | None = None,
     ) -> cpb.ClassifyResponse:
         """Classify images (encoded bytes, paths or uint8 arrays); top_k 0 = the server default."""
-        request = cpb.ClassifyRequest(
-            model=model,
-            version=version,
-            images=[image_message(i) for i in images],
-            top_k=top_k,
-            request_id=request_id,
-        )
-        return self._call(self.classifier.Classify, request, timeout)
+        items = {"images": [image_message(i) for i in images]}
+        return self._classify(model, items, top_k, version, request_id, timeout)
 
     def classify_signals(
         self,
@@ -240,12 +234,21 @@ class KilnClient:
         timeout: float | None = None,
     ) -> cpb.ClassifyResponse:
         """Classify raw signals ([L] or [C, L] each, or one [N, C, L] array) with a 1-D model."""
+        items = {"signals": [signal_message(s) for s in signals]}
+        return self._classify(model, items, top_k, version, request_id, timeout)
+
+    def _classify(
+        self,
+        model: str,
+        items: dict[str, Any],
+        top_k: int,
+        version: str,
+        request_id: str,
+        timeout: float | None,
+    ) -> cpb.ClassifyResponse:
+        """One Classify call; `items` holds the request's `images` or its `signals`."""
         request = cpb.ClassifyRequest(
-            model=model,
-            version=version,
-            signals=[signal_message(s) for s in signals],
-            top_k=top_k,
-            request_id=request_id,
+            model=model, version=version, top_k=top_k, request_id=request_id, **items
         )
         return self._call(self.classifier.Classify, request, timeout)
 

@@ -37,12 +37,6 @@ def server(repo: Path) -> Iterator[ServerThread]:
     thread.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> Iterator[KilnClient]:
-    with KilnClient(server.address) as kiln:
-        yield kiln
-
-
 def _pixels(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 3), dtype=np.uint8)
 

@@ -73,12 +73,6 @@ def gate(server: ServerThread) -> Gate:
     return gate
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> Iterator[KilnClient]:
-    with KilnClient(server.address) as kiln:
-        yield kiln
-
-
 def _status(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()

@@ -34,19 +34,6 @@ def server(repo: Path) -> Iterator[ServerThread]:
     thread.stop()
 
 
-@pytest.fixture(scope="module")
-def triton(server: ServerThread) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(server.address)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> Iterator[KilnClient]:
-    with KilnClient(server.address) as kiln:
-        yield kiln
-
-
 def _batch(rows: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(rows, 3, 8, 8)).astype(np.float32)
 

@@ -51,19 +51,6 @@ def server(repo: Path) -> Iterator[ServerThread]:
     thread.stop()
 
 
-@pytest.fixture(scope="module")
-def triton(server: ServerThread) -> Iterator[grpcclient.InferenceServerClient]:
-    client = grpcclient.InferenceServerClient(server.address)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> Iterator[KilnClient]:
-    with KilnClient(server.address) as kiln:
-        yield kiln
-
-
 def _onnx(repo: Path) -> Path:
     return repo / "sig" / "1" / "model.onnx"
 
