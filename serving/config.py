@@ -77,7 +77,13 @@ class ServeConfig:
     # Classify preprocessing
     preprocess_workers: int = 2
     max_image_bytes: int = 16 * _MIB
-    max_image_pixels: int = 40_000_000  # decompression-bomb guard (decoded width * height)
+    max_image_pixels: int = 40_000_000  # decompression-bomb guard (decoded and resized width * height)
+    # longer side / shorter side of a Classify image for a model that resizes: the resize keeps
+    # the ratio, so a few-KB 1x2,000,000 strip would become gigabytes (serving/preprocess.py)
+    max_image_aspect_ratio: float = 20.0
+    # model-input bytes the images of one Classify request become (images x row): 4096 raw 1x1
+    # images (a 50 KB message) would otherwise make 2.4 GB of rows for a 224x224 FP32 model
+    max_preprocessed_bytes: int = 256 * _MIB
     max_images_per_request: int = 4096  # per Classify request (bulk jobs: ClassifyStream, kiln score)
     default_top_k: int = 5
     # transport
@@ -179,6 +185,8 @@ def _validate(cfg: ServeConfig) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):
         _check_range(cfg, name, 1024, 2**31 - 1)
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
+    _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
+    _check_range(cfg, "max_preprocessed_bytes", 1024)
     _check_range(cfg, "gil_switch_interval_us", 1, 100_000)
     for name in ("poll_interval_s", "grace_period_s"):
         _check_range(cfg, name, 0.0)

@@ -27,7 +27,13 @@ import numpy as np
 from protos.kiln.classify.v1 import classify_pb2 as cpb
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.config import ServeConfig
-from serving.errors import FailedPreconditionError, InvalidInputError, KilnError, ModelUnavailableError
+from serving.errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    KilnError,
+    ModelUnavailableError,
+    PayloadTooLargeError,
+)
 from serving.grpc_errors import log_failure, status_of
 from serving.grpc_inference import STREAM_WINDOW, deadline_of, record_outcome
 from serving.grpc_logging import REQUEST_ID
@@ -111,7 +117,11 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         self, manager: ModelManager, config: ServeConfig, *, metrics: KilnMetrics | None = None
     ) -> None:
         self._manager, self._config, self._metrics = manager, config, metrics
-        self._limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        self._limits = ImageLimits(
+            max_bytes=config.max_image_bytes,
+            max_pixels=config.max_image_pixels,
+            max_aspect_ratio=config.max_image_aspect_ratio,
+        )
         self._pool = ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="kiln-preprocess")
         self._preprocessors: dict[LoadedVersion, Preprocessor] = {}
 
@@ -203,10 +213,17 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             )
         if spec.kind != "signal" and signals:
             raise FailedPreconditionError(f"model {loaded.model} takes images, not signals")
-        if signals:
+        if signals:  # rows no larger than the float32 signals the message carried
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, _signal_rows, loaded, inputs)
-        return await self._preprocessor(loaded).preprocess_async(inputs, self._pool)
+        pre = self._preprocessor(loaded)
+        total, most = len(inputs) * pre.row_bytes, self._config.max_preprocessed_bytes
+        if total > most:  # tiny images can make huge rows: refuse before allocating them
+            raise PayloadTooLargeError(
+                f"{len(inputs)} images make {total} bytes of model input ({pre.row_bytes} each), "
+                f"the limit is max_preprocessed_bytes {most}: send fewer per request"
+            )
+        return await pre.preprocess_async(inputs, self._pool)
 
     async def _run(self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None) -> np.ndarray:
         """Submit in chunks of max_batch_size (they batch together) and return class scores."""

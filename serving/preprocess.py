@@ -6,8 +6,14 @@ Steps follow the manifest's `Preprocessing`, and mirror training's image-folder 
 ((x * scale - mean) / std, float32, model layout) or, for a model that preprocesses in-graph, hand
 over the uint8 pixels in its layout.
 
-Limits are checked before the expensive part: encoded size first, then the pixel count from the
-header (Pillow reads sizes lazily in `Image.open`), then decode. Pillow's own decompression-bomb
+Limits are checked before the expensive part: encoded size first, then, from the header (Pillow
+reads sizes lazily in `Image.open`), the pixel count and the size the resize will produce, then
+decode. The resize keeps the aspect ratio, so it can multiply a thin strip by (resize / shorter
+side)^2: a 4 KB 1x2,000,000 PNG would become 32x64,000,000. Hence the aspect-ratio limit (for
+models that resize) and the pixel limit applied to the resized size too, both computed before
+Pillow allocates anything; every other step (EXIF transpose, palette expansion, convert, crop)
+holds at most the decoded pixels at 4 bytes each. Both checks are symmetric in width and height,
+so an EXIF rotation after the header check cannot get round them. Pillow's own decompression-bomb
 error is caught too; the global `Image.MAX_IMAGE_PIXELS` is left alone (other code shares it).
 
 All of this is CPU work: run it in a thread pool (`preprocess_async`), never on the event loop.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -48,16 +55,20 @@ ImageInput = bytes | bytearray | memoryview | np.ndarray
 
 @dataclass(frozen=True, kw_only=True)
 class ImageLimits:
-    """What one image may cost: encoded bytes, decoded pixels, and which decoders may run."""
+    """What one image may cost: encoded bytes, pixels (decoded and resized), how elongated it may
+    be, and which decoders may run."""
 
     max_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 40_000_000  # ~ 7300 x 5500; Pillow's own bomb limit is ~89 M
+    max_pixels: int = 40_000_000  # ~ 7300 x 5500, decoded and resized; Pillow's bomb limit is ~89 M
+    # longer side / shorter side, for models that resize: wider than panoramas and banners (<~ 11:1)
+    max_aspect_ratio: float = 20.0
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1:
+        if self.max_bytes < 1 or self.max_pixels < 1 or not self.max_aspect_ratio >= 1:
             raise ValueError(
-                f"limits must be >= 1, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}"
+                f"limits must be >= 1, got max_bytes={self.max_bytes}, max_pixels={self.max_pixels}, "
+                f"max_aspect_ratio={self.max_aspect_ratio}"
             )
         if not self.formats:
             raise ValueError("at least one image format must be allowed")
@@ -89,6 +100,7 @@ class Preprocessor:
         self.channels_first = spec.layout == "NCHW"
         self.dtype = np.dtype(dtype) if dtype is not None else numpy_dtype(spec.datatype)
         self.sample_shape = tuple(spec.shape[1:])
+        self.row_bytes = math.prod(self.sample_shape) * self.dtype.itemsize  # one preprocessed image
         std = np.asarray(pre.std, np.float32)
         self._scale = np.asarray(pre.scale, np.float32) / std  # x * scale/std - mean/std in one pass
         self._shift = -np.asarray(pre.mean, np.float32) / std
@@ -158,6 +170,7 @@ class Preprocessor:
             ) from exc
         with img:
             self._check_pixels(*img.size)  # from the header, before any pixel is decoded
+            self._resized_size(*img.size)
             try:
                 img.load()
                 img = _exif_upright(img)
@@ -178,6 +191,7 @@ class Preprocessor:
                 f"raw image must be HxW or HxWxC with C in 1/3/4, got shape {list(array.shape)}"
             )
         self._check_pixels(array.shape[1], array.shape[0])
+        self._resized_size(array.shape[1], array.shape[0])
         wanted = 1 if self.mode == "L" else 3
         if array.shape[2] == wanted and self._geometry_is_identity(array.shape[1], array.shape[0]):
             return array  # already what the model needs: skip Pillow
@@ -190,6 +204,33 @@ class Preprocessor:
                 f"image is {width}x{height} = {width * height} pixels, the limit is {self.limits.max_pixels}"
             )
 
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size after the shorter-side resize, refused (by the limit it breaks) if too large.
+
+        Symmetric in width and height, so the header size bounds the EXIF-rotated image too.
+        """
+        if self.resize is None:
+            return width, height
+        long, short = max(width, height), min(width, height)
+        if long > short * self.limits.max_aspect_ratio:
+            raise InvalidInputError(
+                f"image is {width}x{height}: aspect ratio {_plain(long / short)}:1, the limit is "
+                f"max_image_aspect_ratio {_plain(self.limits.max_aspect_ratio)} (longer side / shorter side; "
+                f"its shorter side would be resized to {self.resize})"
+            )
+        if short == self.resize:
+            return width, height
+        size = (
+            max(self.resize, round(width * self.resize / short)),
+            max(self.resize, round(height * self.resize / short)),
+        )
+        if size[0] * size[1] > self.limits.max_pixels:
+            raise PayloadTooLargeError(
+                f"image is {width}x{height}: resized to {size[0]}x{size[1]} = {size[0] * size[1]} "
+                f"pixels, the limit is max_image_pixels {self.limits.max_pixels}"
+            )
+        return size
+
     def _convert(self, img: Image.Image) -> Image.Image:
         if img.mode == "P":  # palette (maybe with transparency): expand first, as Pillow advises
             img = img.convert("RGBA")
@@ -201,26 +242,32 @@ class Preprocessor:
         return short_ok and crop_ok and (width, height) == self.size
 
     def _geometry(self, img: Image.Image) -> np.ndarray:
-        """Shorter side -> resize, centre crop -> crop (as training's image-folder reader does)."""
-        if self.resize is not None and min(img.size) != self.resize:
-            short = min(img.size)
-            width = max(self.resize, round(img.width * self.resize / short))
-            height = max(self.resize, round(img.height * self.resize / short))
-            img = img.resize((width, height), self.filter)
-        if self.crop is not None and img.size != (self.crop, self.crop):
-            if min(img.size) < self.crop:
-                raise InvalidInputError(
-                    f"image is {img.width}x{img.height}, smaller than the {self.crop}px crop"
-                )
-            left, top = (img.width - self.crop) // 2, (img.height - self.crop) // 2
-            img = img.crop((left, top, left + self.crop, top + self.crop))
-        if img.size != self.size:
+        """Shorter side -> resize, centre crop -> crop (as training's image-folder reader does).
+
+        Every size is known before Pillow allocates it; an image the model cannot use is refused
+        before the resize, not after.
+        """
+        width, height = self._resized_size(*img.size)
+        cropped = (width, height) if self.crop is None else (self.crop, self.crop)
+        if self.crop is not None and min(width, height) < self.crop:
+            raise InvalidInputError(f"image is {width}x{height}, smaller than the {self.crop}px crop")
+        if cropped != self.size:
             raise InvalidInputError(
-                f"image is {img.width}x{img.height} after preprocessing, "
+                f"image is {cropped[0]}x{cropped[1]} after preprocessing, "
                 f"the model needs {self.size[0]}x{self.size[1]}"
             )
+        if (width, height) != img.size:
+            img = img.resize((width, height), self.filter)
+        if self.crop is not None and img.size != (self.crop, self.crop):
+            left, top = (img.width - self.crop) // 2, (img.height - self.crop) // 2
+            img = img.crop((left, top, left + self.crop, top + self.crop))
         array = np.asarray(img, dtype=np.uint8)
         return array[:, :, None] if array.ndim == 2 else array
+
+
+def _plain(number: float) -> str:
+    """2000000.0 -> "2000000", 20.125 -> "20.125" (never "2e+06" in a message)."""
+    return str(int(number)) if float(number).is_integer() else f"{number:.6g}"
 
 
 def _exif_upright(img: Image.Image) -> Image.Image:

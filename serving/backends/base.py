@@ -208,6 +208,9 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
 
 
 def _datatype_name(dtype: np.dtype) -> str:
+    """The KServe name of what a client sent: a BYTES tensor decodes to a numpy object array."""
+    if dtype.kind in "OS":
+        return "BYTES"
     try:
         return datatype_of(dtype)
     except ValueError:

@@ -1,5 +1,6 @@
 """Hostile images for Classify: valid files in every mode, truncated and bit-flipped ones,
-polyglots, decompression bombs (a huge size in a valid header), oversized and raw-pixel images.
+polyglots, decompression bombs (a huge size in a valid header), strips (a few KB of valid PNG
+that a shorter-side resize would blow up to gigabytes), oversized and raw-pixel images.
 
 Each builder is a plain function of a few drawn numbers, so hypothesis shrinks well and a failing
 example prints as a short call.
@@ -7,6 +8,7 @@ example prints as a short call.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -51,6 +53,20 @@ def png_bomb(width: int, height: int) -> bytes:
     )
 
 
+@functools.cache
+def strip_png(width: int, height: int) -> bytes:
+    """A real grey PNG of width x height: 1x2,000,000 is about 4 KB (cached: slow to encode)."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# 1x2,000,000 resized on its shorter side became 32x64,000,000 (issue 20); the 900,000 ones pass a
+# 1 M pixel limit (the fuzz server's) and meet the aspect-ratio limit instead
+STRIPS = ((1, 2_000_000), (2_000_000, 1), (1, 3_000_000), (1, 900_000), (900_000, 1), (3, 200_000))
+RAW_STRIPS = ((200_000, 1, 1), (1, 200_000, 3), (300_000, 1, 3), (2, 100_000, 4))  # height, width, channels
+
+
 def jpeg_bomb(width: int, height: int) -> bytes:
     """A real small JPEG whose SOF0 marker is rewritten to claim width x height."""
     data = bytearray(encode("JPEG", "L", 8, 8, 0))
@@ -91,8 +107,12 @@ def mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
 def encoded_images(draw: st.DrawFn, max_bytes: int) -> bytes:
     """Encoded image bytes of one hostile kind."""
     kind = draw(
-        st.sampled_from(["valid", "valid", "truncated", "flipped", "polyglot", "bomb", "odd", "huge"])
+        st.sampled_from(
+            ["valid", "valid", "truncated", "flipped", "polyglot", "bomb", "odd", "huge", "strip"]
+        )
     )
+    if kind == "strip":
+        return strip_png(*draw(st.sampled_from(STRIPS)))
     if kind == "bomb":
         width, height = draw(
             st.sampled_from([(100_000, 100_000), (65_535, 65_535), (1_001, 1_000), (1, 2**31 - 1)])
@@ -121,7 +141,13 @@ def encoded_images(draw: st.DrawFn, max_bytes: int) -> bytes:
 
 @st.composite
 def raw_images(draw: st.DrawFn) -> cpb.RawImage:
-    """Raw pixels whose byte count is right, off by a little, or far off; odd sizes and channels."""
+    """Raw pixels whose byte count is right, off by a little, or far off; odd sizes and channels;
+    sometimes a valid strip (see STRIPS)."""
+    if draw(st.integers(0, 7)) == 0:
+        height, width, channels = draw(st.sampled_from(RAW_STRIPS))
+        return cpb.RawImage(
+            height=height, width=width, channels=channels, data=bytes(height * width * channels)
+        )
     height = draw(st.one_of(st.integers(0, 40), st.sampled_from([1_001, 65_535, 2**32 - 1])))
     width = draw(st.one_of(st.integers(0, 40), st.sampled_from([1_000, 2**32 - 1])))
     channels = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 255]))

@@ -140,6 +140,7 @@ class KilnProcess:
             cmd += ["--port", "0"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []  # every stderr line (JSON records, or a traceback's lines)
         self.port = self._wait_listening()
         self._drain = threading.Thread(target=self._read_rest, daemon=True)
         self._drain.start()
@@ -149,6 +150,7 @@ class KilnProcess:
         lines = []
         for line in self.proc.stderr:  # blocks until the server logs its port (or dies)
             lines.append(line)
+            self.log.append(line)
             record = json.loads(line)
             if "grpc_port" in record:
                 return int(record["grpc_port"])
@@ -157,8 +159,8 @@ class KilnProcess:
 
     def _read_rest(self) -> None:
         assert self.proc.stderr is not None
-        for _ in self.proc.stderr:  # keep the pipe from filling up
-            pass
+        for line in self.proc.stderr:  # keep the pipe from filling up
+            self.log.append(line)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig` (if still running), wait for the exit, close the pipe; returns the exit code."""
