@@ -92,8 +92,10 @@ class ServeConfig:
     max_connection_age_s: float | None = None  # lets load balancers rebalance long-lived clients
     grace_period_s: float = 20.0  # SIGTERM drain budget (below Kubernetes' default 30 s)
     reflection: bool = True
-    # RepositoryModelLoad/Unload; off: they answer UNIMPLEMENTED (Triton's model-control "none")
-    repository_control: bool = True
+    # RepositoryModelLoad/Unload. Off by default (Triton's default model-control mode "none"):
+    # they answer UNIMPLEMENTED, since anyone who reaches the port could unload every model; turn
+    # it on with admin_token_file where operators load and unload (SECURITY.md)
+    repository_control: bool = False
     # security
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -3,8 +3,9 @@
 Loading and unloading models is an operator's action, not a client's. `ServeConfig` offers two
 switches, applied here to the inference servicer before it is registered:
 
-- `repository_control=False`: both RPCs answer UNIMPLEMENTED ("not supported/enabled in this
-  service", what Triton answers in its model-control mode "none"); RepositoryIndex stays.
+- `repository_control` (off by default, as Triton's default model-control mode "none"): off, both
+  RPCs answer UNIMPLEMENTED ("not supported/enabled in this service"); RepositoryIndex stays.
+  Anyone who reaches the port could otherwise unload every model.
 - `admin_token` / `admin_token_file`: both RPCs also need the metadata
   `x-kiln-admin-token: <token>` (PERMISSION_DENIED otherwise), on top of the bearer token every
   RPC needs when one is set. Compared in constant time, as the bearer token is.
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 
 from serving.config import ServeConfig
+from serving.metrics import CLIENT_ERRORS
 
 ADMIN_HEADER = "x-kiln-admin-token"
 GUARDED = ("RepositoryModelLoad", "RepositoryModelUnload")
@@ -42,6 +44,7 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
 
 def _disabled(name: str) -> Handler:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        CLIENT_ERRORS.add("unimplemented")
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
             f"{name} is disabled on this server (repository_control is off)",
@@ -54,6 +57,7 @@ def _admin_only(name: str, inner: Handler, expected: bytes) -> Handler:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         presented = metadata_value(context, ADMIN_HEADER)
         if presented is None or not hmac.compare_digest(digest(presented.strip()), expected):
+            CLIENT_ERRORS.add("permission_denied")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{name} needs the admin token (metadata '{ADMIN_HEADER}')",

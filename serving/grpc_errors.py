@@ -12,6 +12,10 @@ A request message that does not parse (random bytes, invalid UTF-8 in a string f
 client's error too: the wrapped deserializer hands the handler a marker instead of raising, and
 the handler answers INVALID_ARGUMENT. Left to grpc, a parse failure is UNKNOWN (unary) or an
 unexpected exception logged with a traceback (streams).
+
+The log is for the server's own faults: what a client can cause (a bad request, a Load of a
+version that is broken on disk, a client killed while the server writes to it) is logged at most
+once per cause, at WARNING and without a traceback, and counted in kiln_client_errors_total.
 """
 
 from __future__ import annotations
@@ -25,22 +29,17 @@ from typing import Any
 import grpc
 
 from serving.errors import InvalidInputError, KilnError
+from serving.metrics import CLIENT_ERRORS
 
 log = logging.getLogger("kiln.grpc")
 
-# Client errors are logged at debug level (they are the client's business, and logging each one
-# would let a misbehaving client flood the log); server-side failures at error level.
-_CLIENT_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.UNAVAILABLE,
-    }
-)
+# A KilnError with one of these codes is the server's own failure (a backend that raised): ERROR,
+# with the traceback. Every other KilnError answers something the client asked or sent (a bad
+# request, a model that is not ready, a Load the repository cannot satisfy): logged at debug only,
+# since logging each one would let a misbehaving client flood the log, and counted.
+_SERVER_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+_SAID_MAX = 1024  # causes remembered by warn_once; past it, new causes are counted but not logged
+_said: set[tuple[str, ...]] = set()
 
 
 # Messages travel in the grpc-message trailer, and clients refuse trailers over ~8 KiB; messages
@@ -66,13 +65,61 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def log_failure(method: str, exc: BaseException, code: grpc.StatusCode) -> None:
-    """Log a failed RPC: bugs and backend failures loudly with the traceback, client errors quietly."""
+    """Log a failed RPC: bugs and backend failures loudly with the traceback, client errors quietly
+    (debug) and counted in kiln_client_errors_total{reason=<the status, lower case>}."""
     if not isinstance(exc, KilnError):
         log.error("%s failed with an unexpected error", method, exc_info=exc)
-    elif code in _CLIENT_CODES:
-        log.debug("%s -> %s: %s", method, code.name, exc)
-    else:
+    elif code in _SERVER_CODES:
         log.error("%s -> %s: %s", method, code.name, exc, exc_info=exc)
+    else:
+        CLIENT_ERRORS.add(code.name.lower())
+        log.debug("%s -> %s: %s", method, code.name, exc)
+
+
+def warn_once(key: tuple[str, ...], message: str, *args: object) -> None:
+    """Log `message` at WARNING the first time this process sees `key` (a bounded cause)."""
+    if key in _said or len(_said) >= _SAID_MAX:
+        return
+    _said.add(key)
+    log.warning(message, *args)
+
+
+_GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+_WRITE_FAILED = "ExecuteBatchError raised in core by servicer method ["
+
+
+class _WriteFailedFilter(logging.Filter):
+    """grpc aio's own record of a write that failed, made a counted warning.
+
+    When a client is killed while the server writes to it (a stream blocked by flow control, the
+    last message of a call), the write can fail before grpc has noticed the peer closing; an
+    answer larger than max_send_message_bytes fails its write too (the client gets
+    RESOURCE_EXHAUSTED from grpc core). Either way grpc logs ExecuteBatchError at ERROR with a
+    traceback, for every such call. The client caused it and nothing is wrong with the server:
+    count it (reason "write_failed") and say it once per method. grpc's other records pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(_WRITE_FAILED):
+            return True
+        method = message[len(_WRITE_FAILED) :].rstrip("]")
+        CLIENT_ERRORS.add("write_failed")
+        warn_once(
+            ("write_failed", method),
+            "%s: a write to the client failed: the client went away (killed, or its connection "
+            "broke) while the server answered, or an answer exceeded max_send_message_bytes; "
+            'counted in kiln_client_errors_total{reason="write_failed"}, said once per method',
+            method,
+        )
+        return False
+
+
+def install_log_filters() -> None:
+    """Put _WriteFailedFilter on grpc's aio logger (idempotent; add_mapped_service calls it)."""
+    logger = logging.getLogger(_GRPC_CORE_LOGGER)
+    if not any(isinstance(f, _WriteFailedFilter) for f in logger.filters):
+        logger.addFilter(_WriteFailedFilter())
 
 
 class _Undecodable:
@@ -238,5 +285,7 @@ def add_mapped_service(
     """Register `servicer` through its generated `add_servicer` with every handler error-mapped.
 
     The per-call cost is nil (the wrapping happens here, once), unlike ErrorMappingInterceptor.
+    grpc's logger gets the filter that turns a failed write (a vanished client) into a warning.
     """
+    install_log_filters()
     add_servicer(servicer, _MappingRegistrar(server))

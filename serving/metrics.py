@@ -6,10 +6,16 @@ CNN server lives, and still reach 10 s for the pathological tail.
 
 Label cardinality: the server should label requests for unknown models with model="" (clients
 choose model names; one series per typo would let them grow the registry without bound).
+
+One tally is per process rather than per registry: `CLIENT_ERRORS`, the errors clients caused
+(`kiln_client_errors_total{reason}`). They are counted where no server object is at hand (the
+error-mapping wrapper, a filter on grpc's own logger), and every KilnMetrics exports the tally, as
+the process collector exports the process's CPU time. Its `reason` values are a fixed set.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
@@ -22,10 +28,21 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from serving.gpu_stats import gpu_collector
 
-__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "LOAD_STATES", "BatchMetrics", "KilnMetrics"]
+__all__ = [
+    "BATCH_BUCKETS",
+    "CLIENT_ERRORS",
+    "CLIENT_ERROR_REASONS",
+    "LATENCY_BUCKETS",
+    "LOAD_STATES",
+    "BatchMetrics",
+    "ClientErrorTally",
+    "KilnMetrics",
+]
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
@@ -40,6 +57,45 @@ _STATUS_CODES = (
 )  # fmt: skip
 _DROP_REASONS = ("expired", "cancelled")
 _MV = ("model", "version")
+# kiln_client_errors_total's reasons: the status a client's call was answered with (lower case),
+# or "write_failed" (a write to the client failed: it had gone away, or the answer was over
+# max_send_message_bytes); anything else is "other".
+CLIENT_ERROR_REASONS = (*(code.lower() for code in _STATUS_CODES if code != "OK"), "write_failed", "other")
+
+
+class ClientErrorTally:
+    """Errors clients caused in this process, by reason (thread-safe; see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, reason: str) -> None:
+        """Count one; an unknown reason counts as "other" (the label set stays fixed)."""
+        key = reason if reason in CLIENT_ERROR_REASONS else "other"
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        """A copy of the counts by reason (only reasons seen so far)."""
+        with self._lock:
+            return dict(self._counts)
+
+
+CLIENT_ERRORS = ClientErrorTally()
+
+
+class _ClientErrorCollector(Collector):
+    """Exports CLIENT_ERRORS as the counter kiln_client_errors_total{reason}."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "kiln_client_errors", "Errors caused by clients (bad requests, refused loads, vanished peers)",
+            labels=("reason",),
+        )  # fmt: skip
+        for reason, count in sorted(CLIENT_ERRORS.counts().items()):
+            family.add_metric((reason,), count)
+        yield family
 
 
 class BatchMetrics:
@@ -113,6 +169,7 @@ class KilnMetrics:
         self.requests_dropped = Counter(
             "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason"), registry=r
         )
+        r.register(_ClientErrorCollector())
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)

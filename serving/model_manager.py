@@ -8,13 +8,17 @@ accepted request fails. Callers must call `get` and `batcher.submit` with no `aw
 (submit enqueues synchronously), which makes the swap race-free on the event loop.
 
 A version that fails to load is UNAVAILABLE with its reason; the other models keep serving.
+Problems of the repository (a broken version, the kiln.json of a serving version gone) are logged
+at WARNING once per version and reason, however often a poll or a client's RepositoryModelLoad
+finds them again: a client cannot make the server repeat them, and ERROR stays for the server's
+own faults.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from serving.backends import Backend, BackendOptions, load_backend
@@ -37,7 +41,13 @@ from serving.model_version import (
     choose_artefact,
     warmup_inputs,
 )
-from serving.repository import ModelRepository, RepositoryError, VersionPolicy, check_model_name
+from serving.repository import (
+    ModelRepository,
+    RepositoryError,
+    VersionPolicy,
+    VersionStatus,
+    check_model_name,
+)
 
 log = logging.getLogger("kiln.models")
 
@@ -76,6 +86,7 @@ class ModelManager:
         self._model_errors: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
+        self._warned: dict[tuple[str, str, int], str] = {}  # (kind, model, version) -> reason said
         self._stopped = False
 
     # -- routing -------------------------------------------------------------------------------
@@ -179,10 +190,9 @@ class ModelManager:
                     await self._retire(model, version)
                 for key in [k for k in self._states if k[0] == model and k[1] not in wanted | set(live)]:
                     del self._states[key]
-            elif live:
-                log.warning(
-                    "model %s: no newly selected version is ready; still serving %s", model, sorted(live)
-                )
+            elif live:  # each failed version was said once when it failed
+                log.debug("model %s: no newly selected version is ready; serving %s", model, sorted(live))
+            self._check_serving_on_disk(model, [v for v in status.versions if v.version in live])
             await self._notify(model)
         if not self._live.get(model):
             self._raise_absent(model, None)
@@ -216,8 +226,18 @@ class ModelManager:
         except (KilnError, RepositoryError, ValueError, OSError) as exc:
             state.state, state.reason = UNAVAILABLE, str(exc)
             self._set_metric_state(model, version, "failed")
-            log.error("model %s v%d failed to load: %s", model, version, exc)
+            serving = sorted(self._live.get(model, {}))
+            self._warn_once(
+                ("load", model, version),
+                state.reason,
+                "model %s v%d failed to load: %s%s",
+                model,
+                version,
+                exc,
+                f"; still serving {serving}" if serving else "",
+            )
             return
+        self._warned.pop(("load", model, version), None)  # a later failure is news again
         self._live.setdefault(model, {})[version] = loaded
         state.state, state.reason = READY, ""
         self._set_metric_state(model, version, "ready")
@@ -294,6 +314,29 @@ class ModelManager:
             self._metrics.forget(model, str(version))
         self._set_metric_state(model, version, "unloaded")
         log.info("model %s v%d unloaded", model, version)
+
+    def _warn_once(self, key: tuple[str, str, int], reason: str, message: str, *args: object) -> None:
+        """WARNING unless this reason was already said for `key` (a version of a repository model)."""
+        if self._warned.get(key) != reason:
+            self._warned[key] = reason
+            log.warning(message, *args)
+
+    def _check_serving_on_disk(self, model: str, on_disk: Sequence[VersionStatus]) -> None:
+        """Say (once) when a serving version's kiln.json is gone or broken; it keeps serving.
+
+        The loaded copy answers on, but a restart would not bring it back: its index entry says so
+        in `reason` until the folder is whole again.
+        """
+        for found in on_disk:
+            state, key = self._states.get((model, found.version)), ("disk", model, found.version)
+            if state is None or state.state != READY:
+                continue
+            if found.error:
+                state.reason = f"serving the copy loaded earlier, but on disk: {found.error}"
+                self._warn_once(key, found.error, "model %s v%d: %s", model, found.version, state.reason)
+            elif self._warned.pop(key, None) is not None:
+                state.reason = ""
+                log.info("model %s v%d: its folder is whole again", model, found.version)
 
     def _set_metric_state(self, model: str, version: int, state: str) -> None:
         if self._metrics is not None:

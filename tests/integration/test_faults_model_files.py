@@ -27,7 +27,14 @@ def flip_a_bit(path: Path, offset: int = -40) -> None:
 
 
 def _config(repo: Path) -> ServeConfig:
-    return ServeConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=None, version_policy="latest")
+    return ServeConfig(
+        repo=repo,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        version_policy="latest",
+        repository_control=True,
+    )
 
 
 def _states(client: KilnClient) -> dict[tuple[str, str], tuple[str, str]]:

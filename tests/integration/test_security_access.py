@@ -58,7 +58,7 @@ def test_repository_control_off_refuses_load_and_unload(repo: Path) -> None:
 
 def test_admin_token_guards_load_and_unload(repo: Path, tmp_path: Path) -> None:
     (tmp_path / "admin").write_text(ADMIN + "\n")
-    config = _config(repo, admin_token_file=tmp_path / "admin")
+    config = _config(repo, repository_control=True, admin_token_file=tmp_path / "admin")
     with running_server(config) as srv, KilnClient(srv.address) as client:
         stub, admin = client.inference, ((ADMIN_HEADER, ADMIN),)
         unload = pb.RepositoryModelUnloadRequest(model_name="tiny")
@@ -124,7 +124,7 @@ def test_bearer_token_on_every_rpc_but_health(repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[ServerThread]:
-    with running_server(_config(repo)) as srv:
+    with running_server(_config(repo, repository_control=True)) as srv:  # Load/Unload take names too
         yield srv
 
 

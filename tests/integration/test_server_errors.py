@@ -59,6 +59,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         max_queue_delay_us=0,
         max_receive_message_bytes=64 * 1024,
         max_image_bytes=2048,
+        repository_control=True,  # test_repository_load_unload_errors
     )
     thread = ServerThread(config).start()
     yield thread

@@ -124,7 +124,7 @@ def test_broken_new_version_never_takes_the_model_down(tmp_path: Path) -> None:
 
 def test_unload_and_load_through_the_repository_api(tmp_path: Path) -> None:
     publish_tiny_model(tmp_path)
-    config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=None)
+    config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=None, repository_control=True)
     with running_server(config) as srv, KilnClient(srv.address) as client:
         client.unload_model("tiny")
         assert not client.model_ready("tiny") and client.health("tiny") == "NOT_SERVING"
