@@ -39,6 +39,8 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--device", str, "cpu, cuda, cuda:N or auto (default cpu)"),
     ("--backend", str, f"artefact backend: {', '.join(BACKENDS)} (default auto)"),
     ("--precision", str, f"artefact precision: {', '.join(PRECISIONS)} (default auto)"),
+    ("--null-base-us", int, "backend null: device time per batch in microseconds (default 0)"),
+    ("--null-per-row-us", int, "backend null: device time per (padded) row in microseconds (default 0)"),
     ("--instances", int, "model instances per version (default 1)"),
     ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
     ("--event-loop", str, f"{', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),

@@ -22,7 +22,7 @@ from typing import Any
 
 ENV_PREFIX = "KILN_"
 DEVICES_HINT = "'cpu', 'cuda', 'cuda:N' or 'auto'"
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "null")  # null: the timing backend (no compute)
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LOG_FORMATS = ("text", "json")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -52,6 +52,10 @@ class ServeConfig:
     # execution
     device: str = "cpu"
     backend: str = "auto"
+    # backend "null" (serving/backends/null_backend.py): each batch holds an instance for
+    # null_base_us + null_per_row_us * rows and answers zeros; measures the server's own overhead
+    null_base_us: int = 0
+    null_per_row_us: int = 0
     precision: str = "auto"  # artefact precision to load ("auto": fp32 ONNX on CPU)
     instances: int = 1
     intra_op_threads: int | None = None  # per instance; None splits the cores between instances
@@ -190,6 +194,10 @@ def _validate(cfg: ServeConfig) -> None:
     _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
     _check_range(cfg, "max_preprocessed_bytes", 1024)
     _check_range(cfg, "gil_switch_interval_us", 1, 100_000)
+    _check_range(cfg, "null_base_us", 0, 10_000_000)
+    _check_range(cfg, "null_per_row_us", 0, 1_000_000)
+    if cfg.backend != "null" and (cfg.null_base_us or cfg.null_per_row_us):
+        _fail("null_base_us", f"null_base_us/null_per_row_us need backend 'null', not {cfg.backend!r}")
     for name in ("poll_interval_s", "grace_period_s"):
         _check_range(cfg, name, 0.0)
     _check_range(cfg, "max_connection_age_s", 0.001)
@@ -298,6 +306,8 @@ def _from_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"config file {path}: {name} must come from {name}_file or {ENV_PREFIX}{name.upper()}"
             )
+        if name == "backend" and raw is None:
+            raw = "null"  # YAML reads an unquoted `backend: null` as None: it means the timing backend
         value = _coerce(raw, hints[name], f"{path}: {name}")
         if isinstance(value, Path) and not value.is_absolute():
             value = path.parent / value  # relative paths in the file are relative to the file

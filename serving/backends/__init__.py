@@ -1,4 +1,5 @@
-"""Backends run a model artefact: ONNX Runtime (CPU/CUDA/TensorRT EP) and native TensorRT.
+"""Backends run a model artefact: ONNX Runtime (CPU/CUDA/TensorRT EP) and native TensorRT; the
+timing backend (`backend: null`) stands in for them to measure the server's own overhead.
 
 Only light modules are imported here; onnxruntime, tensorrt and cuda-python load on first use.
 """
@@ -14,15 +15,21 @@ from serving.backends.base import (
     validate_inputs,
 )
 from serving.backends.loader import expected_specs, load_backend, spec_mismatches
+from serving.backends.null_backend import NullBackend, NullTiming, null_timing
+from serving.backends.pool import InstanceBusy
 
 __all__ = [
     "Backend",
     "BackendOptions",
+    "InstanceBusy",
+    "NullBackend",
+    "NullTiming",
     "TensorSpec",
     "check_outputs",
     "datatype_of",
     "expected_specs",
     "load_backend",
+    "null_timing",
     "numpy_dtype",
     "parse_device",
     "spec_mismatches",

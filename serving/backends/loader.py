@@ -6,10 +6,14 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serving.backends.base import Backend, BackendOptions, TensorSpec
 from serving.errors import ModelLoadError
 from serving.manifest import Artefact, Manifest, verify_artefacts
+
+if TYPE_CHECKING:
+    from serving.backends.null_backend import NullTiming
 
 __all__ = ["expected_specs", "load_backend", "spec_mismatches"]
 
@@ -22,6 +26,7 @@ def load_backend(
     device: str | None = None,
     options: BackendOptions | None = None,
     verify: bool = False,
+    null_timing: NullTiming | None = None,
 ) -> Backend:
     """Load `artefact` (a file of `version_dir`) with the backend its format needs.
 
@@ -29,6 +34,8 @@ def load_backend(
     and sha256 first (the repository normally does that once before calling here). The loaded
     tensor specs must match the manifest (names, datatypes incl. the artefact's io_datatypes
     overrides, non-batch dims) or the backend is closed and ModelLoadError names the mismatch.
+    `null_timing` (`backend: null`, see `null_timing(config)`) replaces the compute with the timing
+    backend: the artefact is still checked, only never run.
     """
     options = options or BackendOptions()
     if device is not None:
@@ -38,6 +45,13 @@ def load_backend(
     path = Path(version_dir) / artefact.path
     if not path.is_file():
         raise ModelLoadError(f"artefact file not found: {path}")
+    if null_timing is not None:
+        from serving.backends.null_backend import NullBackend
+
+        inputs, outputs = expected_specs(manifest, artefact)
+        return NullBackend(
+            inputs, outputs, max_batch_size=manifest.max_batch_size, timing=null_timing, options=options
+        )
     backend = _construct(manifest, artefact, path, options)
     problems = spec_mismatches(expected_specs(manifest, artefact), backend)
     if problems:
