@@ -76,7 +76,7 @@ def prepare(spec: ModelSpec, repo: Path, work: Path) -> list[str]:
              "--channels", "3", "--image-size", "32", "--num-samples", "600", "--num-classes", "10",
              "--epochs", "1", "--runs-dir", str(runs), "--name", "r20", "--no-progress"],
             [PYTHON, "-m", "serving.dispatch", "export", str(runs / "r20"), "--repo", str(repo),
-             "--name", "resnet20", "--precision", "fp32", "--max-batch", "64"],
+             "--name", "resnet20", "--precision", "fp32", "--max-batch", "64", "--fp32-input"],
         ]  # fmt: skip
         import subprocess
 

@@ -54,7 +54,7 @@ def prepare(name: str, work: Path, repo: Path, out: Path) -> bool:
              "--epochs", "1", "--batch-size", "64", "--device", "cuda", "--runs-dir", str(runs),
              "--name", name, "--no-progress"]  # fmt: skip
     export = [PY, "-m", "serving.dispatch", "export", str(runs / name), "--repo", str(repo), "--name", name,
-              "--precision", "fp32,fp16", "--max-batch", "256", "--no-progress"]  # fmt: skip
+              "--precision", "fp32,fp16", "--max-batch", "256", "--fp32-input", "--no-progress"]  # fmt: skip
     for cmd in (train, export):
         t0 = time.perf_counter()
         res = sh(cmd, 900)

@@ -48,8 +48,7 @@ def published(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         run_dir=run_dir,
         repo=repo,
         name="digits",
-        precisions=("fp32", "fp16", "int8"),
-        preprocess_in_graph=True,
+        precisions=("fp32", "fp16", "int8"),  # the default input: uint8 NHWC, in-graph preprocessing
         probabilities=True,
         max_batch=MAX_BATCH,
         calibration_samples=128,
@@ -111,7 +110,10 @@ def test_config_pbtxt_fields(published: tuple) -> None:
 
 def test_next_export_auto_increments_the_version(published: tuple, run_dir: Path) -> None:
     repo, _ = published
-    result = export_run(ExportRequest(run_dir=run_dir, repo=repo, name="digits", max_batch=MAX_BATCH))
+    request = ExportRequest(
+        run_dir=run_dir, repo=repo, name="digits", max_batch=MAX_BATCH, preprocess_in_graph=False
+    )
+    result = export_run(request)  # the FP32 NCHW input, one flag away
     assert result.version == 2 and (repo / "digits" / "2" / "model.onnx").is_file()
     cfg = parse_config((repo / "digits" / "config.pbtxt").read_text())
     assert cfg["input"][0]["data_type"] == "TYPE_FP32" and cfg["input"][0]["dims"] == [1, 16, 16]

@@ -139,9 +139,10 @@ def test_held_out_sample_files_feed_the_artefact(version_dir: Path, run_dir: Pat
     np.testing.assert_array_equal(run(batch).argmax(1), expected)
 
 
-def test_in_graph_flag_is_refused_for_a_signal_run(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("flag", ["--preprocess-in-graph", "--fp32-input"])
+def test_input_flags_are_refused_for_a_signal_run(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
-    code = main(["export", str(run_dir), "--repo", str(tmp_path), "--preprocess-in-graph", "--no-progress"])
+    code = main(["export", str(run_dir), "--repo", str(tmp_path), flag, "--no-progress"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "signal model always normalises in the graph" in lines[0]
