@@ -8,6 +8,12 @@ request has waited `max_queue_delay_us`, drops cancelled and expired requests, c
 `backend.infer`, checks the output batch, slices it back per request and hands the results to the
 event loop with one `call_soon_threadsafe` per batch.
 
+Fairness: the queue is one FIFO per client (the caller passes a key, e.g. the gRPC peer, so one
+connection is one client) and batches are filled round-robin across clients, one request each
+per pass. A client with a deep backlog (an abandoned stream, a bulk job) therefore cannot push
+another client's request further back than the batches already running; and one client may hold
+at most `max_queue_per_client` of the `max_queue_size` slots, so it can never fill the queue alone.
+
 Why the workers take batches themselves rather than an event-loop task dispatching them: under
 load the loop is busy with gRPC events, and every batch that waited for a loop pass to be formed
 and dispatched left the model idle meanwhile (the cores were ~20 % idle at concurrency 16 on a
@@ -22,7 +28,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +67,7 @@ class _Request:
     future: asyncio.Future[_Outputs]
     deadline: float | None  # time.monotonic() value
     enqueued: float
+    client: Hashable
 
 
 class DynamicBatcher:
@@ -73,7 +80,8 @@ class DynamicBatcher:
         max_batch_size: int | None = None,
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = (),
-        max_queue_size: int = 1024,
+        max_queue_size: int = 512,
+        max_queue_per_client: int | None = None,
         instances: int | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
@@ -97,11 +105,17 @@ class DynamicBatcher:
         self._delay = max_queue_delay_us / 1e6
         self._trigger = min(self._preferred, default=self._max_batch)  # rows that end the wait early
         self._max_queue = max_queue_size
+        self._max_per_client = max_queue_size if max_queue_per_client is None else max_queue_per_client
+        if not 1 <= self._max_per_client <= max_queue_size:
+            raise ValueError(
+                f"max_queue_per_client must be in [1, {max_queue_size}], got {self._max_per_client}"
+            )
         self._instances = instances or getattr(backend, "instances", 1)
         # Everything below is shared with the workers and guarded by _cond.
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._queued_rows = self._inflight = 0
+        # One FIFO per client; dict order is the round-robin ring (a served client moves to the end).
+        self._queues: dict[Hashable, collections.deque[_Request]] = {}
+        self._queued = self._queued_rows = self._inflight = 0
         self._accepting = self._closing = False
         self._workers: list[threading.Thread] = []
         self._batches_out = 0  # batches whose results the loop has not delivered yet
@@ -111,7 +125,7 @@ class DynamicBatcher:
     @property
     def queue_depth(self) -> int:
         """Requests waiting (not yet in a batch)."""
-        return len(self._queue)
+        return self._queued
 
     @property
     def inflight(self) -> int:
@@ -155,10 +169,23 @@ class DynamicBatcher:
             self._drained = self._loop.create_future()
             await self._drained
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> _Outputs:
+    def hurry(self) -> None:
+        """Stop waiting for fuller batches (the server is draining: no company is coming)."""
+        with self._cond:
+            self._delay = 0.0
+            self._cond.notify_all()
+
+    def fail_queued(self, message: str) -> None:
+        """Answer every queued request UNAVAILABLE (retryable) now; running batches finish."""
+        self._fail_queued(ModelUnavailableError(message, reason="stopped"))
+
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, client: Hashable = None
+    ) -> _Outputs:
         """Queue one request (any batch up to max_batch_size rows) and await its outputs.
 
         `deadline` is a `time.monotonic()` value; an expired request never reaches the backend.
+        `client` keys the fair share (see the module docstring); None is one shared client.
         Raises InvalidInputError, QueueFullError, DeadlineExceededError, ModelUnavailableError or
         the batch's BackendError.
         """
@@ -171,11 +198,21 @@ class DynamicBatcher:
             raise DeadlineExceededError(f"deadline expired before the request for {self._name!r} was queued")
         future: asyncio.Future[_Outputs] = self._loop.create_future()
         with self._cond:
-            if len(self._queue) >= self._max_queue:
+            if self._queued >= self._max_queue:
                 raise QueueFullError(
-                    f"queue of model {self._name!r} is full ({self._max_queue} requests waiting)"
+                    f"queue of model {self._name!r} is full ({self._max_queue} requests waiting; "
+                    "max_queue_size)"
                 )
-            self._queue.append(_Request(inputs, rows, future, deadline, now))
+            own = self._queues.get(client)
+            if own is None:
+                own = self._queues[client] = collections.deque()
+            elif len(own) >= self._max_per_client:
+                raise QueueFullError(
+                    f"this client already has {len(own)} requests waiting for model {self._name!r} "
+                    "(max_queue_per_client)"
+                )
+            own.append(_Request(inputs, rows, future, deadline, now, client))
+            self._queued += 1
             self._queued_rows += rows
             self._cond.notify()
         return await future
@@ -197,13 +234,13 @@ class DynamicBatcher:
         """Block until a batch is due (see the module docstring); None once closing and empty."""
         with self._cond:
             while True:
-                if not self._queue:
+                if not self._queued:
                     if self._closing:
                         return None
                     self._cond.wait()
                     continue
                 now = time.monotonic()
-                due = self._queue[0].enqueued + self._delay
+                due = min(q[0].enqueued for q in self._queues.values()) + self._delay
                 if self._closing or now >= due or self._queued_rows >= self._trigger:
                     batch = self._take(now, timed_out=self._closing or now >= due)
                     if batch:
@@ -214,37 +251,54 @@ class DynamicBatcher:
                 self._cond.wait(due - now)
 
     def _take(self, now: float, *, timed_out: bool) -> list[_Request]:
-        """FIFO requests up to max rows, dropping cancelled/expired ones; honours preferred sizes.
+        """Requests up to max rows, round-robin over clients, dropping cancelled/expired ones;
+        honours preferred sizes.
 
         Called with _cond held. Futures are only read here; expired ones are failed on the loop.
         """
-        queue, taken, rows, expired = self._queue, [], 0, []
-        while queue:
-            req = queue[0]
-            if req.future.done():
-                self._post(self._drop, "cancelled")
-            elif req.deadline is not None and req.deadline <= now:
-                expired.append(req)
-            else:
-                if rows + req.rows > self._max_batch:
+        taken, rows, expired = [], 0, []
+        progress = True
+        while progress and rows < self._max_batch and self._queued:
+            progress = False
+            for client in list(self._queues):  # one pass: at most one request per client
+                queue = self._queues[client]
+                req = queue[0]
+                if req.future.done():
+                    self._post(self._drop, "cancelled")
+                elif req.deadline is not None and req.deadline <= now:
+                    expired.append(req)
+                elif rows + req.rows > self._max_batch:
+                    continue  # too big for what is left; it leads the next batch (it stays ahead)
+                else:
+                    taken.append(req)
+                    rows += req.rows
+                self._pop(client)
+                progress = True
+                if rows == self._max_batch:
                     break
-                taken.append(req)
-                rows += req.rows
-            queue.popleft()
-            self._queued_rows -= req.rows
         if expired:
             self._post(self._expire, expired, now)
         if timed_out or rows == self._max_batch:
             return taken
-        if not queue and rows < self._trigger:  # drops shrank the batch below the trigger: wait again
+        if not self._queued and rows < self._trigger:  # drops shrank the batch below the trigger
             keep = 0
         else:  # early trigger: the longest prefix whose size is preferred (else all of it)
             sizes = np.cumsum([r.rows for r in taken]).tolist()
             keep = max((i + 1 for i, s in enumerate(sizes) if s in self._preferred), default=len(taken))
-        for req in reversed(taken[keep:]):
-            queue.appendleft(req)
+        for req in reversed(taken[keep:]):  # back to the head of their own client's queue
+            self._queues.setdefault(req.client, collections.deque()).appendleft(req)
+            self._queued += 1
             self._queued_rows += req.rows
         return taken[:keep]
+
+    def _pop(self, client: Hashable) -> None:
+        """Remove the head of `client`'s queue; the client moves to the end of the ring."""
+        queue = self._queues.pop(client)
+        req = queue.popleft()
+        self._queued -= 1
+        self._queued_rows -= req.rows
+        if queue:
+            self._queues[client] = queue
 
     def _compute(
         self, inputs: list[Mapping[str, np.ndarray]], rows: list[int]
@@ -325,9 +379,9 @@ class DynamicBatcher:
 
     def _fail_queued(self, exc: KilnError) -> None:
         with self._cond:
-            failed = list(self._queue)
-            self._queue.clear()
-            self._queued_rows = 0
+            failed = [req for queue in self._queues.values() for req in queue]
+            self._queues.clear()
+            self._queued = self._queued_rows = 0
         for req in failed:
             if not req.future.done():
                 req.future.set_exception(exc)

@@ -77,7 +77,18 @@ class ServeConfig:
     # Under 1 ms the wait is rounded up to 1 ms anyway (asyncio's epoll timeout resolution).
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_size: int = 512  # queued rows per model before RESOURCE_EXHAUSTED
+    max_queue_size: int = 512  # queued requests per model version before RESOURCE_EXHAUSTED
+    # queued requests one client (one gRPC connection) may hold per model version; None: half of
+    # max_queue_size, so one client can never fill the queue alone (batches are filled round-robin
+    # across clients too, see serving/batcher.py)
+    max_queue_per_client: int | None = None
+    # requests of one ModelStreamInfer/ClassifyStream stream computed or computing whose answers
+    # gRPC has not yet taken: a client that stops reading stops its stream's compute at this bound
+    stream_max_inflight: int = 64
+    # HTTP/2 streams (calls, unary ones included) one connection may have open at once (grpc's own
+    # default is unlimited); grpc's Python client fails calls past it with UNAVAILABLE, not queue
+    # them, so the default sits far above what one client connection normally opens
+    max_concurrent_streams: int = 1024
     # Classify preprocessing
     preprocess_workers: int = 2
     max_image_bytes: int = 16 * _MIB
@@ -94,7 +105,8 @@ class ServeConfig:
     max_receive_message_bytes: int = 64 * _MIB
     max_send_message_bytes: int = 64 * _MIB
     max_connection_age_s: float | None = None  # lets load balancers rebalance long-lived clients
-    grace_period_s: float = 20.0  # SIGTERM drain budget (below Kubernetes' default 30 s)
+    # SIGTERM drain budget (below Kubernetes' default 30 s): the process is gone within it
+    grace_period_s: float = 20.0
     reflection: bool = True
     # RepositoryModelLoad/Unload. Off by default (Triton's default model-control mode "none"):
     # they answer UNIMPLEMENTED, since anyone who reaches the port could unload every model; turn
@@ -121,7 +133,9 @@ class ServeConfig:
         result: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _SECRET_FIELDS and value is not None:
+            if f.name == "max_queue_per_client":
+                value = self.queue_per_client()  # the effective value, default resolved
+            elif f.name in _SECRET_FIELDS and value is not None:
                 value = "<redacted>"
             elif isinstance(value, Path):
                 value = str(value)
@@ -129,6 +143,12 @@ class ServeConfig:
                 value = list(value)
             result[f.name] = value
         return result
+
+    def queue_per_client(self) -> int:
+        """max_queue_per_client, or its default: half the queue (at least 1)."""
+        if self.max_queue_per_client is not None:
+            return self.max_queue_per_client
+        return max(1, self.max_queue_size // 2)
 
     def token(self) -> str | None:
         """The bearer token clients must send (from auth_token or auth_token_file), or None."""
@@ -186,6 +206,9 @@ def _validate(cfg: ServeConfig) -> None:
             _fail(name, f"expected one of {list(choices)}, got {getattr(cfg, name)!r}")
     for name in ("instances", "preprocess_workers", "max_queue_size", "default_top_k", "max_batch_size"):
         _check_range(cfg, name, 1)
+    _check_range(cfg, "max_queue_per_client", 1, cfg.max_queue_size)
+    _check_range(cfg, "stream_max_inflight", 1, 65536)
+    _check_range(cfg, "max_concurrent_streams", 1, 2**31 - 1)
     for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "intra_op_threads"):
         _check_range(cfg, name, 1)
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):

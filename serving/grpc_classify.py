@@ -15,7 +15,6 @@ model's, so no other size limit is needed (the message size limit bounds the req
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ import numpy as np
 
 from protos.kiln.classify.v1 import classify_pb2 as cpb
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
+from serving.admission import Admission
 from serving.config import ServeConfig
 from serving.errors import (
     FailedPreconditionError,
@@ -35,12 +35,13 @@ from serving.errors import (
     PayloadTooLargeError,
 )
 from serving.grpc_errors import log_failure, status_of
-from serving.grpc_inference import STREAM_WINDOW, deadline_of, record_outcome
+from serving.grpc_inference import deadline_of, record_outcome
 from serving.grpc_logging import REQUEST_ID
 from serving.metrics import KilnMetrics
 from serving.model_manager import ModelManager
 from serving.model_version import LoadedVersion
 from serving.preprocess import ImageLimits, Preprocessor
+from serving.streams import BoundedStream
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -114,9 +115,15 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
     """Classify / ClassifyStream over the ModelManager; see the module docstring."""
 
     def __init__(
-        self, manager: ModelManager, config: ServeConfig, *, metrics: KilnMetrics | None = None
+        self,
+        manager: ModelManager,
+        config: ServeConfig,
+        *,
+        metrics: KilnMetrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._manager, self._config, self._metrics = manager, config, metrics
+        self._admission = admission or Admission()
         self._limits = ImageLimits(
             max_bytes=config.max_image_bytes,
             max_pixels=config.max_image_pixels,
@@ -145,9 +152,12 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         return pre
 
     async def Classify(self, request: cpb.ClassifyRequest, context: Any) -> cpb.ClassifyResponse:
-        return await self._classify(request, deadline_of(context))
+        with self._admission.admit():
+            return await self._classify(request, deadline_of(context), context.peer())
 
-    async def _classify(self, request: cpb.ClassifyRequest, deadline: float | None) -> cpb.ClassifyResponse:
+    async def _classify(
+        self, request: cpb.ClassifyRequest, deadline: float | None, client: str
+    ) -> cpb.ClassifyResponse:
         start, loaded = time.perf_counter(), None
         REQUEST_ID.set(request.request_id)
         try:
@@ -166,7 +176,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
                 inputs = [_image_input(i, image) for i, image in enumerate(request.images)]
             loaded, rows = await self._preprocess(request, inputs)
             preprocess_s = time.perf_counter() - start
-            scores = await self._run(loaded, rows, deadline)
+            scores = await self._run(loaded, rows, deadline, client)
         except BaseException as exc:
             record_outcome(self._metrics, loaded, len(request.images) + len(request.signals), start, exc)
             raise
@@ -225,7 +235,9 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             )
         return await pre.preprocess_async(inputs, self._pool)
 
-    async def _run(self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None) -> np.ndarray:
+    async def _run(
+        self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None, client: str
+    ) -> np.ndarray:
         """Submit in chunks of max_batch_size (they batch together) and return class scores."""
         out_spec = next((o for o in loaded.manifest.outputs if o.kind != "other"), None)
         if out_spec is None:
@@ -233,72 +245,55 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         name, step = loaded.manifest.input.name, loaded.batcher.max_batch_size
         chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
         if len(chunks) == 1:  # submitted in this step: a hot swap cannot slip in (see ModelManager)
-            results = [await loaded.batcher.submit({name: chunks[0]}, deadline=deadline)]
+            results = [await loaded.batcher.submit({name: chunks[0]}, deadline=deadline, client=client)]
         else:
-            results = await asyncio.gather(*(self._submit(loaded, {name: c}, deadline) for c in chunks))
+            results = await asyncio.gather(
+                *(self._submit(loaded, {name: c}, deadline, client) for c in chunks)
+            )
         scores = np.concatenate([r[out_spec.name] for r in results]).reshape(len(rows), -1)
         return softmax(scores) if out_spec.kind == "logits" else scores.astype(np.float64)
 
     async def _submit(
-        self, loaded: LoadedVersion, inputs: dict[str, np.ndarray], deadline: float | None
+        self, loaded: LoadedVersion, inputs: dict[str, np.ndarray], deadline: float | None, client: str
     ) -> dict[str, np.ndarray]:
         """Submit from a task (a loop step after routing): follow a hot swap that retired `loaded`."""
         try:
-            return await loaded.batcher.submit(inputs, deadline=deadline)
+            return await loaded.batcher.submit(inputs, deadline=deadline, client=client)
         except ModelUnavailableError as exc:
             if exc.reason != "stopped":
                 raise
             current = self._manager.get(loaded.model)
             if current is loaded or current.manifest.input != loaded.manifest.input:
                 raise
-            return await current.batcher.submit(inputs, deadline=deadline)
+            return await current.batcher.submit(inputs, deadline=deadline, client=client)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[cpb.ClassifyRequest], context: Any
     ) -> AsyncIterator[cpb.ClassifyStreamResponse]:
-        """Requests run concurrently (so they batch); answers come back in request order."""
-        pending: collections.deque[asyncio.Task[cpb.ClassifyStreamResponse]] = collections.deque()
-        ready = asyncio.Event()
-        finished = False
+        """Requests run concurrently (so they batch); answers come back in request order.
 
-        async def reader() -> None:
-            nonlocal finished
-            try:
-                async for request in request_iterator:
-                    while len(pending) >= STREAM_WINDOW:
-                        ready.clear()
-                        await ready.wait()
-                    pending.append(asyncio.create_task(self._stream_one(request, deadline_of(context))))
-                    ready.set()
-            finally:
-                finished = True
-                ready.set()
-
-        reading = asyncio.create_task(reader())
-        try:
-            while True:
-                if pending:
-                    yield await pending.popleft()
-                    ready.set()  # room in the window
-                elif finished:
-                    break
-                else:
-                    ready.clear()
-                    await ready.wait()
-            await reading
-        finally:
-            reading.cancel()
-            for task in pending:
-                task.cancel()
+        What the stream may cost (stream_max_inflight) and how it drains: serving.streams.
+        """
+        client = context.peer()
+        with self._admission.admit():
+            stream = BoundedStream(
+                request_iterator,
+                lambda request: self._stream_one(request, deadline_of(context), client),
+                window=self._config.stream_max_inflight,
+                admission=self._admission,
+                ordered=True,
+            )
+            async for item in stream.run():
+                yield item
 
     async def _stream_one(
-        self, request: cpb.ClassifyRequest, deadline: float | None
+        self, request: cpb.ClassifyRequest, deadline: float | None, client: str
     ) -> cpb.ClassifyStreamResponse:
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         request_id = request.request_id
         try:
-            response = await self._classify(request, deadline)
+            response = await self._classify(request, deadline, client)
         except KilnError as exc:
             code = status_of(exc)[0]
             log_failure("/kiln.classify.v1.Classifier/ClassifyStream", exc, code)

@@ -16,6 +16,7 @@ import grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.admission import Admission
 from serving.config import ServeConfig
 from serving.errors import InvalidInputError, KilnError
 from serving.grpc_codec import decode_inputs, encode_outputs, param_value, requested_outputs
@@ -25,10 +26,10 @@ from serving.grpc_metadata import model_config, model_metadata
 from serving.metrics import KilnMetrics
 from serving.model_manager import READY, ModelManager
 from serving.model_version import LoadedVersion
+from serving.streams import BoundedStream
 
 SERVER_NAME = "kiln"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics", "binary_tensor_data")
-STREAM_WINDOW = 256  # requests of one stream in flight at once (back-pressure on fast senders)
 
 
 def record_outcome(
@@ -80,9 +81,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         server_version: str,
         is_ready: Callable[[], bool],
         metrics: KilnMetrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._manager, self._config = manager, config
         self._version, self._is_ready, self._metrics = server_version, is_ready, metrics
+        self._admission = admission or Admission()
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -128,9 +131,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self._infer(request, deadline_of(context, request))
+        with self._admission.admit():
+            return await self._infer(request, deadline_of(context, request), context.peer())
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, client: str
+    ) -> pb.ModelInferResponse:
         start, loaded, rows = time.perf_counter(), None, 0
         REQUEST_ID.set(request.id)
         try:
@@ -142,7 +148,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # get() and submit() with no await in between: a hot swap cannot slip between them.
             loaded = self._manager.get(request.model_name, request.model_version)
             wanted = requested_outputs(request, [s.name for s in loaded.backend.outputs])
-            outputs = await loaded.batcher.submit(inputs, deadline=deadline)
+            outputs = await loaded.batcher.submit(inputs, deadline=deadline, client=client)
             response = pb.ModelInferResponse(
                 model_name=loaded.model, model_version=str(loaded.version), id=request.id
             )
@@ -158,49 +164,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (so they batch); answers come as they finish.
 
-        A failed request yields `error_message` and the stream carries on, as Triton does. A
-        window slot is freed only once its answer was handed to gRPC, so a client that stops
-        reading stops the server reading its requests (no compute or buffering for it).
+        A failed request yields `error_message` and the stream carries on, as Triton does. What
+        the stream may cost (stream_max_inflight) and how it drains: serving.streams.
         """
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        tasks: set[asyncio.Task[None]] = set()
+        client = context.peer()
 
-        async def one(request: pb.ModelInferRequest) -> None:
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                response = await self._infer(request, deadline_of(context, request))
-                item = pb.ModelStreamInferResponse(infer_response=response)
+                response = await self._infer(request, deadline_of(context, request), client)
             except KilnError as exc:
                 log_failure("/inference.GRPCInferenceService/ModelStreamInfer", exc, status_of(exc)[0])
                 echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                item = pb.ModelStreamInferResponse(error_message=str(exc), infer_response=echo)
-            except BaseException:
-                window.release()  # no answer will be yielded for it
-                raise
-            done.put_nowait(item)
+                return pb.ModelStreamInferResponse(error_message=str(exc), infer_response=echo)
+            return pb.ModelStreamInferResponse(infer_response=response)
 
-        async def reader() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.wait(set(tasks))
-            finally:
-                done.put_nowait(None)
-
-        reading = asyncio.create_task(reader())
-        try:
-            while (item := await done.get()) is not None:
+        with self._admission.admit():
+            stream = BoundedStream(
+                request_iterator,
+                one,
+                window=self._config.stream_max_inflight,
+                admission=self._admission,
+                ordered=False,
+            )
+            async for item in stream.run():
                 yield item
-                window.release()
-            await reading  # re-raise a broken request stream
-        finally:
-            reading.cancel()
-            for task in tasks:
-                task.cancel()
 
     # -- repository --------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from serving.backends import Backend, BackendOptions, load_backend
+from serving.backends.null_backend import null_timing
 from serving.batcher import DynamicBatcher
 from serving.config import ServeConfig
 from serving.errors import (
@@ -262,7 +263,12 @@ class ModelManager:
             allow_spinning=cfg.intra_op_spinning,
         )
         backend = await asyncio.to_thread(
-            load_backend, resolved.manifest, artefact, version_dir=resolved.path, options=options
+            load_backend,
+            resolved.manifest,
+            artefact,
+            version_dir=resolved.path,
+            options=options,
+            null_timing=null_timing(cfg),
         )
         try:
             return await self._start_batcher(model, version, resolved.manifest, artefact, backend)
@@ -284,6 +290,7 @@ class ModelManager:
             max_queue_delay_us=cfg.max_queue_delay_us,
             preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
             max_queue_size=cfg.max_queue_size,
+            max_queue_per_client=cfg.queue_per_client(),
             observer=observer,
             name=model,
         )
@@ -362,6 +369,16 @@ class ModelManager:
                     await self.load(name, retry_failed=False)
                 except (KilnError, RepositoryError, OSError) as exc:
                     log.debug("poll: %s", exc)
+
+    def hurry(self) -> None:
+        """Every batcher stops waiting for fuller batches (the server is draining)."""
+        for loaded in self.loaded():
+            loaded.batcher.hurry()
+
+    def fail_queued(self) -> None:
+        """Answer every queued request of every version UNAVAILABLE (the drain's time is up)."""
+        for loaded in self.loaded():
+            loaded.batcher.fail_queued(f"model {loaded.model!r} stopped: the server is shutting down")
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher (draining queued work) and close every backend."""

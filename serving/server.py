@@ -3,9 +3,12 @@
 start():   load every model (sha256-verified, warmed up) -> bind gRPC (TLS if configured) ->
            /metrics -> health SERVING. A model that fails to load is UNAVAILABLE with its reason;
            the others serve.
-shutdown(): health NOT_SERVING (probes and load balancers stop sending) -> the gRPC server stops
-           accepting and gives in-flight RPCs up to the grace period -> batchers drain -> backends
-           close. SIGTERM and SIGINT call it; a second signal skips the wait.
+shutdown(): health NOT_SERVING (probes and load balancers stop sending) and the drain gate
+           (serving.admission) answers every new inference call UNAVAILABLE, while the calls
+           already admitted finish with their results -> then the gRPC server stops (nothing of
+           Kiln's is left for it to cancel) -> batchers and backends close. All of it within
+           `grace_period_s`: past it, what is still queued is answered UNAVAILABLE and the rest
+           cancelled. SIGTERM and SIGINT call it; a second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
+from serving.admission import Admission
 from serving.config import ServeConfig
 from serving.grpc_admin import guard_repository_control
 from serving.grpc_classify import ClassifierServicer
@@ -50,6 +54,7 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ]
     if config.max_connection_age_s is not None:
         age_ms = int(config.max_connection_age_s * 1000)
@@ -65,6 +70,7 @@ class Server:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KilnMetrics(self.registry)
         self.health = Health()
+        self.admission = Admission()
         self.manager = ModelManager(config, on_state_change=self.health.set_model, metrics=self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -149,10 +155,13 @@ class Server:
             server_version=server_version(),
             is_ready=lambda: self._ready,
             metrics=self.metrics,
+            admission=self.admission,
         )
         guard_repository_control(inference, cfg)  # repository_control / admin token (SECURITY.md)
         add_mapped_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference, server)
-        self._classifier = ClassifierServicer(self.manager, cfg, metrics=self.metrics)
+        self._classifier = ClassifierServicer(
+            self.manager, cfg, metrics=self.metrics, admission=self.admission
+        )
         add_mapped_service(cpb_grpc.add_ClassifierServicer_to_server, self._classifier, server)
         self.health.add_to_server(server)  # grpc's own servicers map their own errors
         if cfg.reflection:
@@ -188,26 +197,32 @@ class Server:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop gracefully within `grace` seconds (default: config.grace_period_s)."""
-        grace = self.config.grace_period_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (self.config.grace_period_s if grace is None else grace)
         self._stopping, self._ready = True, False
+        self.admission.begin_drain()
+        self.manager.hurry()
         await self.health.shutting_down()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
-        if self._grpc is not None:
-            await self._grpc.stop(grace)  # refuses new RPCs at once; in-flight ones get `grace`
-        for loaded in self.manager.loaded():
-            stats = loaded.stats.to_proto().inference_stats
-            log.info(
-                "drained %s v%d: %d succeeded, %d failed since start",
-                loaded.model,
-                loaded.version,
-                stats.success.count,
-                stats.fail.count,
-                extra={"model": loaded.model, "success": stats.success.count, "fail": stats.fail.count},
+        if not await self.admission.wait_idle(end - loop.time()):
+            log.warning(
+                "grace period over with %d calls unanswered: queued requests get UNAVAILABLE, "
+                "the rest are cancelled",
+                self.admission.active,
             )
-        await self.manager.close(drain=True)
+            self.manager.fail_queued()
+        if self._grpc is not None:
+            # Nothing of Kiln's is in flight now (or the grace is over); what remains is brief
+            # (health, metadata), or answers just failed above that still need writing.
+            await self._grpc.stop(max(end - loop.time(), 0.2))
+        self._log_drained()
+        try:  # a batch still computing at the grace's end (a big model on a CPU) is not waited for
+            await asyncio.wait_for(self.manager.close(drain=True), max(end + 0.2 - loop.time(), 0.1))
+        except TimeoutError:
+            log.warning("grace period over with a batch still computing: exiting without it")
         if self._health_grpc is not None:  # last: probes see NOT_SERVING throughout the drain
             await self._health_grpc.stop(0)
         if self._classifier is not None:
@@ -218,6 +233,18 @@ class Server:
             self._metrics_http = None
         self._stopped.set()
         log.info("kiln stopped")
+
+    def _log_drained(self) -> None:
+        for loaded in self.manager.loaded():
+            stats = loaded.stats.to_proto().inference_stats
+            log.info(
+                "drained %s v%d: %d succeeded, %d failed since start",
+                loaded.model,
+                loaded.version,
+                stats.success.count,
+                stats.fail.count,
+                extra={"model": loaded.model, "success": stats.success.count, "fail": stats.fail.count},
+            )
 
     async def wait_stopped(self) -> None:
         """Return once shutdown() has finished."""

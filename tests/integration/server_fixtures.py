@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +167,22 @@ def running_server(config: object) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_serve_process(repo: Path, *flags: str) -> tuple[subprocess.Popen[str], int, list[dict]]:
+    """`kiln serve` as a child process (JSON logs on stderr); returns it, its gRPC port and the
+    log lines read so far (up to the line that names the port)."""
+    cmd = [sys.executable, "-m", "serving.dispatch", "serve", "--repo", str(repo), "--host", "127.0.0.1",
+           "--port", "0", "--no-metrics", "--log-format", "json", *flags]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[dict] = []
+    assert proc.stderr is not None
+    for line in proc.stderr:  # blocks until the server logs its port (or dies)
+        lines.append(json.loads(line))
+        if "grpc_port" in lines[-1]:
+            return proc, int(lines[-1]["grpc_port"]), lines
+    raise AssertionError(f"server exited with {proc.wait()} before listening: {lines}")

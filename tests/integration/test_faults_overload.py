@@ -52,7 +52,7 @@ def _code(future: grpc.Future) -> C:
 
 def test_cancel_and_deadline_storm_spends_no_compute(tmp_path: Path) -> None:
     storm = 160
-    with gated_server(tmp_path, max_queue_size=1024) as (srv, gate):
+    with gated_server(tmp_path, max_queue_size=1024, max_queue_per_client=1024) as (srv, gate):
         port = srv.server.metrics_port
         assert port is not None
         clients = [KilnClient(srv.address) for _ in range(8)]  # many connections, as many clients
@@ -94,7 +94,10 @@ def test_repeated_queue_overflow_is_resource_exhausted_without_memory_growth(tmp
     queue, extra, rounds, warmup = 8, 400, 7, 3
     padding = "p" * 64_000  # each refused request carries 64 kB that a leak would keep
     samples = []
-    with gated_server(tmp_path, max_queue_size=queue) as (srv, gate), KilnClient(srv.address) as client:
+    with (
+        gated_server(tmp_path, max_queue_size=queue, max_queue_per_client=queue) as (srv, gate),
+        KilnClient(srv.address) as client,
+    ):
         port = srv.server.metrics_port
         assert port is not None
         batcher = srv.server.manager.get("tiny").batcher

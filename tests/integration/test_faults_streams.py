@@ -18,7 +18,6 @@ from protos.kiln.classify.v1 import classify_pb2 as cpb
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.client import KilnClient, build_infer_request
 from serving.config import ServeConfig
-from serving.grpc_inference import STREAM_WINDOW
 from tests.fuzz.load import BATCH
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 
@@ -82,7 +81,7 @@ def test_unread_infer_stream_is_back_pressured_and_blocks_no_one(server: ServerT
         received = [a for a in answers]  # now read everything
     assert len(latencies) > 20 and max(latencies) < 2.0, f"slowest other request {max(latencies):.2f} s"
     # the server stopped at its window plus what the transport buffers, far short of all of it
-    assert STREAM_WINDOW <= served_while_unread < SENT // 2, served_while_unread
+    assert server.server.config.stream_max_inflight <= served_while_unread < SENT // 2, served_while_unread
     assert len(received) == SENT and not any(a.error_message for a in received)
     assert all(a.infer_response.id == PADDING for a in received)
 

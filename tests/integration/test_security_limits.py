@@ -29,7 +29,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         "max_receive_message_bytes: 65536\nmax_send_message_bytes: 32768\n"
         "max_image_bytes: 4096\nmax_image_pixels: 10000\n"
     )
-    env = {"KILN_MAX_BATCH_SIZE": "2", "KILN_MAX_QUEUE_SIZE": "2", "KILN_MAX_IMAGES_PER_REQUEST": "3"}
+    env = {
+        "KILN_MAX_BATCH_SIZE": "2",
+        "KILN_MAX_QUEUE_SIZE": "2",
+        "KILN_MAX_QUEUE_PER_CLIENT": "2",
+        "KILN_MAX_IMAGES_PER_REQUEST": "3",
+    }
     config = load_config(config_file=root / "kiln.yaml", env=env)
     with running_server(config) as srv:
         yield srv
@@ -105,7 +110,7 @@ def test_queue_length(server: ServerThread, client: KilnClient) -> None:
         held += [stub.future(build_infer_request("tiny", _rows(1)), timeout=30) for _ in range(2)]
         wait_until(lambda: loaded.batcher.queue_depth == 2, what="a full queue of 2")
         code, details = _refused(lambda: client.infer("tiny", _rows(1)))
-        assert code == C.RESOURCE_EXHAUSTED and "(2 requests waiting)" in details
+        assert code == C.RESOURCE_EXHAUSTED and "(2 requests waiting; max_queue_size)" in details
     finally:
         gate.open.set()
     assert all(f.result(timeout=30).outputs for f in held)

@@ -56,6 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         port=0,
         metrics_port=None,
         max_queue_size=2,
+        max_queue_per_client=2,
         max_queue_delay_us=0,
         max_receive_message_bytes=64 * 1024,
         max_image_bytes=2048,

@@ -451,3 +451,47 @@ def test_bad_configuration_is_refused() -> None:
         DynamicBatcher(RecordingBackend(max_batch_size=4), max_batch_size=5)
     with pytest.raises(ValueError, match="preferred_batch_sizes"):
         DynamicBatcher(RecordingBackend(max_batch_size=4), preferred_batch_sizes=(8,))
+
+
+def test_a_backlogged_client_cannot_push_another_client_behind_its_queue() -> None:
+    """Round-robin across clients: the late client's request is in the very next batch."""
+
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=4)
+        backend.gate = threading.Event()
+        batcher = DynamicBatcher(backend, max_queue_size=64)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(x(0), client="bulk"))
+        await wait_entered(backend)  # the instance is busy: what follows queues
+        bulk = [asyncio.ensure_future(batcher.submit(x(1, 1), client="bulk")) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(batcher.submit(x(7), client="interactive"))
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await asyncio.gather(first, late, *bulk)
+        await batcher.stop()
+        second_batch = backend.batches[1][:, 0].tolist()
+        assert 7.0 in second_batch  # FIFO would have run it after 10 bulk batches
+
+    run(main())
+
+
+def test_one_client_cannot_take_every_queue_slot() -> None:
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=1)
+        backend.gate = threading.Event()
+        batcher = DynamicBatcher(backend, max_queue_size=8, max_queue_per_client=3)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(x(0), client="a"))
+        await wait_entered(backend)
+        held = [asyncio.ensure_future(batcher.submit(x(1), client="a")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError, match="max_queue_per_client"):
+            await batcher.submit(x(2), client="a")
+        other = asyncio.ensure_future(batcher.submit(x(3), client="b"))  # b still gets a slot
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await asyncio.gather(first, other, *held)
+        await batcher.stop()
+
+    run(main())
