@@ -6,7 +6,7 @@
 
 What is compared, for each model (random weights, BN folded, FP32 ONNX, published into a
 temporary repository exactly as `kiln export` would):
-- bare backend: serving.backends on arrays decoded and normalised beforehand (no file I/O, no
+- bare backend: serving.runtime.backends on arrays decoded and normalised beforehand (no file I/O, no
   decode), in batches of `--batch-size`: the ceiling the engine can reach.
 - local engine: `kiln score`'s whole job (read files, decode JPEG, resize, crop, normalise, infer,
   top-k, Parquet shards, ledger) on the same images, same backend options and batch size; the
@@ -50,8 +50,8 @@ def publish(name: str, repo: Path, max_batch: int) -> None:
 
     from export.fold import fold_batchnorms
     from export.onnx_export import export_onnx, save_onnx
-    from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
-    from serving.repository import publish_version
+    from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+    from serving.contract.repository import publish_version
     from training.models import build_model, preset
 
     size, resize, _, classes = MODELS[name]
@@ -135,8 +135,8 @@ def local_engine(
 
 
 def _decode_chunk(args: tuple[str, list[str]]) -> np.ndarray:
-    from serving.manifest import read_manifest
-    from serving.preprocess import Preprocessor
+    from serving.contract.manifest import read_manifest
+    from serving.runtime.preprocess import Preprocessor
 
     manifest_path, paths = args
     pre = Preprocessor(read_manifest(manifest_path).input)

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serve_breakdown.py --repo benchmarks/out/serve-repo --model resnet20
 
-Runs serving.server.Server in this process with timing probes wrapped around the functions a
+Runs serving.grpc.server.Server in this process with timing probes wrapped around the functions a
 ModelInfer passes through (no serving code changes), drives it with perf_analyzer at each
 `--concurrency`, and prints per stage the mean / p50 / p99 in microseconds:
 
@@ -55,8 +55,8 @@ _ORT = threading.local()
 def install_probes() -> None:
     """Wrap the functions on a ModelInfer's path with timestamping probes."""
     from serving import grpc_inference as gi
-    from serving.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from serving.batcher import DynamicBatcher
+    from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from serving.runtime.batcher import DynamicBatcher
 
     decode, encode, record = gi.decode_inputs, gi.encode_outputs, gi.record_outcome
     take, finish, compute = DynamicBatcher._next_batch, DynamicBatcher._finish, DynamicBatcher._compute
@@ -210,15 +210,15 @@ def report(
 
 async def amain(args: argparse.Namespace) -> None:
     """Start the probed server, measure each concurrency, print the blocks."""
-    from serving.config import ServeConfig
-    from serving.server import Server
+    from serving.grpc.config import ServeConfig
+    from serving.grpc.server import Server
 
     install_probes()
     if args.allow_spinning:  # not a ServeConfig field: patch the options the manager builds
         import functools
 
-        from serving import model_manager
-        from serving.backends import BackendOptions
+        from serving.grpc import model_manager
+        from serving.runtime.backends import BackendOptions
 
         model_manager.BackendOptions = functools.partial(BackendOptions, allow_spinning=True)
     _, input_name, shape, _ = model_files(args.repo, args.model)

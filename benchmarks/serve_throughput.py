@@ -93,8 +93,8 @@ def publish_random(spec: ModelSpec, repo: Path, *, max_batch: int) -> None:
 
     from export.fold import fold_batchnorms
     from export.onnx_export import export_onnx, save_onnx
-    from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
-    from serving.repository import publish_version
+    from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+    from serving.contract.repository import publish_version
     from training.models import build_model, preset
 
     torch.manual_seed(0)

@@ -63,8 +63,8 @@ def publish_both(repo: Path) -> None:
     from export.manifest_build import build_manifest
     from export.onnx_export import export_onnx, save_onnx
     from export.variants import GraphOptions, finish_graph
-    from serving.manifest import Artefact, Provenance
-    from serving.repository import publish_version
+    from serving.contract.manifest import Artefact, Provenance
+    from serving.contract.repository import publish_version
     from training.models import preset
 
     core = export_onnx(fold_batchnorms(random_model("resnet50", num_classes=CLASSES))[0], (3, SIZE, SIZE))

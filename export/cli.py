@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read and updated)")
     parser.add_argument("--ort-optimized", action="store_true", help="also save ORT's offline-optimised copy")
     parser.add_argument("--force", action="store_true", help="publish artefacts that miss their tolerance")
+    parser.add_argument(
+        "--fp16-range-margin",
+        type=float,
+        default=4.0,
+        help="FP16: nodes whose FP32 activations exceed 65504 / this on the calibration and held-out "
+        "data stay FP32 (default: 4, i.e. 16376)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
@@ -97,7 +104,7 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 def _request(args: argparse.Namespace) -> Any:
     from export.pipeline import ExportRequest
-    from serving.manifest import MODEL_NAME_RE
+    from serving.contract.manifest import MODEL_NAME_RE
 
     if args.name is not None and (not MODEL_NAME_RE.match(args.name) or ".." in args.name):
         raise ValueError(f"bad --name {args.name!r}: use letters, digits, '_', '.', '-' (no '..')")
@@ -120,6 +127,7 @@ def _request(args: argparse.Namespace) -> Any:
         timing_cache=args.timing_cache,
         ort_optimized=args.ort_optimized,
         force=args.force,
+        fp16_range_margin=args.fp16_range_margin,
         which=args.which,
     )
 
@@ -180,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
     from export.onnx_export import OnnxExportError
     from export.pipeline import ExportError, ParityGateError
     from export.tensorrt_build import TensorRTError
-    from serving.manifest import ManifestError
-    from serving.repository import RepositoryError
+    from serving.contract.manifest import ManifestError
+    from serving.contract.repository import RepositoryError
 
     try:
         result = _export(request, console, show=not args.no_progress)
@@ -201,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"fold: {result.fold.summary()}; max rel err vs unfolded: {errors}")
     for group in result.fold.kept_by_cause():
         out.print(f"  {group['count']} kept as affine (Mul+Add), {group['cause']}: {group['why']}")
+    if result.fp16 is not None and result.fp16.ranges is not None:
+        tensor, largest = result.fp16.ranges.largest()
+        out.print(
+            f"fp16 range: largest FP32 activation {largest:.3g} ({tensor}), limit "
+            f"{result.fp16.ranges.limit:g}; {len(result.fp16.kept_fp32_nodes)} node(s) kept in FP32"
+        )
     if result.forced:
         out.print(f"[yellow]forced past tolerance (recorded in kiln.json): {', '.join(result.forced)}[/]")
     out.print(f"published {result.path}")

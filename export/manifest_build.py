@@ -1,4 +1,4 @@
-"""kiln.json for an export, built from serving.manifest's types (serving defines the contract)."""
+"""kiln.json for an export, built from serving.contract.manifest's types (serving defines the contract)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from export.inputs import Preprocess
 from export.onnx_export import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME
 from export.parity import ParityResult
 from export.variants import Candidate
-from serving.manifest import (
+from serving.contract.manifest import (
     MODEL_NAME_RE,
     Artefact,
     InputSpec,
@@ -23,8 +23,9 @@ from serving.manifest import (
     Provenance,
     TensorRTInfo,
 )
+from serving.contract.manifest_types import Fp16Range
 
-__all__ = ["artefact_entry", "build_manifest", "model_name_from", "parity_report", "provenance"]
+__all__ = ["artefact_entry", "build_manifest", "fp16_range", "model_name_from", "parity_report", "provenance"]
 
 REFERENCE = "PyTorch checkpoint ({which} weights, float32, CPU, unfolded) on the held-out {split} split"
 _TRAINING_METRICS = ("best_val_acc", "best_epoch", "test_acc", "test_loss", "epochs_completed")
@@ -58,6 +59,22 @@ def parity_report(result: ParityResult, *, reference: str, forced: bool) -> Pari
     )
 
 
+def fp16_range(candidate: Candidate) -> Fp16Range | None:
+    """kiln.json's FP16 range proof of a candidate: margin, largest FP32 activation, nodes kept
+    in FP32 (None when it is not FP16 or no range was measured)."""
+    report = candidate.fp16
+    if report is None or report.ranges is None:
+        return None
+    tensor, largest = report.ranges.largest()
+    return Fp16Range(
+        margin=report.ranges.margin,
+        max_abs_activation=largest,
+        max_activation_tensor=tensor,
+        samples=report.ranges.samples,
+        kept_fp32_nodes=report.kept_fp32_nodes,
+    )
+
+
 def artefact_entry(version_dir: Path, candidate: Candidate, parity: ParityReport) -> Artefact:
     """The Artefact for a candidate already copied into `version_dir` (sha256 computed here)."""
     trt = None
@@ -77,6 +94,7 @@ def artefact_entry(version_dir: Path, candidate: Candidate, parity: ParityReport
         precision=candidate.precision,
         tensorrt=trt,
         parity=parity,
+        fp16_range=fp16_range(candidate),
     )
 
 

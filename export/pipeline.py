@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from export.fold import FoldReport, fold_batchnorms, verify_fold
+from export.fp16 import Fp16Report
+from export.fp16_range import DEFAULT_FP16_RANGE_MARGIN, ActivationRanges, measure_activation_ranges
 from export.inputs import ImageSet, Preprocess, preprocess_from_run_input, sample_split
 from export.manifest_build import (
     REFERENCE,
@@ -89,6 +91,7 @@ class ExportRequest:
     force: bool = False
     which: str = "best"
     opset: int = OPSET
+    fp16_range_margin: float = DEFAULT_FP16_RANGE_MARGIN  # FP16 activations must stay <= 65504 / this
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
 
     def __post_init__(self) -> None:
@@ -102,6 +105,8 @@ class ExportRequest:
                 raise ExportError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.parity_samples is not None and self.parity_samples < 1:
             raise ExportError(f"parity_samples must be >= 1, got {self.parity_samples}")
+        if not 1.0 <= self.fp16_range_margin < float("inf"):
+            raise ExportError(f"fp16_range_margin must be a finite number >= 1, got {self.fp16_range_margin}")
         if self.version is not None and self.version < 1:
             raise ExportError(f"version must be >= 1, got {self.version}")
         missing = [p for p in self.precisions if p not in self.tolerances]
@@ -120,6 +125,7 @@ class ExportResult:
     fold: FoldReport
     fold_errors: dict[str, float]
     forced: tuple[str, ...]
+    fp16: Fp16Report | None = None  # the FP16 ONNX artefact's conversion report (range proof)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +171,7 @@ def _load(request: ExportRequest) -> _Loaded:
     split = "test" if len(bundle.test) else "val"
     held_out = sample_split(getattr(bundle, split), request.parity_samples)
     calibration = None
-    if "int8" in request.precisions:
+    if {"int8", "fp16"} & set(request.precisions):  # INT8 calibrates on it, FP16 proves its range
         calibration = pre(sample_split(bundle.train, request.calibration_samples, seed=1).images)
     return _Loaded(model=model, run=run, pre=pre, held_out=held_out, split=split, calibration=calibration)
 
@@ -211,16 +217,33 @@ def _verify(
     return tuple(results)
 
 
+def _fp16_ranges(core: Any, loaded: _Loaded, request: ExportRequest) -> ActivationRanges | None:
+    """FP16's range proof: the FP32 core graph's activation ranges on the calibration and held-out
+    inputs, so nodes past 65504 / `fp16_range_margin` stay FP32 (the CPU parity gate cannot see
+    FP16 overflow: ORT's CPU provider computes FP16 graphs in FP32)."""
+    if "fp16" not in request.precisions:
+        return None
+    inputs = [loaded.pre(loaded.held_out.images)]
+    if loaded.calibration is not None:
+        inputs.insert(0, loaded.calibration)
+    return measure_activation_ranges(
+        core, inputs, margin=request.fp16_range_margin, batch_size=request.max_batch
+    )
+
+
 def _build(
     core: Any, loaded: _Loaded, request: ExportRequest, work: Path, progress: Progress
 ) -> list[Candidate]:
     options = GraphOptions(
         preprocess=loaded.pre if loaded.in_graph(request) else None, probabilities=request.probabilities
     )
+    if "fp16" in request.precisions:
+        progress("fp16 range proof")
     common = {
         "options": options,
         "calibration": loaded.calibration,
         "calibration_samples": request.calibration_samples,
+        "fp16_ranges": _fp16_ranges(core, loaded, request),
     }
     progress("precision variants")
     candidates = build_onnx_variants(
@@ -256,7 +279,7 @@ def _publish(
     results: tuple[ParityResult, ...],
     extra: dict[str, Any],
 ) -> tuple[str, Any]:
-    from serving.repository import publish_version
+    from serving.contract.repository import publish_version
     from training.provenance import utc_now
 
     name = _model_name(request, loaded)
@@ -347,4 +370,5 @@ def export_run(request: ExportRequest, progress: Progress | None = None) -> Expo
         fold=report,
         fold_errors=fold_errors,
         forced=failed,
+        fp16=next((c.fp16 for c in candidates if c.fp16 is not None and c.format == "onnx"), None),
     )

@@ -31,7 +31,7 @@ class TensorRTError(RuntimeError):
 
 @dataclass(frozen=True, kw_only=True)
 class EngineInfo:
-    """What an engine was built for (mirrors serving.manifest.TensorRTInfo)."""
+    """What an engine was built for (mirrors serving.contract.manifest.TensorRTInfo)."""
 
     version: str
     gpu_name: str

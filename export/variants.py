@@ -15,7 +15,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from export.fp16 import convert_fp16
+from export.fp16 import Fp16Report, convert_fp16
+from export.fp16_range import ActivationRanges
 from export.inputs import Preprocess
 from export.int8 import int8_settings, quantize_int8
 from export.onnx_export import (
@@ -66,6 +67,7 @@ class Candidate:
     precision: str
     details: dict[str, Any] = field(default_factory=dict)
     tensorrt: Any = None  # export.tensorrt_build.EngineInfo for plans
+    fp16: Fp16Report | None = None  # FP16 artefacts: what was kept in FP32 and the range proof
 
 
 def finish_graph(core: onnx.ModelProto, options: GraphOptions) -> onnx.ModelProto:
@@ -92,19 +94,21 @@ def _convert(
     target: Literal["cpu", "tensorrt"],
     calibration: np.ndarray | None,
     calibration_samples: int,
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The core graph in `precision` for `target`, with what the conversion recorded."""
+    fp16_ranges: ActivationRanges | None = None,
+) -> tuple[onnx.ModelProto, dict[str, Any], Fp16Report | None]:
+    """The core graph in `precision` for `target`, what the conversion recorded, and for FP16
+    its report (nodes kept in FP32 for out-of-range weights or `fp16_ranges` activations)."""
     if precision == "fp32":
-        return core, {}
+        return core, {}, None
     if precision == "fp16":
-        graph, report = convert_fp16(core)
-        return graph, {"fp16": report.to_dict()}
+        graph, report = convert_fp16(core, ranges=fp16_ranges)
+        return graph, {"fp16": report.to_dict()}, report
     if precision != "int8":
         raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
     if calibration is None or len(calibration) == 0:
         raise ValueError("int8 needs calibration images")
     settings = int8_settings(target, calibration_samples=min(calibration_samples, len(calibration)))
-    return quantize_int8(core, calibration, settings), {"int8": settings.to_dict()}
+    return quantize_int8(core, calibration, settings), {"int8": settings.to_dict()}, None
 
 
 def build_onnx_variants(
@@ -116,20 +120,24 @@ def build_onnx_variants(
     calibration: np.ndarray | None = None,
     calibration_samples: int = 256,
     ort_optimized: bool = False,
+    fp16_ranges: ActivationRanges | None = None,
 ) -> list[Candidate]:
     """ONNX files for each precision (+ an ORT-optimised FP32 copy when asked).
 
-    `calibration` (float32 preprocessed train samples: the core graph's input) is required for int8.
+    `calibration` (float32 preprocessed train samples: the core graph's input) is required for int8;
+    `fp16_ranges` (the core graph's measured activation ranges) is FP16's range proof.
     """
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise ValueError(f"unknown precision(s) {unknown}; expected some of {list(PRECISIONS)}")
     out: list[Candidate] = []
     for precision in precisions:
-        graph, details = _convert(core, precision, "cpu", calibration, calibration_samples)
+        graph, details, fp16 = _convert(core, precision, "cpu", calibration, calibration_samples, fp16_ranges)
         path = save_onnx(finish_graph(graph, options), work_dir / ONNX_FILENAMES[precision])
         out.append(
-            Candidate(path=path, filename=path.name, format="onnx", precision=precision, details=details)
+            Candidate(
+                path=path, filename=path.name, format="onnx", precision=precision, details=details, fp16=fp16
+            )
         )
         if precision == "fp32" and ort_optimized:
             opt = ort_optimize(path, work_dir / ORT_OPTIMIZED_FILENAME)
@@ -155,6 +163,7 @@ def build_plan_variants(
     calibration: np.ndarray | None = None,
     calibration_samples: int = 256,
     timing_cache: Path | None = None,
+    fp16_ranges: ActivationRanges | None = None,
 ) -> list[Candidate]:
     """TensorRT plans per precision, each from its own ONNX graph (strongly typed networks):
     FP32 as is, FP16 from the FP16 graph, INT8 from a symmetric-activation QDQ graph."""
@@ -162,7 +171,9 @@ def build_plan_variants(
 
     out: list[Candidate] = []
     for precision in precisions:
-        graph, details = _convert(core, precision, "tensorrt", calibration, calibration_samples)
+        graph, details, fp16 = _convert(
+            core, precision, "tensorrt", calibration, calibration_samples, fp16_ranges
+        )
         source = save_onnx(finish_graph(graph, options), work_dir / f"trt-source.{precision}.onnx")
         plan = work_dir / PLAN_FILENAMES[precision]
         info = build_engine(source, plan, max_batch=max_batch, timing_cache=timing_cache)
@@ -174,6 +185,7 @@ def build_plan_variants(
                 precision=precision,
                 details=details,
                 tensorrt=info,
+                fp16=fp16,
             )
         )
     return out

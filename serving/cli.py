@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from serving.config import (
+from serving.grpc.config import (
     BACKENDS,
     EVENT_LOOPS,
     LOG_FORMATS,
@@ -136,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    from serving.grpc_logging import configure_logging
-    from serving.server import Server
+    from serving.grpc.request_log import configure_logging
+    from serving.grpc.server import Server
 
     configure_logging(config.log_format, config.log_level)
     try:

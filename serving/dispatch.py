@@ -18,9 +18,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a classifier and write a run directory"),
     "export": ("export.cli", "fold, export and prove a trained run into a model repository"),
     "serve": ("serving.cli", "serve a model repository over gRPC (KServe v2 + Classify)"),
-    "classify": ("serving.classify_cli", "classify images through a running server"),
-    "score": ("serving.score_cli", "score stored images offline into Parquet"),
-    "bench": ("serving.bench_cli", "benchmark a model or a running server"),
+    "classify": ("serving.clients.classify_cli", "classify images through a running server"),
+    "score": ("serving.clients.score_cli", "score stored images offline into Parquet"),
+    "bench": ("serving.clients.bench_cli", "benchmark a model or a running server"),
 }
 
 

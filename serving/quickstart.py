@@ -25,7 +25,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from serving.client import KilnClient
+from serving.clients.client import KilnClient
 
 MODEL = "digits"
 console = Console()

@@ -95,8 +95,8 @@ VARIANTS = {  # column -> (precision, BackendOptions fields)
 def engine(name: str, repo: Path, batches: list[int], seconds: float, out: Path, results: dict) -> None:
     import torch
 
-    from serving.backends import BackendOptions, load_backend
-    from serving.repository import ModelRepository
+    from serving.contract.repository import ModelRepository
+    from serving.runtime.backends import BackendOptions, load_backend
     from training.checkpoint import load_model
 
     resolved = ModelRepository(repo).resolve(name, None)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.manifest import read_manifest
-from serving.preprocess import Preprocessor
+from serving.contract.manifest import read_manifest
+from serving.runtime.preprocess import Preprocessor
 
 
 def digit_images(count: int, channels: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 `metric_names` is a small lexer, not a PromQL parser: it removes strings, label matchers, range
 selectors, grouping clauses, numbers and template variables, then keeps each identifier that is
 not a function call or a keyword. That is enough to cross-check the dashboard, the alert rules and
-the adapter rule against `serving/metrics.py`, and it errs towards reporting a name.
+the adapter rule against `serving/grpc/metrics.py`, and it errs towards reporting a name.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ DEPLOY = Path(__file__).resolve().parents[1]
 DASHBOARD = DEPLOY / "grafana" / "kiln-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ADAPTER = DEPLOY / "prometheus" / "adapter-rules.yaml"
-# Series that Prometheus itself creates, with the reason they are not in serving/metrics.py.
+# Series that Prometheus itself creates, with the reason they are not in serving/grpc/metrics.py.
 PROMETHEUS_SERIES = {"up": "synthetic per-target scrape health, added by Prometheus"}
 
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
@@ -63,8 +63,8 @@ def registry_families() -> list[tuple[str, str]]:
     """(name, type) of every family the server registers: KilnMetrics plus the NVML GPU collector."""
     from prometheus_client import CollectorRegistry
 
-    from serving.gpu_stats import GpuCollector
-    from serving.metrics import KilnMetrics
+    from serving.grpc.gpu_stats import GpuCollector
+    from serving.grpc.metrics import KilnMetrics
 
     registry = CollectorRegistry()
     KilnMetrics(registry, process=True, gpu=False)

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from serving.backends import BackendOptions
-from serving.manifest import Artefact, Manifest
+from serving.contract.manifest import Artefact, Manifest
+from serving.runtime.backends import BackendOptions
 from serving.scoring.inputs import InputList, list_inputs
 from serving.scoring.ledger import JobIdentity, Ledger, LedgerError, ShardPlan, ShardRecord
 from serving.scoring.local_engine import LocalEngine, LocalOptions

@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from serving.fileio import atomic_write_text, sha256_file
+from serving.contract.fileio import atomic_write_text, sha256_file
 from serving.scoring.writer import write_parquet_atomic
 
 __all__ = ["JOB_FILE", "JobIdentity", "JobMismatchError", "Ledger", "LedgerError", "ShardPlan", "ShardRecord"]

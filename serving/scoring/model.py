@@ -1,8 +1,8 @@
 """The backend holder of a scoring job: a verified artefact, its preprocessing and its class maths.
 
-Everything numeric goes through the same code as the online path (serving.repository verifies the
-sha256, serving.backends runs the artefact, serving.preprocess turns bytes into rows,
-serving.topk turns outputs into top-k), so `kiln score` and Classify agree on every image.
+Everything numeric goes through the same code as the online path (serving.contract.repository verifies the
+sha256, serving.runtime.backends runs the artefact, serving.runtime.preprocess turns bytes into rows,
+serving.runtime.topk turns outputs into top-k), so `kiln score` and Classify agree on every image.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.backends import Backend, BackendOptions, load_backend, numpy_dtype
+from serving.contract.manifest import Artefact, Manifest
+from serving.contract.repository import ModelRepository, ResolvedVersion
+from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError
-from serving.manifest import Artefact, Manifest
-from serving.preprocess import ImageLimits, Preprocessor
-from serving.repository import ModelRepository, ResolvedVersion
-from serving.topk import class_scores, classification_output, top_k
-from serving.version_policy import VersionPolicy
+from serving.runtime.backends import Backend, BackendOptions, load_backend, numpy_dtype
+from serving.runtime.preprocess import ImageLimits, Preprocessor
+from serving.runtime.topk import class_scores, classification_output, top_k
 
 __all__ = ["ModelIdentity", "RowLoader", "Scored", "ScoringModel", "choose_artefact", "resolve_model"]
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from serving.backends import BackendOptions
-from serving.manifest import Artefact, Manifest
+from serving.contract.manifest import Artefact, Manifest
+from serving.runtime.backends import BackendOptions
 from serving.scoring.inputs import InputList
 from serving.scoring.ledger import ShardPlan
 from serving.scoring.model import ModelIdentity, RowLoader, Scored, ScoringModel

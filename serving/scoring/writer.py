@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from serving.fileio import fsync_dir
+from serving.contract.fileio import fsync_dir
 from serving.scoring.model import ModelIdentity, Scored
 
 __all__ = ["OUTPUT_SCHEMA", "ROW_COLUMN", "results_table", "with_row_column", "write_parquet_atomic"]

@@ -23,8 +23,8 @@ import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.kiln.classify.v1 import classify_pb2 as cpb
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
 from tests.fuzz.strategies import CLASSIFY_STREAM, STREAM_INFER, Case
 from tests.integration.server_fixtures import reference_logits
 

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.client import KilnClient, build_infer_request
+from serving.clients.client import KilnClient, build_infer_request
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)

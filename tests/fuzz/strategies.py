@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.kiln.classify.v1 import classify_pb2 as cpb
-from serving.grpc_codec import DATATYPES
+from serving.protocol.codec import DATATYPES
 from tests.fuzz.images import encode, images
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"

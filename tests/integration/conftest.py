@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import tritonclient.grpc as grpcclient
 
-from serving.client import KilnClient
+from serving.clients.client import KilnClient
 from tests.integration.server_fixtures import ServerThread
 
 

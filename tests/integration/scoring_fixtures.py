@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
-from serving.repository import publish_version
+from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+from serving.contract.repository import publish_version
 
 LABELS = ("ant", "bee", "cat", "dog", "eel")
 SIZE = 8

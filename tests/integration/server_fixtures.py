@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
-from serving.repository import publish_version
+from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+from serving.contract.repository import publish_version
 
 LABELS = ("circle", "square", "star", "wave")
 CHANNELS, SIZE = 3, 8
@@ -107,10 +107,10 @@ def normalise(images_hwc: np.ndarray) -> np.ndarray:
 
 
 class ServerThread:
-    """Runs serving.server.Server in a background thread with its own event loop."""
+    """Runs serving.grpc.server.Server in a background thread with its own event loop."""
 
     def __init__(self, config: object) -> None:
-        from serving.server import Server
+        from serving.grpc.server import Server
 
         self.server = Server(config)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=self._run, name="kiln-test-server", daemon=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance
-from serving.repository import publish_version
+from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance
+from serving.contract.repository import publish_version
 
 SIGNAL_LABELS = tuple(f"digit{i}" for i in range(10))
 SIGNAL_CHANNELS, SIGNAL_LENGTH = 1, 40

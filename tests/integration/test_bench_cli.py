@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ServeConfig
 from serving.dispatch import main
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import publish_tiny_model, running_server
 
 

@@ -118,7 +118,7 @@ def test_every_metric_name_used_is_in_a_live_scrape(objects: list[dict[str, Any]
 
 def test_the_autoscaling_signal_has_data_after_a_request(live: LiveServer) -> None:
     from protos.inference import grpc_service_pb2_grpc as pb_grpc
-    from serving.client import build_infer_request
+    from serving.clients.client import build_infer_request
 
     batch = np.zeros((2, CHANNELS, SIZE, SIZE), np.float32)
     with grpc.insecure_channel(f"127.0.0.1:{live.grpc_port}") as channel:

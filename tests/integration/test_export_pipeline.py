@@ -15,9 +15,9 @@ from rich.console import Console
 
 import export.pipeline as pipeline
 from export.pipeline import ExportRequest, ParityGateError, export_run
-from serving.manifest import read_manifest
-from serving.repository import ModelRepository
-from serving.triton_config import parse_config
+from serving.contract.manifest import read_manifest
+from serving.contract.repository import ModelRepository
+from serving.contract.triton_config import parse_config
 from training.config import OptimConfig, TrainConfig
 from training.loop import Trainer
 

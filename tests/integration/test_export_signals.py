@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from export.parity import onnx_runner
+from serving.contract.manifest import MANIFEST_FILENAME, read_manifest, verify_artefacts
 from serving.dispatch import main
-from serving.manifest import MANIFEST_FILENAME, read_manifest, verify_artefacts
 from training.checkpoint import load_model
 from training.data import load_dataset
 from training.evaluate import Normalizer

@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.contract.manifest import read_manifest
 from serving.dispatch import main
-from serving.manifest import read_manifest
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import ServerThread, reference_logits
 from training.checkpoint import BEST_WEIGHTS, save_weights
 from training.data import DataSpec, load_dataset

@@ -22,7 +22,7 @@ import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.client import KilnClient, build_infer_request
+from serving.clients.client import KilnClient, build_infer_request
 from tests.integration.server_fixtures import publish_tiny_model, start_serve_process
 
 BASE_US, PER_ROW_US = 2000, 50

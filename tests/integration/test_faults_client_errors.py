@@ -19,8 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
 from tests.fuzz.load import BATCH, wait_until
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 
@@ -136,7 +136,7 @@ def test_repository_control_is_off_by_default(tmp_path: Path) -> None:
 _STALLED_STREAM_CLIENT = """
 import sys, time, grpc
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.client import build_infer_request
+from serving.clients.client import build_infer_request
 from tests.fuzz.load import BATCH
 request = build_infer_request("tiny", {"input": BATCH}, request_id="r" * 16_000)
 channel = grpc.insecure_channel(sys.argv[1])

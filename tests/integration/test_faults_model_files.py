@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
 from tests.fuzz.load import BATCH, Hammer, wait_until
 from tests.integration.server_fixtures import publish_tiny_model, running_server
 

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import KilnClient, build_infer_request
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient, build_infer_request
+from serving.grpc.config import ServeConfig
 from tests.fuzz.load import MARKER, Gate, live_rss_bytes, metric, wait_until
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from serving.client import KilnClient
+from serving.clients.client import KilnClient
 from tests.fuzz.load import BATCH, Hammer, KilnProcess, wait_until
 from tests.integration.server_fixtures import publish_tiny_model, reference_logits
 

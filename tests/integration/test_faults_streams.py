@@ -16,8 +16,8 @@ import pytest
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.kiln.classify.v1 import classify_pb2 as cpb
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
-from serving.client import KilnClient, build_infer_request
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient, build_infer_request
+from serving.grpc.config import ServeConfig
 from tests.fuzz.load import BATCH
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from protos.inference import grpc_service_pb2 as pb
-from serving.client import KilnClient
+from serving.clients.client import KilnClient
 from tests.fuzz.harness import (
     MAX_IMAGE_BYTES,
     ErrorLog,

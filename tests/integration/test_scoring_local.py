@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from serving.backends import load_backend
+from serving.contract.repository import ModelRepository
 from serving.dispatch import main
-from serving.preprocess import Preprocessor
-from serving.repository import ModelRepository
+from serving.runtime.backends import load_backend
+from serving.runtime.preprocess import Preprocessor
+from serving.runtime.topk import class_scores, top_k
 from serving.scoring.job import ScoreConfig, run_score
-from serving.topk import class_scores, top_k
 from tests.integration.scoring_fixtures import BAD_NAMES, LABELS, make_images, publish_model
 
 GOOD = 300

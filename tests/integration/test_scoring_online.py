@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
 from serving.scoring.job import ScoreConfig, run_score
 from tests.integration.scoring_fixtures import BAD_NAMES, make_images, publish_model
 from tests.integration.server_fixtures import ServerThread

@@ -16,9 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.kiln.classify.v1 import classify_pb2 as cpb
-from serving.client import KilnClient, build_infer_request
-from serving.config import ServeConfig, load_config
-from serving.grpc_admin import ADMIN_HEADER
+from serving.clients.client import KilnClient, build_infer_request
+from serving.grpc.admin import ADMIN_HEADER
+from serving.grpc.config import ServeConfig, load_config
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 
 C = grpc.StatusCode

@@ -108,7 +108,7 @@ def test_the_scanner_passes_safe_loads() -> None:
     assert unsafe_loads(safe + "yaml.safe_load('a: 1')\nyaml.load('a: 1', yaml.SafeLoader)\n") == []
 
 
-SECRET_MODULES = ("serving/grpc_security.py", "serving/grpc_admin.py")
+SECRET_MODULES = ("serving/grpc/security.py", "serving/grpc/admin.py")
 
 
 @pytest.mark.parametrize("module", SECRET_MODULES)

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import KilnClient, build_infer_request
-from serving.config import load_config
+from serving.clients.client import KilnClient, build_infer_request
+from serving.grpc.config import load_config
 from tests.fuzz.images import encode, png_bomb
 from tests.fuzz.load import Gate, wait_until
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server

@@ -26,7 +26,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from serving.client import KilnClient
+from serving.clients.client import KilnClient
 from tests.fuzz.load import KilnProcess, rss_bytes
 from tests.integration.server_fixtures import publish_tiny_model
 

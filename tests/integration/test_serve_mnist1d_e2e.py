@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.contract.manifest import read_manifest
 from serving.dispatch import main
-from serving.manifest import read_manifest
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import ServerThread, reference_logits
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed")

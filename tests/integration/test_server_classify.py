@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from protos.kiln.classify.v1 import classify_pb2 as cpb
-from serving.client import KilnClient, image_message
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient, image_message
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import (
     LABELS,
     ServerThread,
@@ -125,7 +125,7 @@ def test_kiln_classify_cli_prints_a_table(
 ) -> None:
     import argparse
 
-    from serving import classify_cli
+    from serving.clients import classify_cli
 
     pixels = _pixels(2, seed=7)
     paths = []

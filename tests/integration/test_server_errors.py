@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from protos.inference import grpc_service_pb2 as pb
-from serving.client import KilnClient, build_infer_request
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient, build_infer_request
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model
 
 MARKER = 123.0  # an input filled with this value identifies one request inside a batch

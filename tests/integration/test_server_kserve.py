@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import KilnClient, build_infer_request
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient, build_infer_request
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import LABELS, ServerThread, publish_tiny_model, reference_logits
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed")

@@ -14,8 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import (
     publish_tiny_model,
     reference_logits,
@@ -74,7 +74,7 @@ class Hammer:
 
 
 def _request():  # type: ignore[no-untyped-def]
-    from serving.client import build_infer_request
+    from serving.clients.client import build_infer_request
 
     return build_infer_request("tiny", {"input": BATCH})
 

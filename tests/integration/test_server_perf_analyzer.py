@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ServeConfig
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import publish_tiny_model, running_server
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from protos.kiln.classify.v1 import classify_pb2 as cpb
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
 from tests.integration.server_fixtures import publish_tiny_model, running_server
 
 TOKEN = "s3cret-token-for-tests"

@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 
 from protos.kiln.classify.v1 import classify_pb2 as cpb
-from serving.client import KilnClient, image_message, signal_message
-from serving.config import ServeConfig
-from serving.manifest import read_manifest
-from serving.preprocess import Preprocessor
-from serving.triton_config import parse_config
+from serving.clients.client import KilnClient, image_message, signal_message
+from serving.contract.manifest import read_manifest
+from serving.contract.triton_config import parse_config
+from serving.grpc.config import ServeConfig
+from serving.runtime.preprocess import Preprocessor
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, reference_logits
 from tests.integration.signal_fixtures import SIGNAL_LABELS, SIGNAL_LENGTH, publish_signal_model, signals
 from tests.integration.test_server_perf_analyzer import PERF_ANALYZER
@@ -198,7 +198,7 @@ def test_bad_signal_requests_are_refused(
 def test_kiln_classify_cli_refuses_images_and_takes_npy(
     server: ServerThread, repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from serving import classify_cli
+    from serving.clients import classify_cli
 
     parser = argparse.ArgumentParser()
     classify_cli.add_arguments(parser)

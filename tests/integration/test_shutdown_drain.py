@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import KilnClient, build_infer_request
+from serving.clients.client import KilnClient, build_infer_request
 from tests.integration.server_fixtures import publish_tiny_model, start_serve_process
 from tests.integration.test_server_perf_analyzer import PERF_ANALYZER
 

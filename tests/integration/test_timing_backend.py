@@ -30,9 +30,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from serving.backends import InstanceBusy, NullBackend
-from serving.client import KilnClient
-from serving.config import ServeConfig
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
+from serving.runtime.backends import InstanceBusy, NullBackend
 from tests.integration.server_fixtures import LABELS, ServerThread, publish_tiny_model, running_server
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from serving.client import KilnClient
+from serving.clients.client import KilnClient
 
 
 def _worker(

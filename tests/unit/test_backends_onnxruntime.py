@@ -11,10 +11,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper, save_model
 
-from serving.backends import BackendOptions, load_backend
-from serving.backends.onnxruntime_backend import OnnxRuntimeBackend
-from serving.errors import InvalidInputError, ModelLoadError
-from serving.manifest import (
+from serving.contract.manifest import (
     Artefact,
     InputSpec,
     Manifest,
@@ -23,6 +20,9 @@ from serving.manifest import (
     Provenance,
     TensorRTInfo,
 )
+from serving.errors import InvalidInputError, ModelLoadError
+from serving.runtime.backends import BackendOptions, load_backend
+from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
 RNG = np.random.default_rng(0)
 WEIGHT = RNG.standard_normal((16, 3)).astype(np.float32)
@@ -252,7 +252,7 @@ def test_cuda_provider_matches_numpy(version_dir: Path, options: BackendOptions)
 def test_batcher_over_the_real_backend_scatters_correct_rows(version_dir: Path) -> None:
     import asyncio
 
-    from serving.batcher import DynamicBatcher
+    from serving.runtime.batcher import DynamicBatcher
 
     options = BackendOptions(instances=2, intra_op_threads=1)
     backend = OnnxRuntimeBackend(version_dir / "model.onnx", max_batch_size=4, options=options)
@@ -292,7 +292,7 @@ def test_iobinding_runner_logic_on_the_cpu_provider(version_dir: Path, staged: b
     """The CUDA path's IOBinding code, run against the CPU EP (which accepts the same bindings).
 
     Padded: 3 rows run as the bucket of 4 (the 4th row is stale or zeros) and come back as 3."""
-    from serving.backends.ort_runners import BindingRunner
+    from serving.runtime.backends.ort_runners import BindingRunner
 
     session = onnxruntime.InferenceSession(
         str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"]

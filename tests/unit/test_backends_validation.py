@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from serving.backends import (
+from serving.contract.manifest import TensorRTInfo
+from serving.errors import InvalidInputError, ModelLoadError
+from serving.runtime.backends import (
     BackendOptions,
     TensorSpec,
     datatype_of,
@@ -16,9 +18,11 @@ from serving.backends import (
     parse_device,
     validate_inputs,
 )
-from serving.backends.tensorrt_backend import RuntimeTarget, check_plan_compatible, plan_incompatibility
-from serving.errors import InvalidInputError, ModelLoadError
-from serving.manifest import TensorRTInfo
+from serving.runtime.backends.tensorrt_backend import (
+    RuntimeTarget,
+    check_plan_compatible,
+    plan_incompatibility,
+)
 
 SPECS = (TensorSpec("image", "FP32", (-1, 3, 4, 4)), TensorSpec("mask", "UINT8", (-1, 4)))
 
@@ -121,9 +125,10 @@ def test_serving_components_import_without_torch() -> None:
         "        if name.split('.')[0] in ('torch', 'training', 'export', 'tensorrt'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import serving.errors, serving.backends, serving.batcher, serving.preprocess, serving.metrics\n"
-        "import serving.gpu_stats, serving.backends.onnxruntime_backend, serving.backends.tensorrt_backend\n"
-        "import serving.backends.cuda_rt\n"
+        "import serving.errors, serving.runtime.backends, serving.runtime.batcher\n"
+        "import serving.runtime.preprocess, serving.grpc.metrics, serving.grpc.gpu_stats\n"
+        "import serving.runtime.backends.onnxruntime_backend, serving.runtime.backends.tensorrt_backend\n"
+        "import serving.runtime.backends.cuda_rt\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False

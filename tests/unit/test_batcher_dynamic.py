@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving.backends import TensorSpec
-from serving.batcher import DynamicBatcher
 from serving.errors import (
     BackendError,
     DeadlineExceededError,
@@ -20,6 +18,8 @@ from serving.errors import (
     ModelUnavailableError,
     QueueFullError,
 )
+from serving.runtime.backends import TensorSpec
+from serving.runtime.batcher import DynamicBatcher
 
 
 class RecordingBackend:

@@ -193,7 +193,7 @@ def test_every_referenced_config_map_is_rendered(rendered: dict[str, list[dict[s
 def test_the_pod_settings_resolve_in_the_real_server(
     rendered: dict[str, list[dict[str, Any]]], name: str, tmp_path: Path
 ) -> None:
-    from serving.config import ENV_PREFIX, field_names
+    from serving.grpc.config import ENV_PREFIX, field_names
 
     objects = rendered[name]
     container, spec = _server(objects), pod.pod_spec(objects)
@@ -226,7 +226,7 @@ def test_a_bad_setting_in_the_config_map_is_refused_by_the_server(
 def test_tls_component_wires_the_secret_into_the_server_settings(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
-    from serving.config import field_names
+    from serving.grpc.config import field_names
 
     objects = rendered["cpu+components"]
     container = _server(objects)
@@ -258,7 +258,7 @@ def test_model_download_component_replaces_the_claim_with_an_init_copy(
 def test_ray_job_runs_kiln_score_on_the_pinned_ray(rendered: dict[str, list[dict[str, Any]]]) -> None:
     import argparse
 
-    from serving import score_cli
+    from serving.clients import score_cli
 
     job = one(rendered["batch"], "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])

@@ -1,5 +1,5 @@
 """The Grafana dashboard, the alert rules and the prometheus-adapter rule use only metric names that
-Kiln's server registers (serving/metrics.py, serving/gpu_stats.py), and the PromQL they carry is
+Kiln's server registers (serving/grpc/metrics.py, serving/grpc/gpu_stats.py), and the PromQL they carry is
 shaped the way aggregation across replicas needs (quantiles over `sum by (le)`)."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from export.inputs import HostPreprocess, SignalPreprocess, preprocess_from_run_input
 from export.manifest_build import _input_spec
 from export.onnx_export import OnnxExportError, add_signal_normalisation, check_onnx, save_onnx
-from serving.manifest import InputSpec
+from serving.contract.manifest import InputSpec
 from training.run_record import input_record, signal_input_record
 
 BUNDLE = SimpleNamespace(in_channels=2, signal_length=5, input_scale=1.0, mean=(1.5, -2.0), std=(0.5, 4.0))

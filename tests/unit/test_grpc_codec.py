@@ -9,7 +9,7 @@ import pytest
 
 from protos.inference import grpc_service_pb2 as pb
 from serving.errors import InvalidInputError
-from serving.grpc_codec import (
+from serving.protocol.codec import (
     classify_rows,
     decode_bytes_elements,
     decode_inputs,

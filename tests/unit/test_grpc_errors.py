@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from serving import errors
-from serving.grpc_errors import status_of
+from serving.grpc.status_map import status_of
 
 EXPECTED = {
     errors.InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,7 +46,8 @@ def test_unexpected_errors_become_internal_without_leaking_details() -> None:
 
 def test_server_modules_never_import_torch() -> None:
     code = (
-        "import sys; import serving.server, serving.cli, serving.client, serving.classify_cli; "
+        "import sys; import serving.grpc.server, serving.cli, serving.clients.client; "
+        "import serving.clients.classify_cli; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'training', 'export'}); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

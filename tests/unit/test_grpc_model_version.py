@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.backends import TensorSpec
-from serving.config import ServeConfig
+from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance, TensorRTInfo
 from serving.errors import ModelUnavailableError
-from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance, TensorRTInfo
-from serving.model_version import choose_artefact, warmup_inputs
-from serving.server import grpc_options
+from serving.grpc.config import ServeConfig
+from serving.grpc.model_version import choose_artefact, warmup_inputs
+from serving.grpc.server import grpc_options
+from serving.runtime.backends import TensorSpec
 
 
 def _artefact(path: str, fmt: str, precision: str) -> Artefact:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from serving.manifest import (
+from serving.contract.manifest import (
     SCHEMA_VERSION,
     Artefact,
     ArtefactMismatch,
@@ -278,7 +278,8 @@ def test_manifest_and_repository_import_without_torch() -> None:
         "        if name.split('.')[0] in ('torch', 'training', 'export'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import serving.manifest, serving.repository, serving.publish, serving.triton_config\n"
+        "import serving.contract.manifest, serving.contract.repository\n"
+        "import serving.contract.publish, serving.contract.triton_config\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False

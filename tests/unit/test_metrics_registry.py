@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from serving.backends import TensorSpec
-from serving.batcher import DynamicBatcher
 from serving.errors import DeadlineExceededError
-from serving.gpu_stats import GpuCollector, gpu_collector
-from serving.metrics import KilnMetrics
+from serving.grpc.gpu_stats import GpuCollector, gpu_collector
+from serving.grpc.metrics import KilnMetrics
+from serving.runtime.backends import TensorSpec
+from serving.runtime.batcher import DynamicBatcher
 
 MV = {"model": "digits", "version": "3"}
 

@@ -15,10 +15,17 @@ import numpy as np
 import pytest
 
 from serving import cli
-from serving.backends import BackendOptions, NullBackend, NullTiming, TensorSpec, load_backend, null_timing
-from serving.config import ConfigError, ServeConfig, load_config
+from serving.contract.manifest import ArtefactMismatch, read_manifest
 from serving.errors import InvalidInputError
-from serving.manifest import ArtefactMismatch, read_manifest
+from serving.grpc.config import ConfigError, ServeConfig, load_config
+from serving.runtime.backends import (
+    BackendOptions,
+    NullBackend,
+    NullTiming,
+    TensorSpec,
+    load_backend,
+    null_timing,
+)
 from tests.integration.server_fixtures import publish_tiny_model
 
 SPECS_IN = (TensorSpec("x", "FP16", (-1, 2, 3)),)

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from serving.cli import add_arguments
-from serving.config import ConfigError, load_config
 from serving.errors import InvalidInputError, PayloadTooLargeError
-from serving.preprocess import ImageLimits, Preprocessor
+from serving.grpc.config import ConfigError, load_config
+from serving.runtime.preprocess import ImageLimits, Preprocessor
 from serving.scoring.model import RowLoader
 from tests.unit.test_preprocess_images import encode, pattern, png_header_only, spec
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving.contract.manifest import InputSpec, Preprocessing
 from serving.errors import InvalidInputError, PayloadTooLargeError
-from serving.manifest import InputSpec, Preprocessing
-from serving.preprocess import ImageLimits, Preprocessor
+from serving.runtime.preprocess import ImageLimits, Preprocessor
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from serving.manifest import Manifest, ManifestError, read_manifest, sha256_file
-from serving.publish import remove_stale_temp_dirs
-from serving.repository import ModelRepository, RepositoryError, publish_version
-from serving.triton_config import parse_config
+from serving.contract.manifest import Manifest, ManifestError, read_manifest, sha256_file
+from serving.contract.publish import remove_stale_temp_dirs
+from serving.contract.repository import ModelRepository, RepositoryError, publish_version
+from serving.contract.triton_config import parse_config
 from tests.unit.test_manifest_schema import make_manifest, make_parity
 
 

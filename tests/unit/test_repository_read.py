@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.manifest import Manifest, write_manifest
-from serving.repository import (
+from serving.contract.manifest import Manifest, write_manifest
+from serving.contract.repository import (
     ModelNotFound,
     ModelRepository,
     RepositoryError,
@@ -16,7 +16,7 @@ from serving.repository import (
     VersionUnavailable,
     check_model_name,
 )
-from serving.version_policy import VersionPolicyError
+from serving.contract.version_policy import VersionPolicyError
 from tests.unit.test_manifest_schema import make_manifest
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, TensorRTInfo
-from serving.triton_config import TritonConfigError, parse_config, render_config, render_labels
-from serving.version_policy import VersionPolicy
+from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, TensorRTInfo
+from serving.contract.triton_config import TritonConfigError, parse_config, render_config, render_labels
+from serving.contract.version_policy import VersionPolicy
 from tests.unit.test_manifest_schema import make_manifest
 
 

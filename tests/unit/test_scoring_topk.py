@@ -1,11 +1,11 @@
-"""serving.topk: the class-score maths shared by Classify and `kiln score`."""
+"""serving.runtime.topk: the class-score maths shared by Classify and `kiln score`."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving.topk import class_scores, softmax, top_k
+from serving.runtime.topk import class_scores, softmax, top_k
 
 
 def test_softmax_rows_sum_to_one_and_survive_huge_logits() -> None:
@@ -41,8 +41,8 @@ def test_class_scores_by_output_kind() -> None:
 
 
 def test_the_server_uses_the_same_numbers() -> None:
-    """Classify (serving.grpc_classify) must agree with serving.topk on every score."""
-    grpc_classify = pytest.importorskip("serving.grpc_classify")
+    """Classify (serving.grpc.classify) must agree with serving.runtime.topk on every score."""
+    grpc_classify = pytest.importorskip("serving.grpc.classify")
     logits = np.random.default_rng(0).normal(scale=5, size=(16, 10)).astype(np.float32)
     ours = softmax(logits)
     np.testing.assert_array_equal(grpc_classify.softmax(logits), ours)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from serving import classify_cli, cli
+from serving import cli
+from serving.clients import classify_cli
 
 
 def _args(module, argv: list[str]) -> argparse.Namespace:  # type: ignore[no-untyped-def]
@@ -78,7 +79,7 @@ def test_classify_cli_rejects_missing_images(tmp_path: Path, capsys: pytest.Capt
 def test_event_loop_choice(tmp_path: Path) -> None:
     import uvloop
 
-    from serving.config import ServeConfig
+    from serving.grpc.config import ServeConfig
 
     assert cli.loop_factory(ServeConfig(repo=tmp_path, event_loop="asyncio")) is None
     for choice in ("auto", "uvloop"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ConfigError, ServeConfig, load_config
+from serving.grpc.config import ConfigError, ServeConfig, load_config
 
 
 @pytest.fixture

@@ -1,0 +1,415 @@
+"""Leaf types of kiln.json (see serving.contract.manifest, which re-exports them).
+
+Each frozen keyword-only dataclass checks its values in __post_init__ (lists become tuples), so an
+invalid object cannot be built by code either; from_dict adds strict key checks on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from serving.contract.fileio import sha256_file
+from serving.contract.schema_checks import (
+    as_bool,
+    as_choice,
+    as_float,
+    as_int,
+    as_json_dict,
+    as_optional,
+    as_str,
+    as_tuple,
+    check_keys,
+    fail,
+    prefixed,
+    setattrs,
+)
+
+MANIFEST_FILENAME = "kiln.json"
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CC_RE = re.compile(r"^\d+\.\d+$")
+
+# KServe v2 datatype names -> numpy dtype names (BYTES is object, BF16 has no numpy dtype).
+NUMPY_DTYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+DATATYPES = (*NUMPY_DTYPES, "BF16")
+LAYOUTS = {"NCHW": 4, "NHWC": 4, "NCL": 3}
+CHANNEL_ORDERS = {"L": 1, "RGB": 3, "BGR": 3}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+FORMATS = ("onnx", "tensorrt_plan")
+PRECISIONS = ("fp32", "fp16", "int8")
+OUTPUT_KINDS = ("logits", "probabilities", "other")
+
+
+def check_model_name(value: Any, field_name: str) -> str:
+    """A model name that is safe as a folder name (no path traversal)."""
+    name = as_str(value, field_name)
+    if not MODEL_NAME_RE.match(name) or ".." in name:
+        fail(field_name, f"invalid model name {name!r} (allowed: {MODEL_NAME_RE.pattern}, no '..')")
+    return name
+
+
+def _check_shape(value: Any, field_name: str) -> tuple[int, ...]:
+    """A shape whose first dim is the batch (-1) and whose other dims are positive."""
+    shape = as_tuple(value, field_name, as_int)
+    if len(shape) < 2 or shape[0] != -1:
+        fail(field_name, f"expected [-1, d1, ...] (dynamic batch first), got {list(shape)}")
+    if any(d < 1 for d in shape[1:]):
+        fail(field_name, f"non-batch dims must be >= 1, got {list(shape)}")
+    return shape
+
+
+def _check_relpath(value: Any, field_name: str) -> str:
+    """A relative POSIX path that stays inside the version folder."""
+    text = as_str(value, field_name)
+    path = PurePosixPath(text)
+    if "\\" in text or path.is_absolute() or ".." in path.parts or text.startswith("~"):
+        fail(field_name, f"must be a relative path inside the version folder, got {text!r}")
+    if path.name == MANIFEST_FILENAME or str(path) != text or text in ("", "."):
+        fail(field_name, f"not a plain artefact file name, got {text!r}")
+    return text
+
+
+def _check_sha256(value: Any, field_name: str) -> str:
+    text = as_str(value, field_name)
+    if not _SHA256_RE.match(text):
+        fail(field_name, f"expected 64 lowercase hex characters, got {text!r:.80}")
+    return text
+
+
+def parse_nested(data: dict[str, Any], key: str, cls: type, *, optional: bool = False) -> Any:
+    """Build nested dataclass `cls` from data[key], prefixing errors with the key."""
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    with prefixed(key):
+        return cls.from_dict(value)
+
+
+def parse_list(data: dict[str, Any], key: str, cls: type) -> tuple[Any, ...]:
+    """Build a tuple of `cls` from the list data[key], naming errors key[i]."""
+    items = data[key]
+    if not isinstance(items, list):
+        fail(key, f"expected a list, got {type(items).__name__}")
+    result = []
+    for i, item in enumerate(items):
+        with prefixed(f"{key}[{i}]"):
+            result.append(cls.from_dict(item))
+    return tuple(result)
+
+
+class JsonMixin:
+    """Mixin: to_dict / strict from_dict for flat dataclasses (nested ones override)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Strictly parse a dict produced by to_dict (or read from kiln.json)."""
+        check_keys(data, cls)
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocessing(JsonMixin):
+    """How raw pixels become the model input (host side, or in-graph when `in_graph`)."""
+
+    resize: int | None  # shorter side before the crop; None = no resize
+    crop: int | None  # centre crop size (square); None = no crop
+    mean: tuple[float, ...]  # per channel, on the scaled ([0,1]) range
+    std: tuple[float, ...]
+    scale: float = 1.0 / 255.0  # applied to uint8 pixels before mean/std
+    channel_order: str = "RGB"
+    interpolation: str = "bilinear"
+    in_graph: bool = False  # True: the model takes raw uint8 pixels and normalises itself
+
+    def __post_init__(self) -> None:
+        order = as_choice(self.channel_order, "channel_order", CHANNEL_ORDERS)
+        mean = as_tuple(self.mean, "mean", as_float)
+        std = as_tuple(self.std, "std", as_float, minimum=1e-12)
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) != CHANNEL_ORDERS[order]:
+                fail(name, f"expected {CHANNEL_ORDERS[order]} values for {order}, got {len(values)}")
+        setattrs(self, mean=mean, std=std)
+        as_optional(self.resize, "resize", as_int, minimum=1)
+        as_optional(self.crop, "crop", as_int, minimum=1)
+        setattrs(self, scale=as_float(self.scale, "scale", minimum=1e-12))
+        as_choice(self.interpolation, "interpolation", INTERPOLATIONS)
+        as_bool(self.in_graph, "in_graph")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec(JsonMixin):
+    """The model's single input tensor."""
+
+    name: str
+    datatype: str  # KServe name: "FP32", "UINT8", ...
+    layout: str  # "NCHW" | "NHWC" | "NCL"
+    shape: tuple[int, ...]  # batch first, -1
+    kind: str = "image"  # "image" | "signal"
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        as_str(self.name, "name")
+        as_choice(self.datatype, "datatype", DATATYPES)
+        layout = as_choice(self.layout, "layout", LAYOUTS)
+        shape = _check_shape(self.shape, "shape")
+        if len(shape) != LAYOUTS[layout]:
+            fail("shape", f"layout {layout} needs {LAYOUTS[layout]} dims, got {list(shape)}")
+        setattrs(self, shape=shape)
+        as_choice(self.kind, "kind", ("image", "signal"))
+        if self.kind == "image" and layout == "NCL":
+            fail("layout", "an image input needs NCHW or NHWC, got NCL")
+        if self.preprocessing is not None:
+            if not isinstance(self.preprocessing, Preprocessing):
+                fail("preprocessing", f"expected Preprocessing, got {type(self.preprocessing).__name__}")
+            expected = CHANNEL_ORDERS[self.preprocessing.channel_order]
+            if self.channels != expected:
+                fail(
+                    "preprocessing.channel_order",
+                    f"{self.preprocessing.channel_order} needs "
+                    f"{expected} channel(s) but the shape has {self.channels}",
+                )
+
+    @property
+    def channels(self) -> int:
+        """Channel count taken from the layout."""
+        return self.shape[self.layout.index("C")]
+
+    @property
+    def height(self) -> int | None:
+        """Image height (None for signals)."""
+        return self.shape[self.layout.index("H")] if "H" in self.layout else None
+
+    @property
+    def width(self) -> int | None:
+        """Image width (None for signals)."""
+        return self.shape[self.layout.index("W")] if "W" in self.layout else None
+
+    @property
+    def length(self) -> int | None:
+        """Signal length (None for images)."""
+        return self.shape[self.layout.index("L")] if "L" in self.layout else None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> InputSpec:
+        """Strict parse (see module docstring)."""
+        check_keys(data, cls)
+        pre = parse_nested(data, "preprocessing", Preprocessing, optional=True)
+        return cls(**{**data, "preprocessing": pre})
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec(JsonMixin):
+    """One output tensor; `kind` tells Classify whether a softmax is still needed."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    kind: str = "logits"  # "logits" | "probabilities" | "other"
+
+    def __post_init__(self) -> None:
+        as_str(self.name, "name")
+        as_choice(self.datatype, "datatype", DATATYPES)
+        setattrs(self, shape=_check_shape(self.shape, "shape"))
+        as_choice(self.kind, "kind", OUTPUT_KINDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorRTInfo(JsonMixin):
+    """What a TensorRT plan was built for; engines are not portable across GPU/version."""
+
+    version: str  # TensorRT version, e.g. "10.7.0"
+    gpu_name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # "major.minor", e.g. "9.0"
+    tf32: bool | None = None
+    batch_profile: tuple[int, int, int] | None = None  # (min, opt, max) of the batch dim
+
+    def __post_init__(self) -> None:
+        as_str(self.version, "version")
+        as_str(self.gpu_name, "gpu_name")
+        if not _CC_RE.match(as_str(self.compute_capability, "compute_capability")):
+            fail("compute_capability", f"expected 'major.minor', got {self.compute_capability!r}")
+        as_optional(self.tf32, "tf32", as_bool)
+        if self.batch_profile is not None:
+            prof = as_tuple(self.batch_profile, "batch_profile", as_int, minimum=1)
+            if len(prof) != 3 or not prof[0] <= prof[1] <= prof[2]:
+                fail("batch_profile", f"expected [min, opt, max] with min<=opt<=max, got {list(prof)}")
+            setattrs(self, batch_profile=prof)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityReport(JsonMixin):
+    """The artefact measured against the PyTorch checkpoint on held-out data."""
+
+    reference: str  # e.g. "pytorch checkpoint.safetensors (float32, CPU)"
+    samples: int
+    max_abs_err: float
+    max_rel_err: float
+    top1_agreement: float  # fraction in [0, 1]
+    accuracy: float | None = None  # fraction in [0, 1]
+    reference_accuracy: float | None = None
+    tolerances: dict[str, float] = field(default_factory=dict)
+    passed: bool = True
+    forced: bool = False  # published past its tolerance with --force
+    runtime: str = ""  # e.g. "onnxruntime 1.20 CPUExecutionProvider"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        as_str(self.reference, "reference")
+        as_int(self.samples, "samples", minimum=1)
+        setattrs(
+            self,
+            max_abs_err=as_float(self.max_abs_err, "max_abs_err", minimum=0.0),
+            max_rel_err=as_float(self.max_rel_err, "max_rel_err", minimum=0.0),
+            top1_agreement=as_float(self.top1_agreement, "top1_agreement", minimum=0.0, maximum=1.0),
+            accuracy=as_optional(self.accuracy, "accuracy", as_float, minimum=0.0, maximum=1.0),
+            reference_accuracy=as_optional(
+                self.reference_accuracy, "reference_accuracy", as_float, minimum=0.0, maximum=1.0
+            ),
+        )
+        tol = as_json_dict(self.tolerances, "tolerances")
+        setattrs(self, tolerances={k: as_float(v, f"tolerances.{k}") for k, v in tol.items()})
+        as_bool(self.passed, "passed")
+        as_bool(self.forced, "forced")
+        as_str(self.runtime, "runtime", empty_ok=True)
+        as_str(self.note, "note", empty_ok=True)
+        if self.forced and self.passed:
+            fail("forced", "only a report that did not pass can be forced")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp16Range(JsonMixin):
+    """FP16 range proof: the FP32 graph's largest |activation| on calibration + held-out data.
+
+    Nodes whose activations passed 65504 / margin were kept in FP32, because a CPU parity check
+    cannot see FP16 overflow (ONNX Runtime's CPU provider computes FP16 graphs in FP32).
+    """
+
+    margin: float  # activations above 65504 / margin may not run in FP16
+    max_abs_activation: float  # largest |value| of any tensor of the FP32 graph
+    max_activation_tensor: str = ""
+    samples: int = 1  # inputs measured
+    kept_fp32_nodes: tuple[str, ...] = ()  # nodes left in FP32 (activations or weights past FP16)
+
+    def __post_init__(self) -> None:
+        setattrs(
+            self,
+            margin=as_float(self.margin, "margin", minimum=1.0),
+            max_abs_activation=as_float(self.max_abs_activation, "max_abs_activation", minimum=0.0),
+            kept_fp32_nodes=as_tuple(self.kept_fp32_nodes, "kept_fp32_nodes", as_str),
+        )
+        as_str(self.max_activation_tensor, "max_activation_tensor", empty_ok=True)
+        as_int(self.samples, "samples", minimum=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Artefact(JsonMixin):
+    """One file of the version folder, with its checksum and (once measured) its parity report."""
+
+    path: str  # relative to the version folder, e.g. "model.onnx"
+    format: str  # "onnx" | "tensorrt_plan"
+    precision: str  # "fp32" | "fp16" | "int8"
+    sha256: str
+    size_bytes: int
+    tensorrt: TensorRTInfo | None = None  # required for tensorrt_plan, forbidden otherwise
+    parity: ParityReport | None = None
+    io_datatypes: dict[str, str] = field(default_factory=dict)  # tensor name -> datatype override
+    fp16_range: Fp16Range | None = None  # FP16 artefacts exported with the range proof
+
+    def __post_init__(self) -> None:
+        _check_relpath(self.path, "path")
+        as_choice(self.format, "format", FORMATS)
+        as_choice(self.precision, "precision", PRECISIONS)
+        _check_sha256(self.sha256, "sha256")
+        as_int(self.size_bytes, "size_bytes", minimum=0)
+        if (self.format == "tensorrt_plan") != (self.tensorrt is not None):
+            fail("tensorrt", f"must be set exactly for tensorrt_plan artefacts (format is {self.format})")
+        for key, cls in (("tensorrt", TensorRTInfo), ("parity", ParityReport), ("fp16_range", Fp16Range)):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, cls):
+                fail(key, f"expected {cls.__name__}, got {type(value).__name__}")
+        types = as_json_dict(self.io_datatypes, "io_datatypes")
+        for name, dtype in types.items():
+            as_choice(dtype, f"io_datatypes.{name}", DATATYPES)
+        setattrs(self, io_datatypes=types)
+        if self.fp16_range is not None and self.precision != "fp16":
+            fail("fp16_range", f"only an fp16 artefact has one (precision is {self.precision})")
+
+    @property
+    def publishable(self) -> bool:
+        """True when parity passed or was forced (or was not measured, e.g. an unverified plan)."""
+        return self.parity is None or self.parity.passed or self.parity.forced
+
+    @classmethod
+    def from_file(
+        cls, version_dir: str | os.PathLike[str], path: str, *, format: str, precision: str, **extra: Any
+    ) -> Artefact:
+        """Describe an existing file of `version_dir`: computes its sha256 and size."""
+        rel = _check_relpath(path, "path")
+        full = Path(version_dir) / rel
+        if not full.is_file():
+            fail("path", f"no such artefact file: {full}")
+        return cls(
+            path=rel,
+            format=format,
+            precision=precision,
+            sha256=sha256_file(full),
+            size_bytes=full.stat().st_size,
+            **extra,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Artefact:
+        """Strict parse (see module docstring)."""
+        check_keys(data, cls)
+        trt = parse_nested(data, "tensorrt", TensorRTInfo, optional=True)
+        parity = parse_nested(data, "parity", ParityReport, optional=True)
+        fp16_range = parse_nested(data, "fp16_range", Fp16Range, optional=True)
+        return cls(**{**data, "tensorrt": trt, "parity": parity, "fp16_range": fp16_range})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance(JsonMixin):
+    """Where the weights came from."""
+
+    run_id: str
+    dataset_fingerprint: str
+    git_commit: str | None
+    created_at: str  # ISO 8601, UTC
+    kiln_version: str
+    training_metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)  # torch / onnx / onnxruntime / tensorrt
+
+    def __post_init__(self) -> None:
+        as_str(self.run_id, "run_id")
+        as_str(self.dataset_fingerprint, "dataset_fingerprint")
+        as_optional(self.git_commit, "git_commit", as_str)
+        as_str(self.created_at, "created_at")
+        as_str(self.kiln_version, "kiln_version")
+        setattrs(
+            self,
+            training_metrics=as_json_dict(self.training_metrics, "training_metrics"),
+            versions=as_json_dict(self.versions, "versions"),
+        )

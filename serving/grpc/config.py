@@ -1,0 +1,396 @@
+"""`kiln serve` configuration: one frozen dataclass, resolved as defaults <- YAML file <- KILN_* env
+<- command-line flags, validated at start with messages that name the bad value and its source.
+
+Every field is settable from each source under the same name (`max_batch_size` in YAML,
+`KILN_MAX_BATCH_SIZE` in the environment, `--max-batch-size` on the command line). Secrets are
+the exception: the bearer token comes from a file (`auth_token_file`) or the `KILN_AUTH_TOKEN`
+environment variable only, never from a flag (flags are visible in `ps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "KILN_"
+DEVICES_HINT = "'cpu', 'cuda', 'cuda:N' or 'auto'"
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "null")  # null: the timing backend (no compute)
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+LOG_FORMATS = ("text", "json")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SECRET_FIELDS = frozenset({"auth_token", "admin_token"})
+_MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the source, the key and the value."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Everything `kiln serve` needs; see the module docstring for how it is resolved."""
+
+    repo: Path
+    host: str = "0.0.0.0"  # all interfaces, as Triton: the server usually runs in a container
+    port: int = 8001  # 0 = pick a free port (tests)
+    metrics_port: int | None = 8002  # None disables /metrics; 0 = pick a free port
+    # a plaintext listener serving only grpc.health.v1: kubelet gRPC probes cannot speak TLS
+    health_port: int | None = None  # None = off (probes use the main port); 0 = pick a free port
+    # models and versions
+    models: tuple[str, ...] = ()  # load only these (empty: every model in the repository)
+    version_policy: str = "latest"  # "latest", "latest:N", "all", "specific:1,3"
+    poll_interval_s: float = 0.0  # > 0: rescan the repository and hot-swap new versions
+    # execution
+    device: str = "cpu"
+    backend: str = "auto"
+    # backend "null" (serving/runtime/backends/null_backend.py): each batch holds an instance for
+    # null_base_us + null_per_row_us * rows and answers zeros; measures the server's own overhead
+    null_base_us: int = 0
+    null_per_row_us: int = 0
+    precision: str = "auto"  # artefact precision to load ("auto": fp32 ONNX on CPU)
+    instances: int = 1
+    intra_op_threads: int | None = None  # per instance; None splits the cores between instances
+    # ORT intra-op threads busy-wait between ops: faster alone, but they burn the cores that the
+    # gRPC event loop needs when the client or other work shares the machine.
+    intra_op_spinning: bool = False
+    # How long Python lets one thread hold the GIL while another wants it. The batch workers
+    # need it briefly after each inference; at the default 5 ms they waited behind the busy
+    # event loop and the model idled (+12 % served at concurrency 64, benchmarks/RESULTS-serving.md).
+    gil_switch_interval_us: int = 200
+    # uvloop's event loop costs less per gRPC event than asyncio's (+3-7 % served throughput at
+    # concurrency 16-64 on 2 cores); "auto" uses it where it is installed.
+    event_loop: str = "auto"
+    warmup: bool = True
+    # dynamic batching
+    max_batch_size: int | None = None  # None: the manifest's value
+    # 0 (Triton's default): a batch leaves as soon as an instance is free, so batches grow only
+    # from requests that arrive while the instances are busy, and a lone request never waits.
+    # Under 1 ms the wait is rounded up to 1 ms anyway (asyncio's epoll timeout resolution).
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 512  # queued requests per model version before RESOURCE_EXHAUSTED
+    # queued requests one client (one gRPC connection) may hold per model version; None: half of
+    # max_queue_size, so one client can never fill the queue alone (batches are filled round-robin
+    # across clients too, see serving/runtime/batcher.py)
+    max_queue_per_client: int | None = None
+    # requests of one ModelStreamInfer/ClassifyStream stream computed or computing whose answers
+    # gRPC has not yet taken: a client that stops reading stops its stream's compute at this bound
+    stream_max_inflight: int = 64
+    # HTTP/2 streams (calls, unary ones included) one connection may have open at once (grpc's own
+    # default is unlimited); grpc's Python client fails calls past it with UNAVAILABLE, not queue
+    # them, so the default sits far above what one client connection normally opens
+    max_concurrent_streams: int = 1024
+    # Classify preprocessing
+    preprocess_workers: int = 2
+    max_image_bytes: int = 16 * _MIB
+    max_image_pixels: int = 40_000_000  # decompression-bomb guard (decoded and resized width * height)
+    # longer side / shorter side of a Classify image for a model that resizes: the resize keeps
+    # the ratio, so a few-KB 1x2,000,000 strip would become gigabytes (serving/runtime/preprocess.py)
+    max_image_aspect_ratio: float = 20.0
+    # model-input bytes the images of one Classify request become (images x row): 4096 raw 1x1
+    # images (a 50 KB message) would otherwise make 2.4 GB of rows for a 224x224 FP32 model
+    max_preprocessed_bytes: int = 256 * _MIB
+    max_images_per_request: int = 4096  # per Classify request (bulk jobs: ClassifyStream, kiln score)
+    default_top_k: int = 5
+    # transport
+    max_receive_message_bytes: int = 64 * _MIB
+    max_send_message_bytes: int = 64 * _MIB
+    max_connection_age_s: float | None = None  # lets load balancers rebalance long-lived clients
+    # SIGTERM drain budget (below Kubernetes' default 30 s): the process is gone within it
+    grace_period_s: float = 20.0
+    reflection: bool = True
+    # RepositoryModelLoad/Unload. Off by default (Triton's default model-control mode "none"):
+    # they answer UNIMPLEMENTED, since anyone who reaches the port could unload every model; turn
+    # it on with admin_token_file where operators load and unload (SECURITY.md)
+    repository_control: bool = False
+    # security
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
+    auth_token_file: Path | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    # set: RepositoryModelLoad/Unload also need metadata `x-kiln-admin-token: <token>`
+    admin_token_file: Path | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    # logging
+    log_format: str = "text"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the resolved values, secrets redacted."""
+        result: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "max_queue_per_client":
+                value = self.queue_per_client()  # the effective value, default resolved
+            elif f.name in _SECRET_FIELDS and value is not None:
+                value = "<redacted>"
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            result[f.name] = value
+        return result
+
+    def queue_per_client(self) -> int:
+        """max_queue_per_client, or its default: half the queue (at least 1)."""
+        if self.max_queue_per_client is not None:
+            return self.max_queue_per_client
+        return max(1, self.max_queue_size // 2)
+
+    def token(self) -> str | None:
+        """The bearer token clients must send (from auth_token or auth_token_file), or None."""
+        if self.auth_token is not None:
+            return self.auth_token
+        if self.auth_token_file is not None:
+            return self.auth_token_file.read_text(encoding="utf-8").strip()
+        return None
+
+    def admin_secret(self) -> str | None:
+        """The token RepositoryModelLoad/Unload need (from admin_token or admin_token_file), or None."""
+        if self.admin_token is not None:
+            return self.admin_token
+        if self.admin_token_file is not None:
+            return self.admin_token_file.read_text(encoding="utf-8").strip()
+        return None
+
+
+def _fail(name: str, detail: str) -> typing.NoReturn:
+    raise ConfigError(f"{name}: {detail}")
+
+
+def _check_range(cfg: ServeConfig, name: str, low: float, high: float | None = None) -> None:
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _fail(name, f"must be {bound}, got {value}")
+
+
+def _validate(cfg: ServeConfig) -> None:
+    """Check each value; raise ConfigError naming the first bad one."""
+    if not cfg.repo.is_dir():
+        _fail("repo", f"not a directory: {cfg.repo}")
+    if not cfg.host:
+        _fail("host", "must not be empty")
+    for name in ("port", "metrics_port", "health_port"):
+        _check_range(cfg, name, 0, 65535)
+    if cfg.metrics_port and cfg.metrics_port == cfg.port:
+        _fail("metrics_port", f"must differ from port ({cfg.port})")
+    if cfg.health_port and cfg.health_port in (cfg.port, cfg.metrics_port):
+        _fail("health_port", f"must differ from port and metrics_port ({cfg.port}, {cfg.metrics_port})")
+    _check_version_policy(cfg.version_policy)
+    if not (cfg.device in ("cpu", "cuda", "auto") or _is_cuda_index(cfg.device)):
+        _fail("device", f"expected {DEVICES_HINT}, got {cfg.device!r}")
+    for name, choices in (
+        ("backend", BACKENDS),
+        ("precision", PRECISIONS),
+        ("log_format", LOG_FORMATS),
+        ("event_loop", EVENT_LOOPS),
+        ("log_level", LOG_LEVELS),
+    ):
+        if getattr(cfg, name) not in choices:
+            _fail(name, f"expected one of {list(choices)}, got {getattr(cfg, name)!r}")
+    for name in ("instances", "preprocess_workers", "max_queue_size", "default_top_k", "max_batch_size"):
+        _check_range(cfg, name, 1)
+    _check_range(cfg, "max_queue_per_client", 1, cfg.max_queue_size)
+    _check_range(cfg, "stream_max_inflight", 1, 65536)
+    _check_range(cfg, "max_concurrent_streams", 1, 2**31 - 1)
+    for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "intra_op_threads"):
+        _check_range(cfg, name, 1)
+    for name in ("max_receive_message_bytes", "max_send_message_bytes"):
+        _check_range(cfg, name, 1024, 2**31 - 1)
+    _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
+    _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
+    _check_range(cfg, "max_preprocessed_bytes", 1024)
+    _check_range(cfg, "gil_switch_interval_us", 1, 100_000)
+    _check_range(cfg, "null_base_us", 0, 10_000_000)
+    _check_range(cfg, "null_per_row_us", 0, 1_000_000)
+    if cfg.backend != "null" and (cfg.null_base_us or cfg.null_per_row_us):
+        _fail("null_base_us", f"null_base_us/null_per_row_us need backend 'null', not {cfg.backend!r}")
+    for name in ("poll_interval_s", "grace_period_s"):
+        _check_range(cfg, name, 0.0)
+    _check_range(cfg, "max_connection_age_s", 0.001)
+    if any(size < 1 for size in cfg.preferred_batch_sizes):
+        _fail("preferred_batch_sizes", f"sizes must be >= 1, got {list(cfg.preferred_batch_sizes)}")
+    _validate_security(cfg)
+
+
+def _validate_security(cfg: ServeConfig) -> None:
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        _fail("tls_cert", "tls_cert and tls_key must be given together")
+    if cfg.tls_client_ca is not None and cfg.tls_cert is None:
+        _fail("tls_client_ca", "mTLS needs the server's own tls_cert and tls_key too")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
+        path = getattr(cfg, name)
+        if path is not None and not path.is_file():
+            _fail(name, f"file not found: {path}")
+    if cfg.auth_token is not None and cfg.auth_token_file is not None:
+        _fail("auth_token_file", "give the token either in a file or in KILN_AUTH_TOKEN, not both")
+    token = cfg.token()
+    if token is not None and len(token) < 8:
+        _fail("auth_token", "the bearer token must be at least 8 characters")
+    if cfg.admin_token is not None and cfg.admin_token_file is not None:
+        _fail("admin_token_file", "give the admin token either in a file or in KILN_ADMIN_TOKEN, not both")
+    admin = cfg.admin_secret()
+    if admin is not None and len(admin) < 8:
+        _fail("admin_token", "the admin token must be at least 8 characters")
+    if admin is not None and admin == token:
+        _fail("admin_token", "the admin token must differ from the bearer token (or it guards nothing)")
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def _check_version_policy(policy: str) -> None:
+    kind, _, arg = policy.partition(":")
+    ok = (kind == "all" and not arg) or (kind == "latest" and (not arg or (arg.isdigit() and int(arg) >= 1)))
+    if kind == "specific":
+        parts = arg.split(",")
+        ok = bool(arg) and all(p.strip().isdigit() and int(p) >= 1 for p in parts)
+    if not ok:
+        _fail("version_policy", f"expected 'latest', 'latest:N', 'all' or 'specific:V1,V2', got {policy!r}")
+
+
+# ---- resolution: defaults <- file <- environment <- flags --------------------------------------
+
+
+def field_names() -> tuple[str, ...]:
+    """Names of every config field (YAML keys; flags and env vars derive from them)."""
+    return tuple(f.name for f in dataclasses.fields(ServeConfig))
+
+
+def load_config(
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServeConfig:
+    """Resolve a ServeConfig: defaults <- YAML `config_file` <- KILN_* in `env` <- `overrides`.
+
+    `env` defaults to os.environ; `overrides` (from flags) skips None values, so unset flags
+    never mask the file or the environment. Raises ConfigError naming source, key and value.
+    """
+    hints = typing.get_type_hints(ServeConfig)
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_from_file(Path(config_file), hints))
+    values.update(_from_env(os.environ if env is None else env, hints))
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = _coerce(raw, hints[_known(key, "flag")], f"--{key.replace('_', '-')}")
+    if "repo" not in values:
+        raise ConfigError(
+            "repo: no model repository given (use --repo DIR, KILN_REPO or 'repo:' in the file)"
+        )
+    return ServeConfig(**values)
+
+
+def _known(key: str, source: str) -> str:
+    if key in field_names():
+        return key
+    close = difflib.get_close_matches(key, field_names(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+
+
+def _from_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
+    import yaml  # only needed when a file is given
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    result: dict[str, Any] = {}
+    for key, raw in data.items():
+        name = _known(str(key).replace("-", "_"), f"config file {path}")
+        if name in _SECRET_FIELDS:
+            raise ConfigError(
+                f"config file {path}: {name} must come from {name}_file or {ENV_PREFIX}{name.upper()}"
+            )
+        if name == "backend" and raw is None:
+            raw = "null"  # YAML reads an unquoted `backend: null` as None: it means the timing backend
+        value = _coerce(raw, hints[name], f"{path}: {name}")
+        if isinstance(value, Path) and not value.is_absolute():
+            value = path.parent / value  # relative paths in the file are relative to the file
+        result[name] = value
+    return result
+
+
+def _from_env(env: Mapping[str, str], hints: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name in field_names():
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            result[name] = _coerce(env[key], hints[name], key)
+    return result
+
+
+def _coerce(raw: Any, hint: Any, source: str) -> Any:
+    """Convert a YAML value or a string (env/flag) to the field's type; ConfigError if impossible."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+            return None
+        return _coerce(raw, next(a for a in args if a is not type(None)), source)
+    if typing.get_origin(hint) is tuple:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{source}: expected a list, got {raw!r}")
+        items = [item.strip() if isinstance(item, str) else item for item in items]
+        return tuple(_coerce(item, args[0], source) for item in items if item != "")
+    try:
+        return _scalar(raw, hint)
+    except (TypeError, ValueError):
+        kind = {int: "an integer", float: "a number", bool: "true/false"}.get(hint, hint.__name__)
+        raise ConfigError(f"{source}: expected {kind}, got {raw!r}") from None
+
+
+def _scalar(raw: Any, hint: type) -> Any:
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if hint is int:
+        if isinstance(raw, bool | float):
+            raise ValueError(raw)
+        return int(str(raw).strip().replace("_", ""))
+    if hint is float:
+        if isinstance(raw, bool) or not math.isfinite(float(raw)):
+            raise ValueError(raw)
+        return float(raw)
+    if hint is Path:
+        if not isinstance(raw, str | os.PathLike) or not str(raw):
+            raise ValueError(raw)
+        return Path(raw).expanduser()
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ValueError(raw)
+        return raw.strip()
+    raise TypeError(hint)

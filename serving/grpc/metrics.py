@@ -1,0 +1,241 @@
+"""Prometheus metrics of the server, all on an injected registry (no module-global metrics).
+
+Names follow Prometheus conventions (`kiln_` prefix, `_total`, `_seconds`); per-model series carry
+`model` and `version` labels. Latency buckets resolve the 0.5 ms - 10 ms range where a batched
+CNN server lives, and still reach 10 s for the pathological tail.
+
+Label cardinality: the server should label requests for unknown models with model="" (clients
+choose model names; one series per typo would let them grow the registry without bound).
+
+One tally is per process rather than per registry: `CLIENT_ERRORS`, the errors clients caused
+(`kiln_client_errors_total{reason}`). They are counted where no server object is at hand (the
+error-mapping wrapper, a filter on grpc's own logger), and every KilnMetrics exports the tally, as
+the process collector exports the process's CPU time. Its `reason` values are a fixed set.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from serving.grpc.gpu_stats import gpu_collector
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "CLIENT_ERRORS",
+    "CLIENT_ERROR_REASONS",
+    "LATENCY_BUCKETS",
+    "LOAD_STATES",
+    "BatchMetrics",
+    "ClientErrorTally",
+    "KilnMetrics",
+]
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOAD_STATES = ("unloaded", "loading", "ready", "unloading", "failed")
+_STATUS_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+_DROP_REASONS = ("expired", "cancelled")
+_MV = ("model", "version")
+# kiln_client_errors_total's reasons: the status a client's call was answered with (lower case),
+# or "write_failed" (a write to the client failed: it had gone away, or the answer was over
+# max_send_message_bytes); anything else is "other".
+CLIENT_ERROR_REASONS = (*(code.lower() for code in _STATUS_CODES if code != "OK"), "write_failed", "other")
+
+
+class ClientErrorTally:
+    """Errors clients caused in this process, by reason (thread-safe; see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, reason: str) -> None:
+        """Count one; an unknown reason counts as "other" (the label set stays fixed)."""
+        key = reason if reason in CLIENT_ERROR_REASONS else "other"
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        """A copy of the counts by reason (only reasons seen so far)."""
+        with self._lock:
+            return dict(self._counts)
+
+
+CLIENT_ERRORS = ClientErrorTally()
+
+
+class _ClientErrorCollector(Collector):
+    """Exports CLIENT_ERRORS as the counter kiln_client_errors_total{reason}."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "kiln_client_errors", "Errors caused by clients (bad requests, refused loads, vanished peers)",
+            labels=("reason",),
+        )  # fmt: skip
+        for reason, count in sorted(CLIENT_ERRORS.counts().items()):
+            family.add_metric((reason,), count)
+        yield family
+
+
+class BatchMetrics:
+    """A `serving.runtime.batcher.BatchObserver` bound to one model version (label lookups done once)."""
+
+    def __init__(self, metrics: KilnMetrics, model: str, version: str) -> None:
+        self._batch = metrics.batch_size.labels(model, version)
+        self._queue = metrics.queue_duration.labels(model, version)
+        self._compute = metrics.compute_duration.labels(model, version)
+        self._dropped = {r: metrics.requests_dropped.labels(model, version, r) for r in _DROP_REASONS}
+        self._metrics, self._model, self._version = metrics, model, version
+
+    def on_batch(
+        self, *, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float
+    ) -> None:
+        """One executed batch: its size in rows, each request's queue wait, the compute time."""
+        self._batch.observe(rows)
+        self._compute.observe(compute_seconds)
+        for seconds in queue_seconds:
+            self._queue.observe(seconds)
+
+    def on_dropped(self, reason: str, count: int = 1) -> None:
+        """Requests dropped before compute ("expired" | "cancelled")."""
+        child = self._dropped.get(reason)
+        if child is None:
+            child = self._metrics.requests_dropped.labels(self._model, self._version, reason)
+        child.inc(count)
+
+
+class KilnMetrics:
+    """Every metric the server exports, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "kiln_requests", "Inference requests by final status code", (*_MV, "code"), registry=r
+        )
+        self.request_duration = Histogram(
+            "kiln_request_duration_seconds", "End-to-end request latency in the server", _MV,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_duration = Histogram(
+            "kiln_queue_duration_seconds", "Time a request waited in the batching queue", _MV,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_duration = Histogram(
+            "kiln_compute_duration_seconds", "Backend time per executed batch", _MV,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.preprocess_duration = Histogram(
+            "kiln_preprocess_duration_seconds", "Image decode + resize + normalise time per request", _MV,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "kiln_batch_size", "Rows per executed batch", _MV, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "kiln_queue_depth", "Requests waiting in the batching queue", _MV, registry=r
+        )
+        self.inflight = Gauge(
+            "kiln_inflight_requests", "Requests of a model version waiting for or in a batch", _MV,
+            registry=r,
+        )
+        self.load_state = Enum(
+            "kiln_model_load_state",
+            "Load state of a model version",
+            _MV,
+            states=list(LOAD_STATES),
+            registry=r,
+        )
+        self.requests_dropped = Counter(
+            "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason"), registry=r
+        )
+        r.register(_ClientErrorCollector())
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        # (model, version, code) -> (counter child, histogram child): `labels()` takes a lock and
+        # builds a key on every call, and observe_request runs once per request.
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self.gpu = gpu_collector() if gpu else None
+        if self.gpu is not None:
+            r.register(self.gpu)
+
+    def observe_request(self, model: str, version: str, code: str, seconds: float | None = None) -> None:
+        """Count one finished request by status code name ("OK", "INVALID_ARGUMENT", ...) and its latency."""
+        key = (model, version, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.request_duration.labels(model, version))
+            self._request_children[key] = children
+        children[0].inc()
+        if seconds is not None:
+            children[1].observe(seconds)
+
+    @contextmanager
+    def track_inflight(self, model: str, version: str) -> Iterator[None]:
+        """Count a request as in flight for the duration of the block (the handlers wrap each
+        request's batcher submit in it)."""
+        gauge = self.inflight.labels(model, version)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    def observe_preprocess(self, model: str, version: str, seconds: float) -> None:
+        """Preprocessing time of one request."""
+        self.preprocess_duration.labels(model, version).observe(seconds)
+
+    def set_load_state(self, model: str, version: str, state: str) -> None:
+        """One of LOAD_STATES."""
+        if state not in LOAD_STATES:
+            raise ValueError(f"load state must be one of {LOAD_STATES}, got {state!r}")
+        self.load_state.labels(model, version).state(state)
+
+    def batch_observer(self, model: str, version: str) -> BatchMetrics:
+        """The observer to give `DynamicBatcher(observer=...)` for this model version."""
+        return BatchMetrics(self, model, version)
+
+    def track_queue_depth(self, model: str, version: str, depth: Callable[[], float]) -> None:
+        """Read the queue depth at scrape time, e.g. `lambda: batcher.queue_depth`."""
+        self.queue_depth.labels(model, version).set_function(depth)
+
+    def forget(self, model: str, version: str) -> None:
+        """Remove every series of an unloaded model version (load state excepted: keep "unloaded")."""
+        for key in [k for k in self._request_children if k[:2] == (model, version)]:
+            del self._request_children[key]
+        for metric in (
+            self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
+            self.batch_size, self.queue_depth, self.inflight,
+        ):  # fmt: skip
+            _remove(metric, model, version)
+        for code in _STATUS_CODES:
+            _remove(self.requests, model, version, code)
+        for reason in _DROP_REASONS:
+            _remove(self.requests_dropped, model, version, reason)
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    with suppress(KeyError):  # that series never existed
+        metric.remove(*labels)

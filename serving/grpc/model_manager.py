@@ -1,0 +1,399 @@
+"""Which model versions are live: load from the repository, warm up, route, hot-swap, unload.
+
+Each loaded version owns a backend, a DynamicBatcher and its statistics. Requests are routed by
+`get(model, version)`; "" picks the highest READY version. A version becomes routable only after
+its warm-up succeeded. Replacing a version (polling, RepositoryModelLoad) loads the new one first,
+then removes the old one from the routing table and drains its batcher before closing it, so no
+accepted request fails. Callers must call `get` and `batcher.submit` with no `await` in between
+(submit enqueues synchronously), which makes the swap race-free on the event loop.
+
+A version that fails to load is UNAVAILABLE with its reason; the other models keep serving.
+Problems of the repository (a broken version, the kiln.json of a serving version gone) are logged
+at WARNING once per version and reason, however often a poll or a client's RepositoryModelLoad
+finds them again: a client cannot make the server repeat them, and ERROR stays for the server's
+own faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from serving.contract.manifest import Artefact, Manifest
+from serving.contract.repository import (
+    ModelRepository,
+    RepositoryError,
+    VersionPolicy,
+    VersionStatus,
+    check_model_name,
+)
+from serving.errors import (
+    InvalidInputError,
+    KilnError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from serving.grpc.config import ServeConfig
+from serving.grpc.metrics import KilnMetrics
+from serving.grpc.model_version import (
+    LoadedVersion,
+    VersionObserver,
+    backend_device,
+    choose_artefact,
+    warmup_inputs,
+)
+from serving.grpc.statistics import ModelStats
+from serving.runtime.backends import Backend, BackendOptions, load_backend
+from serving.runtime.backends.null_backend import null_timing
+from serving.runtime.batcher import DynamicBatcher
+
+log = logging.getLogger("kiln.models")
+
+READY, LOADING, UNAVAILABLE, UNLOADING = "READY", "LOADING", "UNAVAILABLE", "UNLOADING"
+MAX_VERSION_DIGITS = 18  # int() of a longer digit string is slow (or refused past 4300 digits)
+StateListener = Callable[[str, bool], Awaitable[None]]  # (model, any version ready)
+
+
+@dataclass
+class VersionState:
+    """Index entry of one version (RepositoryIndex)."""
+
+    model: str
+    version: int
+    state: str
+    reason: str = ""
+
+
+class ModelManager:
+    """Loads and routes model versions; all methods run on the server's event loop."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        on_state_change: StateListener | None = None,
+        metrics: KilnMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.repository = ModelRepository(config.repo)
+        self.policy = VersionPolicy.parse(config.version_policy)
+        self._on_state_change = on_state_change
+        self._metrics = metrics
+        self._live: dict[str, dict[int, LoadedVersion]] = {}
+        self._states: dict[tuple[str, int], VersionState] = {}
+        self._model_errors: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
+        self._warned: dict[tuple[str, str, int], str] = {}  # (kind, model, version) -> reason said
+        self._stopped = False
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def get(self, model: str, version: str = "") -> LoadedVersion:
+        """The READY version to serve (NOT_FOUND for unknown names/versions, UNAVAILABLE if not ready)."""
+        live = self._live.get(model)
+        if not version:
+            if live:
+                return live[max(live)]
+            self._raise_absent(model, None)
+        if not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
+            raise ModelNotFoundError(f"model {model!r} has no version {version!r} (versions are integers)")
+        loaded = live.get(int(version)) if live else None
+        if loaded is None:
+            self._raise_absent(model, int(version))
+        return loaded
+
+    def _raise_absent(self, model: str, version: int | None) -> None:
+        _check_name(model)  # on the miss path only: a bad name is named as such, at no cost to hits
+        known = [s for (m, _), s in self._states.items() if m == model]
+        if version is not None:
+            state = self._states.get((model, version))
+            if state is None:
+                have = sorted(s.version for s in known)
+                raise ModelNotFoundError(f"model {model!r} has no version {version} (versions: {have})")
+            raise ModelUnavailableError(
+                f"model {model!r} version {version} is {state.state}: {state.reason}",
+                reason=state.state.lower(),
+            )
+        if known or model in self._model_errors:
+            reasons = (
+                "; ".join(f"v{s.version} {s.state}: {s.reason}" for s in known) or self._model_errors[model]
+            )
+            raise ModelUnavailableError(f"model {model!r} is not ready ({reasons})", reason="unavailable")
+        raise ModelNotFoundError(f"model {model!r} not found; serving {sorted(self._live)}")
+
+    def is_ready(self, model: str, version: str = "") -> bool:
+        """True when get() would succeed."""
+        try:
+            self.get(model, version)
+        except KilnError:
+            return False
+        return True
+
+    def versions(self, model: str) -> list[int]:
+        """Known versions of `model` (any state), ascending."""
+        return sorted(v for (m, v) in self._states if m == model)
+
+    def loaded(self) -> list[LoadedVersion]:
+        """Every READY version."""
+        return [lv for versions in self._live.values() for lv in versions.values()]
+
+    def index(self) -> list[VersionState]:
+        """Every known version with its state, plus models that could not be read at all."""
+        entries = [VersionState(m, 0, UNAVAILABLE, reason) for m, reason in self._model_errors.items()]
+        return sorted(entries + list(self._states.values()), key=lambda s: (s.model, s.version))
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load every model of the repository (or config.models) under the version policy."""
+        names = list(self.config.models) or self.repository.model_names()
+        for name in names:
+            try:
+                await self.load(name)
+            except (ModelUnavailableError, ModelLoadError):
+                pass  # recorded UNAVAILABLE with its reason (and logged); the others keep loading
+            except InvalidInputError as exc:  # a folder whose name is no model name
+                self._model_errors[name] = str(exc)
+
+    async def load(self, model: str, *, retry_failed: bool = True) -> None:
+        """(Re)load `model`: bring up the versions the policy selects, then retire the others.
+
+        Old versions are retired only once a selected version is READY, so a broken new version
+        never takes a working model down. `retry_failed=False` (polling) leaves versions that
+        already failed alone. Raises ModelNotFoundError if the folder is absent,
+        ModelUnavailableError with the reasons if no version is ready, and (retry_failed only)
+        ModelLoadError if a selected version failed while others still serve: an operator's
+        explicit load must not answer OK when the version asked for was refused.
+        """
+        _check_name(model)  # before any path, lock or state is made from a client-chosen name
+        if self._stopped:
+            raise ModelUnavailableError("the server is shutting down", reason="stopped")
+        self._unloaded.discard(model)
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            status = await asyncio.to_thread(self.repository.scan_model, model, self.policy)
+            if not status.path.is_dir():
+                raise ModelNotFoundError(f"model {model!r} not found in repository {self.config.repo}")
+            self._model_errors.pop(model, None)
+            if status.error and not status.versions:
+                self._model_errors[model] = status.error
+            wanted = {v.version for v in status.versions}
+            live = self._live.setdefault(model, {})
+            for version in sorted(wanted - set(live)):
+                previous = self._states.get((model, version))
+                if retry_failed or previous is None or previous.state != UNAVAILABLE:
+                    await self._load_version(model, version)
+            if wanted & set(live):
+                for version in sorted(set(live) - wanted):
+                    await self._retire(model, version)
+                for key in [k for k in self._states if k[0] == model and k[1] not in wanted | set(live)]:
+                    del self._states[key]
+            elif live:  # each failed version was said once when it failed
+                log.debug("model %s: no newly selected version is ready; serving %s", model, sorted(live))
+            self._check_serving_on_disk(model, [v for v in status.versions if v.version in live])
+            await self._notify(model)
+        if not self._live.get(model):
+            self._raise_absent(model, None)
+        failed = [
+            s for s in (self._states.get((model, v)) for v in sorted(wanted)) if s and s.state == UNAVAILABLE
+        ]
+        if failed and retry_failed:
+            reasons = "; ".join(f"version {s.version} failed to load: {s.reason}" for s in failed)
+            raise ModelLoadError(f"model {model!r}: {reasons}; still serving {sorted(self._live[model])}")
+
+    async def unload(self, model: str) -> None:
+        """Drain and unload every version of `model` (NOT_FOUND if it is not known)."""
+        _check_name(model)
+        if model not in self._live and not any(m == model for m, _ in self._states):
+            raise ModelNotFoundError(f"model {model!r} is not loaded")
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            for version in sorted(self._live.get(model, {})):
+                await self._retire(model, version)
+            for key in [k for k in self._states if k[0] == model]:
+                del self._states[key]
+            self._live.pop(model, None)
+            self._model_errors[model] = "unloaded (RepositoryModelLoad brings it back)"
+            self._unloaded.add(model)
+            await self._notify(model)
+
+    async def _load_version(self, model: str, version: int) -> None:
+        state = self._states[(model, version)] = VersionState(model, version, LOADING)
+        self._set_metric_state(model, version, "loading")
+        try:
+            loaded = await self._bring_up(model, version)
+        except (KilnError, RepositoryError, ValueError, OSError) as exc:
+            state.state, state.reason = UNAVAILABLE, str(exc)
+            self._set_metric_state(model, version, "failed")
+            serving = sorted(self._live.get(model, {}))
+            self._warn_once(
+                ("load", model, version),
+                state.reason,
+                "model %s v%d failed to load: %s%s",
+                model,
+                version,
+                exc,
+                f"; still serving {serving}" if serving else "",
+            )
+            return
+        self._warned.pop(("load", model, version), None)  # a later failure is news again
+        self._live.setdefault(model, {})[version] = loaded
+        state.state, state.reason = READY, ""
+        self._set_metric_state(model, version, "ready")
+        if self._metrics is not None:
+            self._metrics.track_queue_depth(model, str(version), lambda: loaded.batcher.queue_depth)
+        log.info("model %s v%d ready (%s)", model, version, loaded.artefact.path)
+
+    async def _bring_up(self, model: str, version: int) -> LoadedVersion:
+        """Resolve + verify sha256, load the backend, start the batcher, warm up."""
+        resolved = await asyncio.to_thread(
+            self.repository.resolve, model, version, policy=self.policy, artefacts=()
+        )
+        artefact = choose_artefact(resolved.manifest, self.config)
+        await asyncio.to_thread(
+            self.repository.resolve, model, version, policy=self.policy, artefacts=[artefact.path]
+        )
+        cfg = self.config
+        options = BackendOptions(
+            device=backend_device(cfg.device),
+            instances=cfg.instances,
+            intra_op_threads=cfg.intra_op_threads or 0,
+            allow_spinning=cfg.intra_op_spinning,
+        )
+        backend = await asyncio.to_thread(
+            load_backend,
+            resolved.manifest,
+            artefact,
+            version_dir=resolved.path,
+            options=options,
+            null_timing=null_timing(cfg),
+        )
+        try:
+            return await self._start_batcher(model, version, resolved.manifest, artefact, backend)
+        except BaseException:
+            backend.close()
+            raise
+
+    async def _start_batcher(
+        self, model: str, version: int, manifest: Manifest, artefact: Artefact, backend: Backend
+    ) -> LoadedVersion:
+        cfg = self.config
+        max_batch = min(cfg.max_batch_size or backend.max_batch_size, backend.max_batch_size)
+        stats = ModelStats(model, str(version))
+        extra = self._metrics.batch_observer(model, str(version)) if self._metrics else None
+        observer = VersionObserver(stats, extra)
+        batcher = DynamicBatcher(
+            backend,
+            max_batch_size=max_batch,
+            max_queue_delay_us=cfg.max_queue_delay_us,
+            preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
+            max_queue_size=cfg.max_queue_size,
+            max_queue_per_client=cfg.queue_per_client(),
+            observer=observer,
+            name=model,
+        )
+        batcher.start()
+        loaded = LoadedVersion(model, version, manifest, artefact, backend, batcher, stats)
+        try:
+            if cfg.warmup:
+                for rows in sorted({1, max_batch}):
+                    await batcher.submit(warmup_inputs(backend, rows))
+        except BaseException:
+            await batcher.stop(drain=False)
+            raise
+        observer.loaded = loaded
+        return loaded
+
+    async def _retire(self, model: str, version: int) -> None:
+        loaded = self._live.get(model, {}).pop(version, None)
+        if loaded is None:
+            return
+        state = self._states.get((model, version))
+        if state is not None:
+            state.state = UNLOADING
+        await self._notify(model)
+        self._set_metric_state(model, version, "unloading")
+        await loaded.batcher.stop(drain=True)
+        await asyncio.to_thread(loaded.backend.close)
+        if self._metrics is not None:
+            self._metrics.forget(model, str(version))
+        self._set_metric_state(model, version, "unloaded")
+        log.info("model %s v%d unloaded", model, version)
+
+    def _warn_once(self, key: tuple[str, str, int], reason: str, message: str, *args: object) -> None:
+        """WARNING unless this reason was already said for `key` (a version of a repository model)."""
+        if self._warned.get(key) != reason:
+            self._warned[key] = reason
+            log.warning(message, *args)
+
+    def _check_serving_on_disk(self, model: str, on_disk: Sequence[VersionStatus]) -> None:
+        """Say (once) when a serving version's kiln.json is gone or broken; it keeps serving.
+
+        The loaded copy answers on, but a restart would not bring it back: its index entry says so
+        in `reason` until the folder is whole again.
+        """
+        for found in on_disk:
+            state, key = self._states.get((model, found.version)), ("disk", model, found.version)
+            if state is None or state.state != READY:
+                continue
+            if found.error:
+                state.reason = f"serving the copy loaded earlier, but on disk: {found.error}"
+                self._warn_once(key, found.error, "model %s v%d: %s", model, found.version, state.reason)
+            elif self._warned.pop(key, None) is not None:
+                state.reason = ""
+                log.info("model %s v%d: its folder is whole again", model, found.version)
+
+    def _set_metric_state(self, model: str, version: int, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.set_load_state(model, str(version), state)
+
+    async def _notify(self, model: str) -> None:
+        if self._on_state_change is not None:
+            await self._on_state_change(model, bool(self._live.get(model)))
+
+    # -- polling and shutdown --------------------------------------------------------------------
+
+    async def poll_forever(self, interval_s: float) -> None:
+        """Rescan every `interval_s`: load new models/versions, retire deselected ones."""
+        while not self._stopped:
+            await asyncio.sleep(interval_s)
+            try:
+                names = set(self.config.models) or set(await asyncio.to_thread(self.repository.model_names))
+            except OSError as exc:
+                log.warning("poll: cannot list the repository: %s", exc)
+                continue
+            for name in sorted((names | set(self._live)) - self._unloaded):
+                try:
+                    await self.load(name, retry_failed=False)
+                except (KilnError, RepositoryError, OSError) as exc:
+                    log.debug("poll: %s", exc)
+
+    def hurry(self) -> None:
+        """Every batcher stops waiting for fuller batches (the server is draining)."""
+        for loaded in self.loaded():
+            loaded.batcher.hurry()
+
+    def fail_queued(self) -> None:
+        """Answer every queued request of every version UNAVAILABLE (the drain's time is up)."""
+        for loaded in self.loaded():
+            loaded.batcher.fail_queued(f"model {loaded.model!r} stopped: the server is shutting down")
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop every batcher (draining queued work) and close every backend."""
+        self._stopped = True
+        for model in list(self._live):
+            for version in sorted(self._live.get(model, {})):
+                loaded = self._live[model].pop(version)
+                await loaded.batcher.stop(drain=drain)
+                await asyncio.to_thread(loaded.backend.close)
+        self._live.clear()
+
+
+def _check_name(model: str) -> None:
+    """InvalidInputError unless `model` is a safe repository folder name (no '/', '..', NUL...)."""
+    try:
+        check_model_name(model)
+    except RepositoryError as exc:
+        raise InvalidInputError(str(exc)) from None

@@ -1,0 +1,206 @@
+"""ONNX Runtime backend: CPU EP, CUDA EP (IOBinding, pinned staging, CUDA graphs), TensorRT EP.
+
+One InferenceSession per instance, each with its own intra-op thread pool (on CPU the cores are
+split between instances) or its own CUDA stream; `infer` checks a free instance out of a queue, so
+up to `instances` calls run in parallel from the batcher's worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.errors import ModelLoadError
+from serving.runtime.backends.base import (
+    BackendOptions,
+    TensorSpec,
+)
+from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
+from serving.runtime.backends.pool import InstancePool
+
+__all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "session_specs"]
+
+log = logging.getLogger(__name__)
+
+ORT_DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(bool)": "BOOL",
+}
+_PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def session_specs(session: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of an ORT session (symbolic dims become -1)."""
+
+    def spec(arg: Any) -> TensorSpec:
+        if arg.type not in ORT_DATATYPES:
+            raise ModelLoadError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+        shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in arg.shape)
+        return TensorSpec(arg.name, ORT_DATATYPES[arg.type], shape)
+
+    return tuple(map(spec, session.get_inputs())), tuple(map(spec, session.get_outputs()))
+
+
+class OnnxRuntimeBackend:
+    """An ONNX file run by ONNX Runtime; see the module docstring."""
+
+    def __init__(
+        self, path: str | Path, *, max_batch_size: int, options: BackendOptions | None = None
+    ) -> None:
+        import onnxruntime as ort  # imported here: keeps `import serving.runtime.backends` cheap
+
+        self._options = options or BackendOptions()
+        self._max_batch_size = max_batch_size
+        kind = _provider_kind(self._options)
+        available = ort.get_available_providers()
+        if _PROVIDER_NAMES[kind] not in available:
+            raise ModelLoadError(
+                f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})"
+            )
+        sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
+        self._inputs, self._outputs = session_specs(sessions[0])
+        self._provider = kind
+        self._pool = InstancePool(
+            [self._runner(s, kind) for s in sessions],
+            engine="onnxruntime",
+            inputs=self._inputs,
+            outputs=self._outputs,
+            max_batch_size=max_batch_size,
+        )
+
+    def _session(self, ort: Any, path: Path, kind: str) -> Any:
+        opts = self._options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.threads_per_instance if kind == "cpu" else 1
+        so.inter_op_num_threads = opts.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[opts.graph_optimization]
+        so.log_severity_level = 3  # errors only: ORT's warnings are noise in server logs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if opts.allow_spinning else "0")
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=self._providers(kind, path))
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+        if _PROVIDER_NAMES[kind] not in session.get_providers():
+            raise ModelLoadError(
+                f"{path}: onnxruntime fell back to {session.get_providers()} (wanted {kind})"
+            )
+        return session
+
+    def _providers(self, kind: str, path: Path) -> list[Any]:
+        opts = self._options
+        if kind == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = {
+            "device_id": opts.device_id or 0,
+            "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
+            "enable_cuda_graph": int(opts.cuda_graphs),
+            "use_tf32": int(opts.cuda_tf32),
+            "prefer_nhwc": int(opts.cuda_prefer_nhwc),
+        }
+        providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        if kind == "tensorrt":
+            providers.insert(0, ("TensorrtExecutionProvider", self._trt_options(path)))
+        return providers
+
+    def _trt_options(self, path: Path) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        opts = self._options
+        # A throw-away CPU session reads the input shapes (onnx itself is not a serving dependency).
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        probe = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        dims = {i.name: i.shape[1:] for i in probe.get_inputs()}
+
+        def profile(batch: int) -> str:
+            return ",".join(f"{n}:{'x'.join(map(str, [batch, *d]))}" for n, d in dims.items())
+
+        trt: dict[str, Any] = {
+            "device_id": opts.device_id or 0,
+            "trt_fp16_enable": opts.trt_fp16,
+            "trt_int8_enable": opts.trt_int8,
+            "trt_max_workspace_size": opts.trt_workspace_bytes,
+            "trt_profile_min_shapes": profile(1),
+            "trt_profile_opt_shapes": profile(self._max_batch_size),
+            "trt_profile_max_shapes": profile(self._max_batch_size),
+        }
+        if opts.trt_engine_cache_dir:
+            trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": opts.trt_engine_cache_dir}
+            trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": opts.trt_engine_cache_dir}
+        return trt
+
+    def _runner(self, session: Any, kind: str) -> Any:
+        if kind == "cpu" or not self._options.use_iobinding:
+            return SessionRunner(session)
+        device_id = self._options.device_id or 0
+        if self._options.cuda_graphs:
+            return CudaGraphRunner(session, self._inputs, self._outputs, self._max_batch_size, device_id)
+        return BindingRunner(session, self._inputs, self._outputs, self._max_batch_size, self._options)
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Input specs as the session sees them (fp16 models report FP16)."""
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Output specs as the session sees them."""
+        return self._outputs
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch `infer` accepts."""
+        return self._max_batch_size
+
+    @property
+    def instances(self) -> int:
+        """Sessions that can run at once."""
+        return len(self._pool)
+
+    @property
+    def provider(self) -> str:
+        """ "cpu" | "cuda" | "tensorrt"."""
+        return self._provider
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate, run on a free instance (blocking until one is free), return outputs by name."""
+        return self._pool.run(inputs)
+
+    def close(self) -> None:
+        """Wait for running calls (bounded), then release sessions and pinned buffers."""
+        self._pool.close()
+
+
+def _provider_kind(options: BackendOptions) -> str:
+    kind = options.onnx_provider
+    if kind == "auto":
+        return "cpu" if options.device_id is None else "cuda"
+    if (kind == "cpu") != (options.device_id is None):
+        raise ModelLoadError(f"onnx_provider {kind!r} does not match device {options.device!r}")
+    return kind

@@ -1,0 +1,55 @@
+"""Class scores and top-k: the one implementation shared by Classify (online) and `kiln score`.
+
+Both paths must give the same numbers for the same image, so the maths lives here once:
+the classification output is the first output whose kind is not "other"; scores are a row-wise
+softmax in float64 over logits (max subtracted, so large logits cannot overflow), or the model's
+own values when its output kind is "probabilities"; top-k is highest score first, ties broken by
+the lower class index (a stable sort), so the order is deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.contract.manifest import Manifest, OutputSpec
+
+__all__ = ["class_scores", "classification_output", "softmax", "top_k"]
+
+
+def classification_output(manifest: Manifest) -> OutputSpec:
+    """The output that holds class scores (the first whose kind is not "other")."""
+    spec = next((o for o in manifest.outputs if o.kind != "other"), None)
+    if spec is None:
+        names = [o.name for o in manifest.outputs]
+        raise ValueError(f"model {manifest.name!r} has no classification output (outputs {names})")
+    return spec
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of [N, C] in float64 (stable: the row max is subtracted first)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def class_scores(values: np.ndarray, kind: str) -> np.ndarray:
+    """[N, C] float64 scores: softmax of logits, or the values as given for "probabilities"."""
+    if values.ndim != 2:
+        values = values.reshape(len(values), -1)
+    if kind == "logits":
+        return softmax(values)
+    if kind == "probabilities":
+        return values.astype(np.float64)
+    raise ValueError(f"output kind {kind!r} carries no class scores")
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best classes per row: (indices int64 [N, k], scores [N, k]), highest first.
+
+    `k` larger than the class count is clamped to it. Ties go to the lower class index.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
