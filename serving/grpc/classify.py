@@ -40,7 +40,7 @@ from serving.grpc.model_manager import ModelManager
 from serving.grpc.model_version import LoadedVersion
 from serving.grpc.request_log import REQUEST_ID
 from serving.grpc.status_map import log_failure, status_of
-from serving.grpc.streams import BoundedStream
+from serving.grpc.streams import serve_stream
 from serving.runtime.preprocess import ImageLimits, Preprocessor
 
 
@@ -276,16 +276,15 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         What the stream may cost (stream_max_inflight) and how it drains: serving.grpc.streams.
         """
         client = context.peer()
-        with self._admission.admit():
-            stream = BoundedStream(
-                request_iterator,
-                lambda request: self._stream_one(request, deadline_of(context), client),
-                window=self._config.stream_max_inflight,
-                admission=self._admission,
-                ordered=True,
-            )
-            async for item in stream.run():
-                yield item
+        answers = serve_stream(
+            request_iterator,
+            lambda request: self._stream_one(request, deadline_of(context), client),
+            window=self._config.stream_max_inflight,
+            admission=self._admission,
+            ordered=True,
+        )
+        async for item in answers:
+            yield item
 
     async def _stream_one(
         self, request: cpb.ClassifyRequest, deadline: float | None, client: str

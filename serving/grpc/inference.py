@@ -26,7 +26,7 @@ from serving.grpc.model_manager import READY, ModelManager
 from serving.grpc.model_version import LoadedVersion
 from serving.grpc.request_log import REQUEST_ID
 from serving.grpc.status_map import log_failure, status_of
-from serving.grpc.streams import BoundedStream
+from serving.grpc.streams import serve_stream
 from serving.protocol.codec import decode_inputs, encode_outputs, param_value, requested_outputs
 
 SERVER_NAME = "kiln"
@@ -187,16 +187,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(error_message=str(exc), infer_response=echo)
             return pb.ModelStreamInferResponse(infer_response=response)
 
-        with self._admission.admit():
-            stream = BoundedStream(
-                request_iterator,
-                one,
-                window=self._config.stream_max_inflight,
-                admission=self._admission,
-                ordered=False,
-            )
-            async for item in stream.run():
-                yield item
+        answers = serve_stream(
+            request_iterator,
+            one,
+            window=self._config.stream_max_inflight,
+            admission=self._admission,
+            ordered=False,
+        )
+        async for item in answers:
+            yield item
 
     # -- repository --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 from serving.grpc.admission import Admission
 
-__all__ = ["BoundedStream"]
+__all__ = ["BoundedStream", "serve_stream"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -94,3 +94,18 @@ class BoundedStream(Generic[Req, Resp]):
         if self._tasks:
             await asyncio.wait(set(self._tasks))
         self._answers.put_nowait(None)
+
+
+async def serve_stream(
+    requests: AsyncIterator[Req],
+    handle: Callable[[Req], Awaitable[Resp]],
+    *,
+    window: int,
+    admission: Admission,
+    ordered: bool,
+) -> AsyncIterator[Resp]:
+    """A streaming RPC's answers: the whole stream holds one admission slot (see serving.grpc.admission)."""
+    with admission.admit():
+        stream = BoundedStream(requests, handle, window=window, admission=admission, ordered=ordered)
+        async for item in stream.run():
+            yield item

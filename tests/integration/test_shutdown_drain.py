@@ -170,3 +170,39 @@ def test_idle_server_exits_at_once(tmp_path: Path) -> None:
             proc.wait()
     _drained(proc, lines)
     assert seconds <= EXIT_MARGIN_S, seconds
+
+
+def test_sigterm_ends_an_open_stream_with_its_answers_then_unavailable(tmp_path: Path) -> None:
+    """A stream open at SIGTERM: every request the server read is answered with its result, then
+    the stream ends UNAVAILABLE (retryable), never CANCELLED."""
+    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+    publish_tiny_model(tmp_path, max_batch_size=64)
+    proc, port, lines = start_serve_process(tmp_path, *FLAGS)
+    request = build_infer_request("tiny", {"input": BATCH})
+    answers, ending = [], None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+            def requests():  # type: ignore[no-untyped-def]
+                while True:
+                    yield request
+                    time.sleep(0.001)
+
+            stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=60)
+            try:
+                for answer in stream:
+                    answers.append(answer)
+                    if len(answers) == 200:
+                        proc.send_signal(signal.SIGTERM)
+            except grpc.RpcError as exc:
+                ending = exc.code()
+        assert proc.wait(timeout=GRACE_S + 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    drained = _drained(proc, lines)
+    assert ending == grpc.StatusCode.UNAVAILABLE
+    assert not any(a.error_message for a in answers)
+    assert drained["success"] == len(answers) and drained["fail"] == 0
