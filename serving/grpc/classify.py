@@ -4,7 +4,8 @@ Decode/resize/normalise runs in a thread pool (serving.runtime.preprocess), neve
 rows then go through the model's batcher like any KServe request, so Classify and ModelInfer
 traffic batch together. Scores are softmax probabilities (or the model's own, when its output
 kind is "probabilities"). Timings: `preprocess_us` and `total_us` are exact; `compute_us` is the
-backend time of the batch that served the request and `queue_us` the rest of the batcher wait.
+backend time of the batch(es) that served this request (each counted once, never another
+request's batch) and `queue_us` the rest of the batcher wait.
 
 A signal model (kiln.json input kind "signal") answers FAILED_PRECONDITION to images and takes
 `signals` instead: float32 [C, L] of exactly the model's shape, normalised in its graph, so its
@@ -41,6 +42,7 @@ from serving.grpc.model_version import LoadedVersion
 from serving.grpc.request_log import REQUEST_ID
 from serving.grpc.status_map import log_failure, status_of
 from serving.grpc.streams import serve_stream
+from serving.runtime.batcher import BatchTiming
 from serving.runtime.preprocess import ImageLimits, Preprocessor
 
 
@@ -177,13 +179,13 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             loaded, rows = await self._preprocess(request, inputs)
             preprocess_s = time.perf_counter() - start
             with track_inflight(self._metrics, loaded):
-                scores = await self._run(loaded, rows, deadline, client)
+                scores, compute = await self._run(loaded, rows, deadline, client)
         except BaseException as exc:
             record_outcome(self._metrics, loaded, len(request.images) + len(request.signals), start, exc)
             raise
         record_outcome(self._metrics, loaded, len(inputs), start, None)
         total = time.perf_counter() - start
-        compute = min(loaded.last_compute_seconds, total - preprocess_s)
+        compute = min(compute, total - preprocess_s)
         if self._metrics is not None:
             self._metrics.observe_preprocess(loaded.model, str(loaded.version), preprocess_s)
         k = min(request.top_k or self._config.default_top_k, len(loaded.labels))
@@ -238,35 +240,37 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
 
     async def _run(
         self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None, client: str
-    ) -> np.ndarray:
-        """Submit in chunks of max_batch_size (they batch together) and return class scores."""
+    ) -> tuple[np.ndarray, float]:
+        """Submit in chunks of max_batch_size (they batch together); class scores and the backend
+        seconds of the batches that served them (a batch shared by two chunks counted once)."""
         out_spec = next((o for o in loaded.manifest.outputs if o.kind != "other"), None)
         if out_spec is None:
             raise InvalidInputError(f"model {loaded.model!r} has no classification output")
         name, step = loaded.manifest.input.name, loaded.batcher.max_batch_size
         chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
         if len(chunks) == 1:  # submitted in this step: a hot swap cannot slip in (see ModelManager)
-            results = [await loaded.batcher.submit({name: chunks[0]}, deadline=deadline, client=client)]
+            results = [await loaded.batcher.submit_timed({name: chunks[0]}, deadline=deadline, client=client)]
         else:
             results = await asyncio.gather(
                 *(self._submit(loaded, {name: c}, deadline, client) for c in chunks)
             )
-        scores = np.concatenate([r[out_spec.name] for r in results]).reshape(len(rows), -1)
-        return softmax(scores) if out_spec.kind == "logits" else scores.astype(np.float64)
+        scores = np.concatenate([out[out_spec.name] for out, _ in results]).reshape(len(rows), -1)
+        compute = sum(timing.compute_seconds for timing in {timing for _, timing in results})
+        return (softmax(scores) if out_spec.kind == "logits" else scores.astype(np.float64)), compute
 
     async def _submit(
         self, loaded: LoadedVersion, inputs: dict[str, np.ndarray], deadline: float | None, client: str
-    ) -> dict[str, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], BatchTiming]:
         """Submit from a task (a loop step after routing): follow a hot swap that retired `loaded`."""
         try:
-            return await loaded.batcher.submit(inputs, deadline=deadline, client=client)
+            return await loaded.batcher.submit_timed(inputs, deadline=deadline, client=client)
         except ModelUnavailableError as exc:
             if exc.reason != "stopped":
                 raise
             current = self._manager.get(loaded.model)
             if current is loaded or current.manifest.input != loaded.manifest.input:
                 raise
-            return await current.batcher.submit(inputs, deadline=deadline, client=client)
+            return await current.batcher.submit_timed(inputs, deadline=deadline, client=client)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[cpb.ClassifyRequest], context: Any

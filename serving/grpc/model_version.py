@@ -30,7 +30,6 @@ class LoadedVersion:
     backend: Backend
     batcher: DynamicBatcher
     stats: ModelStats
-    last_compute_seconds: float = 0.0  # of the most recent batch (Classify's timing report)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -50,7 +49,6 @@ class VersionObserver:
     ) -> None:
         if self.loaded is None:
             return
-        self.loaded.last_compute_seconds = compute_seconds
         self._stats.record_batch(rows=rows, queue_seconds=queue_seconds, compute_seconds=compute_seconds)
         if self._extra is not None:
             self._extra.on_batch(

@@ -43,7 +43,7 @@ from serving.errors import (
 )
 from serving.runtime.backends.base import Backend, validate_inputs
 
-__all__ = ["BatchObserver", "DynamicBatcher"]
+__all__ = ["BatchObserver", "BatchTiming", "DynamicBatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,23 @@ class BatchObserver(Protocol):
     def on_dropped(self, reason: str, count: int = 1) -> None: ...
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class BatchTiming:
+    """The batch that served a request, one object per batch (its requests share it, so a caller
+    whose rows went out in several requests can tell one batch from two)."""
+
+    rows: int
+    compute_seconds: float  # backend time of this batch alone, not of whatever finished last
+
+
+_Served = tuple[_Outputs, BatchTiming]
+
+
 @dataclass(slots=True, eq=False)
 class _Request:
     inputs: Mapping[str, np.ndarray]
     rows: int
-    future: asyncio.Future[_Outputs]
+    future: asyncio.Future[_Served]
     deadline: float | None  # time.monotonic() value
     enqueued: float
     client: Hashable
@@ -187,8 +199,21 @@ class DynamicBatcher:
         `deadline` is a `time.monotonic()` value; an expired request never reaches the backend.
         `client` keys the fair share (see the module docstring); None is one shared client.
         Raises InvalidInputError, QueueFullError, DeadlineExceededError, ModelUnavailableError or
-        the batch's BackendError.
+        the batch's BackendError. The request is queued before the first await.
         """
+        outputs, _ = await self._enqueue(inputs, deadline, client)
+        return outputs
+
+    async def submit_timed(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, client: Hashable = None
+    ) -> tuple[_Outputs, BatchTiming]:
+        """As `submit`, plus the timing of the batch that served this very request."""
+        return await self._enqueue(inputs, deadline, client)
+
+    def _enqueue(
+        self, inputs: Mapping[str, np.ndarray], deadline: float | None, client: Hashable
+    ) -> asyncio.Future[_Served]:
+        """Validate and queue one request now (no await: see ModelManager's hot swap)."""
         if not self._accepting:
             raise ModelUnavailableError(f"model {self._name!r} is not accepting requests", reason="stopped")
         rows = validate_inputs(self._backend.inputs, inputs, self._max_batch)
@@ -196,7 +221,7 @@ class DynamicBatcher:
         if deadline is not None and deadline <= now:
             self._drop("expired")
             raise DeadlineExceededError(f"deadline expired before the request for {self._name!r} was queued")
-        future: asyncio.Future[_Outputs] = self._loop.create_future()
+        future: asyncio.Future[_Served] = self._loop.create_future()
         with self._cond:
             if self._queued >= self._max_queue:
                 raise QueueFullError(
@@ -215,7 +240,7 @@ class DynamicBatcher:
             self._queued += 1
             self._queued_rows += rows
             self._cond.notify()
-        return await future
+        return future
 
     # -- worker threads ----------------------------------------------------------------------------
 
@@ -354,9 +379,10 @@ class DynamicBatcher:
                     req.future.set_exception(exc)
             return
         results, compute_seconds = outcome
+        timing = BatchTiming(rows=rows, compute_seconds=compute_seconds)
         for req, out in zip(batch, results, strict=True):
             if not req.future.done():
-                req.future.set_result(out)
+                req.future.set_result((out, timing))
         if self._observer is not None:
             self._observer.on_batch(
                 rows=rows, requests=len(batch), queue_seconds=waits, compute_seconds=compute_seconds

@@ -495,3 +495,27 @@ def test_one_client_cannot_take_every_queue_slot() -> None:
         await batcher.stop()
 
     run(main())
+
+
+def test_each_request_learns_the_timing_of_its_own_batch() -> None:
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=4)
+        backend.gate = threading.Event()
+        batcher = DynamicBatcher(backend)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit_timed(x(1)))
+        await wait_entered(backend)  # the 1-row batch holds the instance: the next two queue
+        await asyncio.sleep(0.05)  # ... and it computes for 50 ms more than theirs
+        later = [asyncio.ensure_future(batcher.submit_timed(x(v, v))) for v in (2, 3)]
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        (out, alone), *together = await asyncio.gather(first, *later)
+        await batcher.stop()
+        assert backend.rows() == [1, 4]
+        np.testing.assert_array_equal(out["y"], [[3, -1]])
+        assert alone.rows == 1 and alone.compute_seconds >= 0.05
+        (_, second), (_, third) = together
+        assert second is third and second.rows == 4  # one batch, one timing object
+        assert second.compute_seconds < alone.compute_seconds
+
+    run(main())
