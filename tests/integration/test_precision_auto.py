@@ -1,0 +1,80 @@
+"""`precision: auto` measures the artefacts that passed the gate on this CPU and takes the fastest
+(serving/runtime/tuning.py): real ONNX Runtime sessions of a real FP32 and INT8 artefact."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+
+from serving.contract.repository import ModelRepository
+from serving.runtime import tuning
+from tests.integration.tuning_fixtures import publish_convnet
+
+SIZES = (1, 8, 16)
+
+
+def _manifest(repo: Path, version: int = 1):  # type: ignore[no-untyped-def]
+    return ModelRepository(repo).read_version("convnet", version).manifest
+
+
+@pytest.fixture(autouse=True)
+def _quiet_quantizer() -> None:
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on the root logger
+
+
+def test_auto_serves_int8_where_this_cpu_runs_it_faster(tmp_path: Path) -> None:
+    version_dir = publish_convnet(tmp_path)
+    choice = tuning.tune(_manifest(tmp_path), version_dir, batch_sizes=SIZES, seconds_per_trial=0.1)
+    best = {p: max(t.score for t in choice.trials if t.precision == p) for p in ("fp32", "int8")}
+    if best["int8"] < 1.1 * best["fp32"]:
+        pytest.skip(f"INT8 gives this CPU no clear advantage ({choice.reason}); nothing to prefer")
+    assert choice.precision == "int8" and choice.path == "model.int8.onnx"
+    assert "int8" in choice.reason and choice.machine.cpu in choice.reason
+    assert {t.layout for t in choice.trials} == set(tuning.layouts(choice.machine.cores, None, None))
+
+
+def test_int8_outside_its_tolerance_is_never_chosen(tmp_path: Path) -> None:
+    version_dir = publish_convnet(tmp_path, int8_forced=True)
+    manifest = _manifest(tmp_path)
+    assert [a.precision for a in tuning.eligible(manifest)] == ["fp32"]
+    choice = tuning.tune(manifest, version_dir, batch_sizes=SIZES, seconds_per_trial=0.05)
+    assert choice.precision == "fp32" and {t.precision for t in choice.trials} == {"fp32"}
+
+
+def test_explicit_threads_and_instances_are_kept(tmp_path: Path) -> None:
+    version_dir = publish_convnet(tmp_path)
+    choice = tuning.tune(
+        _manifest(tmp_path), version_dir, batch_sizes=(1,), seconds_per_trial=0.05, threads=1, instances=1
+    )
+    assert {t.layout for t in choice.trials} == {tuning.Layout(1, 1)}
+
+
+def test_cache_is_used_on_restart_and_invalidated_by_a_new_artefact_or_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first_dir = publish_convnet(tmp_path, seed=0)
+    first = tuning.tune(_manifest(tmp_path), first_dir, batch_sizes=(1,), seconds_per_trial=0.05)
+    assert not first.cached and (tmp_path / tuning.CACHE_FILE).is_file()
+    again = tuning.tune(_manifest(tmp_path), first_dir, batch_sizes=(1,), seconds_per_trial=0.05)
+    assert again.cached and again.precision == first.precision and again.trials == first.trials
+
+    second_dir = publish_convnet(tmp_path, seed=1)  # new weights: other sha256
+    assert not tuning.tune(
+        _manifest(tmp_path, 2), second_dir, batch_sizes=(1,), seconds_per_trial=0.05
+    ).cached
+
+    # Another CPU model cannot be had on this machine: the one fault here that needs a stand-in.
+    real = tuning.this_machine()
+    monkeypatch.setattr(tuning, "this_machine", lambda: dataclasses.replace(real, cpu="another CPU"))
+    moved = tuning.tune(_manifest(tmp_path), first_dir, batch_sizes=(1,), seconds_per_trial=0.05)
+    assert not moved.cached and moved.machine.cpu == "another CPU"
+
+
+def test_an_unwritable_cache_still_chooses(tmp_path: Path) -> None:
+    version_dir = publish_convnet(tmp_path)
+    (tmp_path / tuning.CACHE_FILE).mkdir()  # unreadable and unreplaceable, even for root
+    choice = tuning.tune(_manifest(tmp_path), version_dir, batch_sizes=(1,), seconds_per_trial=0.05)
+    assert choice.precision in ("fp32", "int8") and not choice.cached
