@@ -44,23 +44,20 @@ from serving.grpc.status_map import log_failure, status_of
 from serving.grpc.streams import serve_stream
 from serving.runtime.batcher import BatchTiming
 from serving.runtime.preprocess import ImageLimits, Preprocessor
+from serving.runtime.topk import ClassificationHead
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable: max subtracted)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def top_k(scores: np.ndarray, k: int, labels: tuple[str, ...]) -> list[cpb.ImageResult]:
-    """The k best classes per row, highest first (ties: lower index first)."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+def _results(head: ClassificationHead, scores: np.ndarray, k: int) -> list[cpb.ImageResult]:
+    """One ImageResult per row: the head's k best classes, highest first."""
+    indices, values = head.top_k(scores, k)
     return [
         cpb.ImageResult(
-            predictions=[cpb.Prediction(label=labels[i], index=int(i), score=float(row[i])) for i in idx]
+            predictions=[
+                cpb.Prediction(label=head.labels[i], index=int(i), score=float(v))
+                for i, v in zip(idx, vals, strict=True)
+            ]
         )
-        for row, idx in zip(scores, order, strict=True)
+        for idx, vals in zip(indices, values, strict=True)
     ]
 
 
@@ -178,8 +175,9 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
                 inputs = [_image_input(i, image) for i, image in enumerate(request.images)]
             loaded, rows = await self._preprocess(request, inputs)
             preprocess_s = time.perf_counter() - start
+            head = ClassificationHead.of(loaded.manifest)
             with track_inflight(self._metrics, loaded):
-                scores, compute = await self._run(loaded, rows, deadline, client)
+                scores, compute = await self._run(loaded, head, rows, deadline, client)
         except BaseException as exc:
             record_outcome(self._metrics, loaded, len(request.images) + len(request.signals), start, exc)
             raise
@@ -188,11 +186,10 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         compute = min(compute, total - preprocess_s)
         if self._metrics is not None:
             self._metrics.observe_preprocess(loaded.model, str(loaded.version), preprocess_s)
-        k = min(request.top_k or self._config.default_top_k, len(loaded.labels))
         return cpb.ClassifyResponse(
             model=loaded.model,
             version=str(loaded.version),
-            results=top_k(scores, k, loaded.labels),
+            results=_results(head, scores, request.top_k or self._config.default_top_k),
             timings=cpb.Timings(
                 preprocess_us=int(preprocess_s * 1e6),
                 compute_us=int(compute * 1e6),
@@ -239,13 +236,15 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         return await pre.preprocess_async(inputs, self._pool)
 
     async def _run(
-        self, loaded: LoadedVersion, rows: np.ndarray, deadline: float | None, client: str
+        self,
+        loaded: LoadedVersion,
+        head: ClassificationHead,
+        rows: np.ndarray,
+        deadline: float | None,
+        client: str,
     ) -> tuple[np.ndarray, float]:
         """Submit in chunks of max_batch_size (they batch together); class scores and the backend
         seconds of the batches that served them (a batch shared by two chunks counted once)."""
-        out_spec = next((o for o in loaded.manifest.outputs if o.kind != "other"), None)
-        if out_spec is None:
-            raise InvalidInputError(f"model {loaded.model!r} has no classification output")
         name, step = loaded.manifest.input.name, loaded.batcher.max_batch_size
         chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
         if len(chunks) == 1:  # submitted in this step: a hot swap cannot slip in (see ModelManager)
@@ -254,9 +253,9 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             results = await asyncio.gather(
                 *(self._submit(loaded, {name: c}, deadline, client) for c in chunks)
             )
-        scores = np.concatenate([out[out_spec.name] for out, _ in results]).reshape(len(rows), -1)
+        outputs = np.concatenate([out[head.output] for out, _ in results]).reshape(len(rows), -1)
         compute = sum(timing.compute_seconds for timing in {timing for _, timing in results})
-        return (softmax(scores) if out_spec.kind == "logits" else scores.astype(np.float64)), compute
+        return head.scores(outputs), compute
 
     async def _submit(
         self, loaded: LoadedVersion, inputs: dict[str, np.ndarray], deadline: float | None, client: str

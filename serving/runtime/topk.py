@@ -1,28 +1,59 @@
 """Class scores and top-k: the one implementation shared by Classify (online) and `kiln score`.
 
-Both paths must give the same numbers for the same image, so the maths lives here once:
-the classification output is the first output whose kind is not "other"; scores are a row-wise
-softmax in float64 over logits (max subtracted, so large logits cannot overflow), or the model's
-own values when its output kind is "probabilities"; top-k is highest score first, ties broken by
-the lower class index (a stable sort), so the order is deterministic.
+Both paths must give the same numbers for the same image, so the maths lives here once, and both
+reach it through the model handle's ClassificationHead: the classification output is the first
+output whose kind is not "other"; scores are a row-wise softmax in float64 over logits (max
+subtracted, so large logits cannot overflow), or the model's own values when its output kind is
+"probabilities"; top-k is highest score first, ties broken by the lower class index (a stable
+sort), so the order is deterministic.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from serving.contract.manifest import Manifest, OutputSpec
+from serving.errors import InvalidInputError
 
-__all__ = ["class_scores", "classification_output", "softmax", "top_k"]
+__all__ = ["ClassificationHead", "class_scores", "classification_output", "softmax", "top_k"]
 
 
 def classification_output(manifest: Manifest) -> OutputSpec:
-    """The output that holds class scores (the first whose kind is not "other")."""
+    """The output that holds class scores (the first whose kind is not "other").
+
+    InvalidInputError (INVALID_ARGUMENT for Classify) when the model has none: such a model can
+    still serve raw tensors (ModelInfer), just not class labels.
+    """
     spec = next((o for o in manifest.outputs if o.kind != "other"), None)
     if spec is None:
         names = [o.name for o in manifest.outputs]
-        raise ValueError(f"model {manifest.name!r} has no classification output (outputs {names})")
+        raise InvalidInputError(f"model {manifest.name!r} has no classification output (outputs {names})")
     return spec
+
+
+@dataclass(frozen=True, slots=True)
+class ClassificationHead:
+    """A model's classification output and labels: raw outputs in, class scores and top-k out."""
+
+    output: str  # name of the classification output
+    kind: str  # "logits" | "probabilities"
+    labels: tuple[str, ...]
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ClassificationHead:
+        """The head kiln.json describes (InvalidInputError if the model has no classification output)."""
+        spec = classification_output(manifest)
+        return cls(output=spec.name, kind=spec.kind, labels=manifest.labels)
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """[N, C] float64 class scores of the classification output's values for N rows."""
+        return class_scores(outputs, self.kind)
+
+    def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best classes per row (k clamped to the label count); see `top_k`."""
+        return top_k(scores, min(k, len(self.labels)))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

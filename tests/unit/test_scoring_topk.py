@@ -1,11 +1,14 @@
-"""serving.runtime.topk: the class-score maths shared by Classify and `kiln score`."""
+"""serving.runtime.topk: the class-score maths and the ClassificationHead that Classify and
+`kiln score` both use (there is no second copy to keep in agreement)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving.runtime.topk import class_scores, softmax, top_k
+from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance
+from serving.errors import InvalidInputError
+from serving.runtime.topk import ClassificationHead, class_scores, softmax, top_k
 
 
 def test_softmax_rows_sum_to_one_and_survive_huge_logits() -> None:
@@ -40,14 +43,44 @@ def test_class_scores_by_output_kind() -> None:
         class_scores(values, "other")
 
 
-def test_the_server_uses_the_same_numbers() -> None:
-    """Classify (serving.grpc.classify) must agree with serving.runtime.topk on every score."""
-    grpc_classify = pytest.importorskip("serving.grpc.classify")
-    logits = np.random.default_rng(0).normal(scale=5, size=(16, 10)).astype(np.float32)
-    ours = softmax(logits)
-    np.testing.assert_array_equal(grpc_classify.softmax(logits), ours)
-    indices, values = top_k(ours, 3)
-    labels = tuple(f"c{i}" for i in range(10))
-    for result, idx, vals in zip(grpc_classify.top_k(ours, 3, labels), indices, values, strict=True):
-        assert [p.index for p in result.predictions] == idx.tolist()
-        np.testing.assert_allclose([p.score for p in result.predictions], vals, rtol=1e-6)
+def _manifest(*outputs: OutputSpec) -> Manifest:
+    return Manifest(
+        name="m",
+        version=1,
+        architecture={},
+        labels=("a", "b", "c"),
+        input=InputSpec(name="input", datatype="FP32", layout="NCHW", shape=(-1, 1, 4, 4)),
+        outputs=outputs,
+        artefacts=(
+            Artefact(path="model.onnx", format="onnx", precision="fp32", sha256="0" * 64, size_bytes=1),
+        ),
+        max_batch_size=8,
+        provenance=Provenance(
+            run_id="r", dataset_fingerprint="f", git_commit=None, created_at="t", kiln_version="0"
+        ),
+    )
+
+
+def test_the_head_reads_the_first_classification_output_and_clamps_k_to_the_labels() -> None:
+    head = ClassificationHead.of(
+        _manifest(
+            OutputSpec(name="features", datatype="FP32", shape=(-1, 5), kind="other"),
+            OutputSpec(name="logits", datatype="FP32", shape=(-1, 3)),
+            OutputSpec(name="probabilities", datatype="FP32", shape=(-1, 3), kind="probabilities"),
+        )
+    )
+    assert (head.output, head.kind, head.labels) == ("logits", "logits", ("a", "b", "c"))
+    logits = np.array([[[0.0, 3.0, 3.0]], [[2.0, 0.0, 1.0]]], np.float32)  # [N, 1, C]: flattened per row
+    scores = head.scores(logits)
+    np.testing.assert_allclose(scores, softmax(logits.reshape(2, 3)))
+    indices, values = head.top_k(scores, 10)
+    assert indices.tolist() == [[1, 2, 0], [0, 2, 1]]  # ties to the lower index; k clamped to 3 labels
+    np.testing.assert_array_equal(values, np.take_along_axis(scores, indices, axis=1))
+
+
+def test_a_model_without_a_classification_output_has_no_head() -> None:
+    other = OutputSpec(name="embedding", datatype="FP32", shape=(-1, 8), kind="other")
+    with pytest.raises(
+        InvalidInputError, match=r"'m' has no classification output \(outputs \['embedding'\]\)"
+    ):
+        ClassificationHead.of(_manifest(other))
