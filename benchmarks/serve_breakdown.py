@@ -214,19 +214,13 @@ async def amain(args: argparse.Namespace) -> None:
     from serving.grpc.server import Server
 
     install_probes()
-    if args.allow_spinning:  # not a ServeConfig field: patch the options the manager builds
-        import functools
-
-        from serving.grpc import model_manager
-        from serving.runtime.backends import BackendOptions
-
-        model_manager.BackendOptions = functools.partial(BackendOptions, allow_spinning=True)
     _, input_name, shape, _ = model_files(args.repo, args.model)
     args.work.mkdir(parents=True, exist_ok=True)
     data = input_data(args.work / f"{args.model}-input.json", input_name, shape)
     config = ServeConfig(
         repo=args.repo, models=(args.model,), host="127.0.0.1", port=0, metrics_port=0,
         instances=args.instances, intra_op_threads=args.intra_op_threads,
+        intra_op_spinning=args.allow_spinning,
     )  # fmt: skip
     server = Server(config)
     await server.start()

@@ -43,6 +43,10 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--null-per-row-us", int, "backend null: device time per (padded) row in microseconds (default 0)"),
     ("--instances", int, "model instances per version (default 1)"),
     ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
+    ("--cudnn-conv-algo-search", str, "CUDA: HEURISTIC, EXHAUSTIVE or DEFAULT (default HEURISTIC)"),
+    ("--onnx-provider", str, "ONNX on a GPU: auto, cuda or tensorrt (the TensorRT EP; default auto)"),
+    ("--trt-engine-cache-dir", str, "TensorRT EP: folder that keeps built engines across restarts"),
+    ("--trt-workspace-bytes", int, "TensorRT EP: scratch memory for its tactics (default 1 GiB)"),
     ("--event-loop", str, f"{', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),
@@ -82,6 +86,13 @@ _SWITCHES = (
     ("reflection", "gRPC server reflection"),
     ("repository_control", "the RepositoryModelLoad/Unload RPCs"),
     ("intra_op_spinning", "ONNX Runtime intra-op spinning (default off)"),
+    ("iobinding", "CUDA: IOBinding (default on)"),
+    ("pinned_memory", "CUDA: page-locked staging buffers for host copies (default on)"),
+    ("pad_to_buckets", "GPU and null backend: batches padded to power-of-two buckets (default on)"),
+    ("cuda_graphs", "CUDA: one CUDA graph per batch bucket (default off)"),
+    ("cuda_prefer_nhwc", "CUDA: NHWC convolution kernels (default off)"),
+    ("cuda_tf32", "CUDA: TF32 tensor cores for FP32 convolutions (default on)"),
+    ("trt_allow_other_gpu", "TensorRT: plans built on another GPU model of the same compute capability"),
 )
 
 

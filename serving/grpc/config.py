@@ -28,6 +28,20 @@ LOG_FORMATS = ("text", "json")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SECRET_FIELDS = frozenset({"auth_token", "admin_token"})
+# ServeConfig fields that BackendOptions takes under the same name (serving/grpc/model_version.py)
+BACKEND_FIELDS = (
+    "iobinding",
+    "pinned_memory",
+    "pad_to_buckets",
+    "cuda_graphs",
+    "cuda_prefer_nhwc",
+    "cuda_tf32",
+    "cudnn_conv_algo_search",
+    "onnx_provider",
+    "trt_engine_cache_dir",
+    "trt_workspace_bytes",
+    "trt_allow_other_gpu",
+)
 _MIB = 1024 * 1024
 
 
@@ -62,6 +76,19 @@ class ServeConfig:
     # ORT intra-op threads busy-wait between ops: faster alone, but they burn the cores that the
     # gRPC event loop needs when the client or other work shares the machine.
     intra_op_spinning: bool = False
+    # GPU execution: handed to BackendOptions under the same names (BACKEND_FIELDS); what each
+    # does on the CUDA path, and why its default, is in docs/gpu.md
+    iobinding: bool = True
+    pinned_memory: bool = True
+    pad_to_buckets: bool = True  # the null backend pads too, so it also acts off the GPU
+    cuda_graphs: bool = False
+    cuda_prefer_nhwc: bool = False
+    cuda_tf32: bool = True
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    onnx_provider: str = "auto"  # ONNX artefacts on a GPU: "auto"/"cuda" CUDA EP, "tensorrt" TensorRT EP
+    trt_engine_cache_dir: Path | None = None
+    trt_workspace_bytes: int = 1 << 30
+    trt_allow_other_gpu: bool = False
     # How long Python lets one thread hold the GIL while another wants it. The batch workers
     # need it briefly after each inference; at the default 5 ms they waited behind the busy
     # event loop and the model idled (+12 % served at concurrency 64, benchmarks/RESULTS-serving.md).
@@ -227,6 +254,24 @@ def _validate(cfg: ServeConfig) -> None:
     if any(size < 1 for size in cfg.preferred_batch_sizes):
         _fail("preferred_batch_sizes", f"sizes must be >= 1, got {list(cfg.preferred_batch_sizes)}")
     _validate_security(cfg)
+    _validate_backend(cfg)
+
+
+def _validate_backend(cfg: ServeConfig) -> None:
+    """BackendOptions' own checks, at start; and no GPU setting silently ignored on a CPU."""
+    from serving.runtime.backends.base import BackendOptions  # the one validator of these values
+
+    try:
+        BackendOptions(**{name: getattr(cfg, name) for name in BACKEND_FIELDS})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.device == "cpu" and cfg.backend != "null":
+        defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+        changed = [n for n in BACKEND_FIELDS if n != "pad_to_buckets" and getattr(cfg, n) != defaults[n]]
+        if changed:
+            _fail(changed[0], "acts on a CUDA device only, and device is 'cpu' (set device: cuda)")
+    if cfg.trt_engine_cache_dir is not None and not cfg.trt_engine_cache_dir.is_dir():
+        _fail("trt_engine_cache_dir", f"not a directory: {cfg.trt_engine_cache_dir}")
 
 
 def _validate_security(cfg: ServeConfig) -> None:

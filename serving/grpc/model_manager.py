@@ -41,12 +41,12 @@ from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import (
     LoadedVersion,
     VersionObserver,
-    backend_device,
+    backend_options,
     choose_artefact,
     warmup_inputs,
 )
 from serving.grpc.statistics import ModelStats
-from serving.runtime.backends import Backend, BackendOptions, load_backend
+from serving.runtime.backends import Backend, load_backend
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
 
@@ -256,12 +256,7 @@ class ModelManager:
             self.repository.resolve, model, version, policy=self.policy, artefacts=[artefact.path]
         )
         cfg = self.config
-        options = BackendOptions(
-            device=backend_device(cfg.device),
-            instances=cfg.instances,
-            intra_op_threads=cfg.intra_op_threads or 0,
-            allow_spinning=cfg.intra_op_spinning,
-        )
+        options = backend_options(cfg)
         backend = await asyncio.to_thread(
             load_backend,
             resolved.manifest,

@@ -12,9 +12,9 @@ import numpy as np
 
 from serving.contract.manifest import Artefact, Manifest
 from serving.errors import ModelUnavailableError
-from serving.grpc.config import ServeConfig
+from serving.grpc.config import BACKEND_FIELDS, ServeConfig
 from serving.grpc.statistics import ModelStats
-from serving.runtime.backends import Backend
+from serving.runtime.backends import Backend, BackendOptions
 from serving.runtime.backends.base import numpy_dtype
 from serving.runtime.batcher import BatchObserver, DynamicBatcher
 
@@ -101,3 +101,18 @@ def backend_device(device: str) -> str:
         return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
     except ImportError:
         return "cpu"
+
+
+def backend_options(config: ServeConfig) -> BackendOptions:
+    """How `kiln serve` runs every artefact: the one mapping from ServeConfig to BackendOptions.
+
+    The GPU settings (BACKEND_FIELDS) pass under their own names; ServeConfig validated them at
+    start with BackendOptions' own checks, so this cannot fail on a config that loaded.
+    """
+    return BackendOptions(
+        device=backend_device(config.device),
+        instances=config.instances,
+        intra_op_threads=config.intra_op_threads or 0,
+        allow_spinning=config.intra_op_spinning,
+        **{name: getattr(config, name) for name in BACKEND_FIELDS},
+    )

@@ -225,7 +225,7 @@ def test_tensorrt_plan_without_tensorrt_is_a_clear_load_error(tmp_path: Path) ->
     [
         BackendOptions(device="cuda:0"),
         BackendOptions(device="cuda:0", pinned_memory=False),
-        BackendOptions(device="cuda:0", use_iobinding=False),
+        BackendOptions(device="cuda:0", iobinding=False),
         BackendOptions(device="cuda:0", cuda_graphs=True, instances=2),
         BackendOptions(device="cuda:0", cuda_tf32=False),
         BackendOptions(device="cuda:0", cuda_prefer_nhwc=True, cudnn_conv_algo_search="EXHAUSTIVE"),
@@ -309,5 +309,29 @@ def test_iobinding_runner_logic_on_the_cpu_provider(version_dir: Path, staged: b
         out = runner.run(feed, rows)["logits"]
         assert out.shape == (rows, 3)
         np.testing.assert_allclose(out, expected(feed["input"]), rtol=1e-5, atol=1e-5)
+    runner.close()
+    backend.close()
+
+
+def test_staged_bindings_are_made_once_per_bucket(version_dir: Path) -> None:
+    """With every tensor staged, a batch reuses its bucket's binding: no io_binding() per call."""
+    from serving.runtime.backends.ort_runners import BindingRunner
+
+    session = onnxruntime.InferenceSession(
+        str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    backend = OnnxRuntimeBackend(version_dir / "model.onnx", max_batch_size=4)
+    runner = BindingRunner(session, backend.inputs, backend.outputs, 4, BackendOptions(pinned_memory=False))
+    runner.pin_in = {"input": HostBuffer((4, 1, 4, 4), np.dtype(np.float32))}
+    runner.pin_out = {"logits": HostBuffer((4, 3), np.dtype(np.float32))}
+    made = []
+    io_binding = session.io_binding
+    runner.session = type("Counting", (), {})()  # the real session, with io_binding() counted
+    runner.session.io_binding = lambda: made.append(1) or io_binding()
+    runner.session.run_with_iobinding = session.run_with_iobinding
+    for rows in (3, 1, 4, 3, 2, 1, 3):
+        feed = batch(rows)
+        np.testing.assert_allclose(runner.run(feed, rows)["logits"], expected(feed["input"]), atol=1e-5)
+    assert sorted(runner._bound) == [1, 2, 4] and len(made) == 3
     runner.close()
     backend.close()

@@ -85,10 +85,12 @@ def test_backend_options_validate_and_split_threads() -> None:
         BackendOptions(device="gpu0")
     with pytest.raises(ValueError, match="instances must be an integer >= 1, got 0"):
         BackendOptions(instances=0)
-    with pytest.raises(ValueError, match="graph_optimization"):
-        BackendOptions(graph_optimization="max")
-    with pytest.raises(ValueError, match="onnx_provider"):
+    with pytest.raises(ValueError, match="onnx_provider must be one of"):
         BackendOptions(onnx_provider="openvino")
+    with pytest.raises(ValueError, match="onnx_provider must be one of"):
+        BackendOptions(onnx_provider="cpu")  # the CPU EP follows from device "cpu"
+    with pytest.raises(ValueError, match="cuda_graphs: needs iobinding and pad_to_buckets"):
+        BackendOptions(device="cuda", cuda_graphs=True, pad_to_buckets=False)
 
 
 RECORDED = TensorRTInfo(version="10.7.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")

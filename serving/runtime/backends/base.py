@@ -19,6 +19,8 @@ from serving.contract.manifest_types import NUMPY_DTYPES
 from serving.errors import InvalidInputError
 
 __all__ = [
+    "CUDNN_ALGO_SEARCHES",
+    "ORT_PROVIDERS",
     "Backend",
     "BackendOptions",
     "TensorSpec",
@@ -30,8 +32,8 @@ __all__ = [
 ]
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-_OPT_LEVELS = ("disable", "basic", "extended", "all")
-_ORT_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+ORT_PROVIDERS = ("auto", "cuda", "tensorrt")  # the CPU EP follows from device "cpu"
+CUDNN_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 _DTYPE_TO_DATATYPE = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k != "BYTES"}
 
 
@@ -89,50 +91,60 @@ class Backend(Protocol):
 
 @dataclass(frozen=True, kw_only=True)
 class BackendOptions:
-    """How to run an artefact. Validated on construction; errors name the bad value."""
+    """How to run an artefact. Validated on construction; errors name the bad field and value.
+
+    `kiln serve` builds it from ServeConfig in one place (serving/grpc/model_version.py,
+    `backend_options`); the GPU fields carry the same names there. docs/gpu.md says what each
+    GPU field does to the CUDA path and why its default is what it is.
+    """
 
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     instances: int = 1  # sessions / execution contexts; on GPU each gets its own stream
     intra_op_threads: int = 0  # per instance; 0 = the CPU count split evenly between instances
-    inter_op_threads: int = 1
     # Spinning workers burn the cores the gRPC threads need when client and server share a box.
     allow_spinning: bool = False
-    graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
-    onnx_provider: str = "auto"  # "auto" (cpu or cuda by device) | "cpu" | "cuda" | "tensorrt"
-    use_iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (pinned host buffers if possible)
-    pinned_memory: bool = True  # CUDA: stage host copies through page-locked buffers (needs cuda-python)
+    onnx_provider: str = "auto"  # ONNX on a GPU: "auto"/"cuda" = CUDA EP, "tensorrt" = TensorRT EP
+    iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (else plain session.run)
+    pinned_memory: bool = True  # CUDA + iobinding: stage host copies in page-locked buffers (cuda-python)
+    pad_to_buckets: bool = True  # GPU and null backend: pad batches up to powers of two (see ort_runners)
     cuda_graphs: bool = False  # ORT CUDA EP: capture one graph per batch bucket (inputs padded up)
-    pad_to_buckets: bool = True  # CUDA EP with IOBinding: pad batches up to powers of two (see ort_runners)
     # cuDNN benchmarks every conv once per new input shape under EXHAUSTIVE; dynamic batching
-    # makes many shapes, and on an H200 each new batch size stalled the model ~1 s (served
-    # ResNet-20 fell to 14 req/s at concurrency 16, benchmarks/gpu/RESULTS.md). HEURISTIC asks
-    # cuDNN's heuristics instead: no stall, kernels within a few % at fixed shapes.
+    # makes many shapes, and each new batch size stalled the model while served throughput
+    # collapsed (benchmarks/gpu/RESULTS.md, run 1). HEURISTIC asks cuDNN's heuristics instead:
+    # no stall, and kernels nearly as fast at fixed shapes.
     cudnn_conv_algo_search: str = "HEURISTIC"  # "EXHAUSTIVE" | "HEURISTIC" | "DEFAULT"
     cuda_tf32: bool = True  # CUDA EP: TF32 tensor cores for FP32 convs/matmuls (10-bit mantissa)
     cuda_prefer_nhwc: bool = False  # CUDA EP: NHWC conv kernels (tensor-core friendly for FP16)
-    trt_fp16: bool = False  # TensorRT EP: allow fp16 kernels
-    trt_int8: bool = False
-    trt_engine_cache_dir: str | None = None  # TensorRT EP: reuse built engines across restarts
-    trt_workspace_bytes: int = 1 << 30
+    # TensorRT EP: engines take minutes to build; a cache folder reuses them across restarts.
+    trt_engine_cache_dir: str | os.PathLike[str] | None = None
+    trt_workspace_bytes: int = 1 << 30  # TensorRT EP: scratch memory its tactics may use
     trt_allow_other_gpu: bool = False  # native TRT: load a plan built on another GPU model (same CC)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for name, minimum in (("instances", 1), ("intra_op_threads", 0), ("inter_op_threads", 1)):
+        for name, minimum in (("instances", 1), ("intra_op_threads", 0), ("trt_workspace_bytes", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.graph_optimization not in _OPT_LEVELS:
+        for name, choices in (
+            ("onnx_provider", ORT_PROVIDERS),
+            ("cudnn_conv_algo_search", CUDNN_ALGO_SEARCHES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        self._check_cuda_graphs()
+
+    def _check_cuda_graphs(self) -> None:
+        """CUDA graphs replay fixed device addresses: one graph per bucket, bound once, CUDA EP only."""
+        if self.cuda_graphs and not (
+            self.iobinding and self.pad_to_buckets and self.onnx_provider != "tensorrt"
+        ):
             raise ValueError(
-                f"graph_optimization must be one of {_OPT_LEVELS}, got {self.graph_optimization!r}"
+                "cuda_graphs: needs iobinding and pad_to_buckets on the CUDA EP, got "
+                f"iobinding={self.iobinding}, pad_to_buckets={self.pad_to_buckets}, "
+                f"onnx_provider={self.onnx_provider!r}"
             )
-        if self.onnx_provider not in _ORT_PROVIDERS:
-            raise ValueError(f"onnx_provider must be one of {_ORT_PROVIDERS}, got {self.onnx_provider!r}")
-        if self.cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
-            raise ValueError(f"cudnn_conv_algo_search: unknown value {self.cudnn_conv_algo_search!r}")
-        if self.trt_workspace_bytes < 1:
-            raise ValueError(f"trt_workspace_bytes must be >= 1, got {self.trt_workspace_bytes!r}")
 
     @property
     def device_id(self) -> int | None:

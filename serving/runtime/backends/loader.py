@@ -64,7 +64,9 @@ def _construct(manifest: Manifest, artefact: Artefact, path: Path, options: Back
     if artefact.format == "onnx":
         from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, max_batch_size=manifest.max_batch_size, options=options)
+        return OnnxRuntimeBackend(
+            path, max_batch_size=manifest.max_batch_size, options=options, precision=artefact.precision
+        )
     if artefact.format == "tensorrt_plan":
         from serving.runtime.backends.tensorrt_backend import TensorRTBackend
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from serving.runtime.backends.base import BackendOptions, TensorSpec
-from serving.runtime.backends.pool import InstanceBusy, InstancePool
+from serving.runtime.backends.pool import InstancePool, PooledBackend
 
 __all__ = ["MAX_BASE_US", "MAX_PER_ROW_US", "NullBackend", "NullTiming", "null_timing"]
 
@@ -75,8 +75,9 @@ class _TimingRunner:
         self._outputs = []
 
 
-class NullBackend:
-    """Zeros after a fixed device time per batch; see the module docstring."""
+class NullBackend(PooledBackend):
+    """Zeros after a fixed device time per batch; specs and max_batch_size from kiln.json (see the
+    module docstring)."""
 
     def __init__(
         self,
@@ -102,26 +103,6 @@ class NullBackend:
         )
 
     @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Input specs from kiln.json (the artefact's datatype overrides applied)."""
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Output specs from kiln.json."""
-        return self._outputs
-
-    @property
-    def max_batch_size(self) -> int:
-        """Largest batch `infer` accepts (the manifest's)."""
-        return self._max_batch_size
-
-    @property
-    def instances(self) -> int:
-        """Pretend devices that can run at once."""
-        return len(self._pool)
-
-    @property
     def provider(self) -> str:
         """Always "null"."""
         return "null"
@@ -130,15 +111,3 @@ class NullBackend:
     def device_calls(self) -> int:
         """Batches run since load, all instances (warm-up included)."""
         return sum(s.calls for s in self._pool.instance_stats())
-
-    def instance_stats(self) -> tuple[InstanceBusy, ...]:
-        """Busy seconds, calls and rows per instance since load (warm-up included)."""
-        return self._pool.instance_stats()
-
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, hold a free instance for the device time, return zeros."""
-        return self._pool.run(inputs)
-
-    def close(self) -> None:
-        """Wait for running calls (bounded)."""
-        self._pool.close()

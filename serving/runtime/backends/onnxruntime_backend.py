@@ -2,27 +2,22 @@
 
 One InferenceSession per instance, each with its own intra-op thread pool (on CPU the cores are
 split between instances) or its own CUDA stream; `infer` checks a free instance out of a queue, so
-up to `instances` calls run in parallel from the batcher's worker threads.
+up to `instances` calls run in parallel from the batcher's worker threads. docs/gpu.md walks the
+CUDA path and says why each provider option below is set as it is.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from serving.errors import ModelLoadError
-from serving.runtime.backends.base import (
-    BackendOptions,
-    TensorSpec,
-)
+from serving.runtime.backends.base import BackendOptions, TensorSpec
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
-from serving.runtime.backends.pool import InstancePool
+from serving.runtime.backends.pool import InstancePool, PooledBackend
 
-__all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "session_specs"]
+__all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "cuda_ep_options", "session_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +55,25 @@ def session_specs(session: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpe
     return tuple(map(spec, session.get_inputs())), tuple(map(spec, session.get_outputs()))
 
 
-class OnnxRuntimeBackend:
-    """An ONNX file run by ONNX Runtime; see the module docstring."""
+class OnnxRuntimeBackend(PooledBackend):
+    """An ONNX file run by ONNX Runtime; see the module docstring.
+
+    `precision` is the artefact's (kiln.json): the TensorRT EP may use FP16 or INT8 kernels only
+    for the artefact whose numerics the export gate proved at that precision.
+    """
 
     def __init__(
-        self, path: str | Path, *, max_batch_size: int, options: BackendOptions | None = None
+        self,
+        path: str | Path,
+        *,
+        max_batch_size: int,
+        options: BackendOptions | None = None,
+        precision: str = "fp32",
     ) -> None:
         import onnxruntime as ort  # imported here: keeps `import serving.runtime.backends` cheap
 
         self._options = options or BackendOptions()
-        self._max_batch_size = max_batch_size
+        self._max_batch_size, self._precision = max_batch_size, precision
         kind = _provider_kind(self._options)
         available = ort.get_available_providers()
         if _PROVIDER_NAMES[kind] not in available:
@@ -91,14 +95,10 @@ class OnnxRuntimeBackend:
         opts = self._options
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.threads_per_instance if kind == "cpu" else 1
-        so.inter_op_num_threads = opts.inter_op_threads
+        # Sequential: one batch is one chain of convs; inter-op threads would only add wake-ups.
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[opts.graph_optimization]
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: ORT's warnings are noise in server logs
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "1" if opts.allow_spinning else "0")
@@ -116,13 +116,7 @@ class OnnxRuntimeBackend:
         opts = self._options
         if kind == "cpu":
             return ["CPUExecutionProvider"]
-        cuda = {
-            "device_id": opts.device_id or 0,
-            "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
-            "enable_cuda_graph": int(opts.cuda_graphs),
-            "use_tf32": int(opts.cuda_tf32),
-            "prefer_nhwc": int(opts.cuda_prefer_nhwc),
-        }
+        cuda = cuda_ep_options(opts)
         providers: list[Any] = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         if kind == "tensorrt":
             providers.insert(0, ("TensorrtExecutionProvider", self._trt_options(path)))
@@ -143,20 +137,21 @@ class OnnxRuntimeBackend:
 
         trt: dict[str, Any] = {
             "device_id": opts.device_id or 0,
-            "trt_fp16_enable": opts.trt_fp16,
-            "trt_int8_enable": opts.trt_int8,
+            "trt_fp16_enable": self._precision == "fp16",
+            "trt_int8_enable": self._precision == "int8",  # the artefact's QDQ scales, no calibration
             "trt_max_workspace_size": opts.trt_workspace_bytes,
             "trt_profile_min_shapes": profile(1),
             "trt_profile_opt_shapes": profile(self._max_batch_size),
             "trt_profile_max_shapes": profile(self._max_batch_size),
         }
         if opts.trt_engine_cache_dir:
-            trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": opts.trt_engine_cache_dir}
-            trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": opts.trt_engine_cache_dir}
+            cache = str(opts.trt_engine_cache_dir)
+            trt |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache}
+            trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
         return trt
 
     def _runner(self, session: Any, kind: str) -> Any:
-        if kind == "cpu" or not self._options.use_iobinding:
+        if kind == "cpu" or not self._options.iobinding:
             return SessionRunner(session)
         device_id = self._options.device_id or 0
         if self._options.cuda_graphs:
@@ -164,43 +159,31 @@ class OnnxRuntimeBackend:
         return BindingRunner(session, self._inputs, self._outputs, self._max_batch_size, self._options)
 
     @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Input specs as the session sees them (fp16 models report FP16)."""
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Output specs as the session sees them."""
-        return self._outputs
-
-    @property
-    def max_batch_size(self) -> int:
-        """Largest batch `infer` accepts."""
-        return self._max_batch_size
-
-    @property
-    def instances(self) -> int:
-        """Sessions that can run at once."""
-        return len(self._pool)
-
-    @property
     def provider(self) -> str:
         """ "cpu" | "cuda" | "tensorrt"."""
         return self._provider
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, run on a free instance (blocking until one is free), return outputs by name."""
-        return self._pool.run(inputs)
 
-    def close(self) -> None:
-        """Wait for running calls (bounded), then release sessions and pinned buffers."""
-        self._pool.close()
+def cuda_ep_options(options: BackendOptions) -> dict[str, Any]:
+    """The CUDA EP's provider options for `options` (docs/gpu.md says why each is set)."""
+    return {
+        "device_id": options.device_id or 0,
+        "cudnn_conv_algo_search": options.cudnn_conv_algo_search,
+        "enable_cuda_graph": int(options.cuda_graphs),
+        "use_tf32": int(options.cuda_tf32),
+        "prefer_nhwc": int(options.cuda_prefer_nhwc),
+        # One stream (and one cuBLAS/cuDNN handle pair) per session, made with the session.
+        # Otherwise ORT >= 1.30 makes them per calling thread at its first run: the batcher's
+        # workers then ran cold streams in served traffic, since warm-up ran on the loading
+        # thread, and two workers x two sessions made four (docs/gpu.md, H3). Safe: the
+        # InstancePool never runs one session from two threads at once.
+        "use_ep_level_unified_stream": 1,
+    }
 
 
 def _provider_kind(options: BackendOptions) -> str:
-    kind = options.onnx_provider
-    if kind == "auto":
-        return "cpu" if options.device_id is None else "cuda"
-    if (kind == "cpu") != (options.device_id is None):
-        raise ModelLoadError(f"onnx_provider {kind!r} does not match device {options.device!r}")
-    return kind
+    if options.device_id is None:
+        if options.onnx_provider != "auto":
+            raise ModelLoadError(f"onnx_provider {options.onnx_provider!r} needs a CUDA device, not 'cpu'")
+        return "cpu"
+    return "cuda" if options.onnx_provider == "auto" else options.onnx_provider

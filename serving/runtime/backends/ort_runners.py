@@ -35,7 +35,13 @@ class SessionRunner:
 
 
 class BindingRunner:
-    """CUDA/TensorRT EP through IOBinding; host copies use pinned buffers when cuda-python is present."""
+    """CUDA/TensorRT EP through IOBinding; host copies use pinned buffers when cuda-python is present.
+
+    With every input and output staged in a pinned buffer (fixed rows per tensor), each bucket's
+    binding is made once and reused: a batch is one copy into the staging rows, one
+    `run_with_iobinding` (which releases the GIL) and one copy out. Binding per call instead cost
+    an `io_binding()` object and a bind per tensor under the GIL on every batch.
+    """
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class BindingRunner:
         self.session, self.outputs = session, tuple(outputs)
         self.pin_in: dict[str, Any] = {}
         self.pin_out: dict[str, Any] = {}
+        self._bound: dict[int, Any] = {}  # bucket size -> its IOBinding over the pinned buffers
         # Every new batch size costs the CUDA EP a slow first run (kernel choice, memory plan):
         # on an H200 served ResNet-20 fell to 220 req/s at concurrency 16 while dynamic batching
         # kept making new sizes. Padding up to a few buckets, each run once here, avoids it.
@@ -75,31 +82,41 @@ class BindingRunner:
 
     def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         size = next((b for b in self.buckets if b >= rows), rows)  # rows past `rows` are dropped
+        if self.pin_in.keys() != inputs.keys() or len(self.pin_out) != len(self.outputs):
+            return self._run_unstaged(inputs, rows, size)
+        io = self._bound.get(size) or self._bind_staged(size)
+        for name, array in inputs.items():  # rows past `rows` keep stale data: computed, dropped
+            np.copyto(self.pin_in[name].rows(size)[:rows], array)
+        self.session.run_with_iobinding(io)
+        return {s.name: self.pin_out[s.name].rows(size)[:rows].copy() for s in self.outputs}
+
+    def _bind_staged(self, size: int) -> Any:
+        """The IOBinding of bucket `size` over the pinned buffers' first `size` rows (made once)."""
+        io = self.session.io_binding()
+        for name, buf in self.pin_in.items():
+            io.bind_input(name, "cpu", 0, buf.dtype.type, buf.rows(size).shape, buf.ptr)
+        for name, buf in self.pin_out.items():
+            io.bind_output(name, "cpu", 0, buf.dtype.type, buf.rows(size).shape, buf.ptr)
+        self._bound[size] = io
+        return io
+
+    def _run_unstaged(self, inputs: Mapping[str, np.ndarray], rows: int, size: int) -> dict[str, np.ndarray]:
+        """No pinned staging (no cuda-python, or a dynamic non-batch dim): bind this call's arrays."""
         io = self.session.io_binding()
         for name, array in inputs.items():
-            buf = self.pin_in.get(name)
-            if buf is None:
-                padded = array if size == rows else np.zeros((size, *array.shape[1:]), array.dtype)
-                if padded is not array:
-                    padded[:rows] = array
-                io.bind_cpu_input(name, np.ascontiguousarray(padded))
-                continue
-            staged = buf.rows(size)
-            np.copyto(staged[:rows], array)  # rows past `rows` keep stale data: computed, dropped
-            io.bind_input(name, "cpu", 0, buf.dtype.type, staged.shape, buf.ptr)
+            padded = array
+            if size != rows:
+                padded = np.zeros((size, *array.shape[1:]), array.dtype)
+                padded[:rows] = array
+            io.bind_cpu_input(name, np.ascontiguousarray(padded))
         for spec in self.outputs:
-            buf = self.pin_out.get(spec.name)
-            if buf is None:
-                io.bind_output(spec.name, "cpu")
-            else:
-                io.bind_output(spec.name, "cpu", 0, buf.dtype.type, (size, *spec.shape[1:]), buf.ptr)
+            io.bind_output(spec.name, "cpu")
         self.session.run_with_iobinding(io)
-        if len(self.pin_out) == len(self.outputs):
-            return {s.name: self.pin_out[s.name].rows(size)[:rows].copy() for s in self.outputs}
         values = io.copy_outputs_to_cpu()
         return {s.name: values[i][:rows] for i, s in enumerate(self.outputs)}
 
     def close(self) -> None:
+        self._bound = {}
         for buf in (*self.pin_in.values(), *self.pin_out.values()):
             buf.free()
         self.pin_in, self.pin_out, self.session = {}, {}, None

@@ -23,7 +23,7 @@ import numpy as np
 from serving.errors import BackendError, KilnError, ModelUnavailableError
 from serving.runtime.backends.base import TensorSpec, check_outputs, validate_inputs
 
-__all__ = ["InstanceBusy", "InstancePool", "Runner"]
+__all__ = ["InstanceBusy", "InstancePool", "PooledBackend", "Runner"]
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +119,46 @@ class InstancePool:
                 log.warning("%s backend closed while a call was still running", self._engine)
                 return False
         return True
+
+
+class PooledBackend:
+    """What every engine's Backend shares once its runners are in an InstancePool: the specs, the
+    batch limit, `infer`, the busy counters and `close`. A subclass sets `_inputs`, `_outputs`,
+    `_max_batch_size` and `_pool` in its constructor."""
+
+    _inputs: tuple[TensorSpec, ...]
+    _outputs: tuple[TensorSpec, ...]
+    _max_batch_size: int
+    _pool: InstancePool
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Input specs as the engine reports them (fp16 models report FP16)."""
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """Output specs as the engine reports them."""
+        return self._outputs
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch `infer` accepts."""
+        return self._max_batch_size
+
+    @property
+    def instances(self) -> int:
+        """Instances (sessions, execution contexts) that can run at once."""
+        return len(self._pool)
+
+    def instance_stats(self) -> tuple[InstanceBusy, ...]:
+        """Busy seconds, device calls and rows per instance since load (warm-up included)."""
+        return self._pool.instance_stats()
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate, run on a free instance (blocking until one is free), return outputs by name."""
+        return self._pool.run(inputs)
+
+    def close(self) -> None:
+        """Wait for running calls (bounded), then release every instance."""
+        self._pool.close()

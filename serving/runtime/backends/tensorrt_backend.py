@@ -21,7 +21,7 @@ import numpy as np
 from serving.contract.manifest_types import TensorRTInfo
 from serving.errors import ModelLoadError
 from serving.runtime.backends.base import BackendOptions, TensorSpec, datatype_of
-from serving.runtime.backends.pool import InstancePool
+from serving.runtime.backends.pool import InstancePool, PooledBackend
 
 __all__ = ["RuntimeTarget", "TensorRTBackend", "check_plan_compatible", "plan_incompatibility"]
 
@@ -80,8 +80,11 @@ def _import_tensorrt() -> ModuleType:
     return tensorrt
 
 
-class TensorRTBackend:
-    """A TensorRT plan file; `infer` is thread-safe with up to `instances` calls at once."""
+class TensorRTBackend(PooledBackend):
+    """A TensorRT plan file; `infer` is thread-safe with up to `instances` calls at once.
+
+    max_batch_size is the smaller of the manifest's limit and the engine profile's maximum.
+    """
 
     def __init__(
         self,
@@ -132,30 +135,6 @@ class TensorRTBackend:
             profile=index % profiles,
             device_id=device_id,
         )
-
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Input specs read from the engine."""
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Output specs read from the engine."""
-        return self._outputs
-
-    @property
-    def max_batch_size(self) -> int:
-        """The smaller of the manifest's limit and the engine profile's maximum batch."""
-        return self._max_batch_size
-
-    @property
-    def instances(self) -> int:
-        """Execution contexts (one stream each)."""
-        return len(self._pool)
-
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, run on a free context, return outputs by name (blocking)."""
-        return self._pool.run(inputs)
 
     def close(self) -> None:
         """Wait for running calls (bounded), then free buffers, streams, contexts and the engine."""
