@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 POLICY_KINDS = ("latest", "all", "specific")
+POLICY_FORMS = "'latest', 'latest:N', 'all' or 'specific:V1,V2'"
 
 
 class VersionPolicyError(ValueError):
@@ -56,18 +57,23 @@ class VersionPolicy:
 
     @classmethod
     def parse(cls, text: str) -> VersionPolicy:
-        """Parse "latest", "latest:2", "all" or "specific:1,3" (the form str() gives back)."""
+        """Parse "latest", "latest:N", "all" or "specific:V1,V2" (the form str() gives back).
+
+        The one parser of the setting: `kiln serve` validates its configuration with it too.
+        """
         kind, _, arg = str(text).strip().partition(":")
         try:
             if kind == "latest":
                 return cls.latest(int(arg) if arg else 1)
             if kind == "all" and not arg:
                 return cls.all()
-            if kind == "specific":
+            if kind == "specific" and arg:
                 return cls.specific(*(int(v) for v in arg.split(",")))
-        except ValueError as exc:
-            raise VersionPolicyError(f"bad version policy {text!r}: {exc}") from None
-        raise VersionPolicyError(f"bad version policy {text!r}; expected latest[:N], all or specific:V1,V2")
+        except VersionPolicyError as exc:
+            raise VersionPolicyError(f"{_expected(text)} ({exc})") from None
+        except ValueError:
+            raise VersionPolicyError(f"{_expected(text)} (N and the versions are integers)") from None
+        raise VersionPolicyError(_expected(text))
 
     def __str__(self) -> str:
         if self.kind == "latest":
@@ -85,10 +91,6 @@ class VersionPolicy:
             return tuple(v for v in present if v in self.versions)
         return tuple(present)
 
-    def to_pbtxt(self) -> str:
-        """The config.pbtxt `version_policy` value."""
-        if self.kind == "latest":
-            return f"{{ latest: {{ num_versions: {self.num_versions} }} }}"
-        if self.kind == "specific":
-            return f"{{ specific: {{ versions: [ {', '.join(str(v) for v in self.versions)} ] }} }}"
-        return "{ all: { } }"
+
+def _expected(text: str) -> str:
+    return f"expected {POLICY_FORMS} as the version policy, got {text!r}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -19,6 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serving.contract import serving_defaults
+from serving.contract.version_policy import VersionPolicy, VersionPolicyError
 
 ENV_PREFIX = "KILN_"
 DEVICES_HINT = "'cpu', 'cuda', 'cuda:N' or 'auto'"
@@ -61,17 +65,18 @@ class ServeConfig:
     health_port: int | None = None  # None = off (probes use the main port); 0 = pick a free port
     # models and versions
     models: tuple[str, ...] = ()  # load only these (empty: every model in the repository)
-    version_policy: str = "latest"  # "latest", "latest:N", "all", "specific:1,3"
+    # "latest", "latest:N", "all" or "specific:1,3"; parsed once into .policy
+    version_policy: str = str(serving_defaults.VERSION_POLICY)
     poll_interval_s: float = 0.0  # > 0: rescan the repository and hot-swap new versions
     # execution
-    device: str = "cpu"
+    device: str = serving_defaults.DEVICE
     backend: str = "auto"
     # backend "null" (serving/runtime/backends/null_backend.py): each batch holds an instance for
     # null_base_us + null_per_row_us * rows and answers zeros; measures the server's own overhead
     null_base_us: int = 0
     null_per_row_us: int = 0
     precision: str = "auto"  # artefact precision to load ("auto": fp32 ONNX on CPU)
-    instances: int = 1
+    instances: int = serving_defaults.INSTANCES
     intra_op_threads: int | None = None  # per instance; None splits the cores between instances
     # ORT intra-op threads busy-wait between ops: faster alone, but they burn the cores that the
     # gRPC event loop needs when the client or other work shares the machine.
@@ -102,9 +107,10 @@ class ServeConfig:
     # 0 (Triton's default): a batch leaves as soon as an instance is free, so batches grow only
     # from requests that arrive while the instances are busy, and a lone request never waits.
     # Under 1 ms the wait is rounded up to 1 ms anyway (asyncio's epoll timeout resolution).
-    max_queue_delay_us: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_size: int = 512  # queued requests per model version before RESOURCE_EXHAUSTED
+    max_queue_delay_us: int = serving_defaults.MAX_QUEUE_DELAY_US
+    preferred_batch_sizes: tuple[int, ...] = serving_defaults.PREFERRED_BATCH_SIZES
+    # queued requests (not rows) per model version before RESOURCE_EXHAUSTED
+    max_queue_size: int = serving_defaults.MAX_QUEUE_SIZE
     # queued requests one client (one gRPC connection) may hold per model version; None: half of
     # max_queue_size, so one client can never fill the queue alone (batches are filled round-robin
     # across clients too, see serving/runtime/batcher.py)
@@ -171,6 +177,11 @@ class ServeConfig:
             result[f.name] = value
         return result
 
+    @functools.cached_property
+    def policy(self) -> VersionPolicy:
+        """version_policy parsed (once, by validation): what the model manager and ModelConfig use."""
+        return VersionPolicy.parse(self.version_policy)
+
     def queue_per_client(self) -> int:
         """max_queue_per_client, or its default: half the queue (at least 1)."""
         if self.max_queue_per_client is not None:
@@ -219,7 +230,7 @@ def _validate(cfg: ServeConfig) -> None:
         _fail("metrics_port", f"must differ from port ({cfg.port})")
     if cfg.health_port and cfg.health_port in (cfg.port, cfg.metrics_port):
         _fail("health_port", f"must differ from port and metrics_port ({cfg.port}, {cfg.metrics_port})")
-    _check_version_policy(cfg.version_policy)
+    _check_version_policy(cfg)
     if not (cfg.device in ("cpu", "cuda", "auto") or _is_cuda_index(cfg.device)):
         _fail("device", f"expected {DEVICES_HINT}, got {cfg.device!r}")
     for name, choices in (
@@ -302,14 +313,11 @@ def _is_cuda_index(device: str) -> bool:
     return prefix == "cuda" and index.isdigit()
 
 
-def _check_version_policy(policy: str) -> None:
-    kind, _, arg = policy.partition(":")
-    ok = (kind == "all" and not arg) or (kind == "latest" and (not arg or (arg.isdigit() and int(arg) >= 1)))
-    if kind == "specific":
-        parts = arg.split(",")
-        ok = bool(arg) and all(p.strip().isdigit() and int(p) >= 1 for p in parts)
-    if not ok:
-        _fail("version_policy", f"expected 'latest', 'latest:N', 'all' or 'specific:V1,V2', got {policy!r}")
+def _check_version_policy(cfg: ServeConfig) -> None:
+    try:
+        _ = cfg.policy  # the contract's one parser; the parsed value stays cached on cfg
+    except VersionPolicyError as exc:
+        _fail("version_policy", str(exc))
 
 
 # ---- resolution: defaults <- file <- environment <- flags --------------------------------------

@@ -79,7 +79,7 @@ class ModelManager:
     ) -> None:
         self.config = config
         self.repository = ModelRepository(config.repo)
-        self.policy = VersionPolicy.parse(config.version_policy)
+        self.policy: VersionPolicy = config.policy  # parsed once, by ServeConfig's validation
         self._on_state_change = on_state_change
         self._metrics = metrics
         self._live: dict[str, dict[int, LoadedVersion]] = {}

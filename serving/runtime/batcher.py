@@ -34,6 +34,8 @@ from typing import Protocol
 
 import numpy as np
 
+# kiln serve's defaults (ServeConfig and config.pbtxt take the same ones)
+from serving.contract.serving_defaults import MAX_QUEUE_DELAY_US, MAX_QUEUE_SIZE, PREFERRED_BATCH_SIZES
 from serving.errors import (
     BackendError,
     DeadlineExceededError,
@@ -90,9 +92,9 @@ class DynamicBatcher:
         backend: Backend,
         *,
         max_batch_size: int | None = None,
-        max_queue_delay_us: int = 0,
-        preferred_batch_sizes: Sequence[int] = (),
-        max_queue_size: int = 512,
+        max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
+        preferred_batch_sizes: Sequence[int] = PREFERRED_BATCH_SIZES,
+        max_queue_size: int = MAX_QUEUE_SIZE,  # requests, not rows
         max_queue_per_client: int | None = None,
         instances: int | None = None,
         observer: BatchObserver | None = None,

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from google.protobuf import text_format
 from onnx import numpy_helper
 from rich.console import Console
 
 import export.pipeline as pipeline
 from export.pipeline import ExportRequest, ParityGateError, export_run
+from protos.inference import model_config_pb2 as mc
 from serving.contract.manifest import read_manifest
 from serving.contract.repository import ModelRepository
-from serving.contract.triton_config import parse_config
 from training.config import OptimConfig, TrainConfig
 from training.loop import Trainer
 
@@ -97,15 +98,19 @@ def test_repository_layout_and_checksums(published: tuple, run_dir: Path) -> Non
     ModelRepository(repo).resolve("digits")  # the server's reader accepts it, sha256 verified
 
 
+def _written_config(repo: Path) -> mc.ModelConfig:
+    return text_format.Parse((repo / "digits" / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
 def test_config_pbtxt_fields(published: tuple) -> None:
     repo, _ = published
-    cfg = parse_config((repo / "digits" / "config.pbtxt").read_text())
-    assert cfg["name"] == "digits" and cfg["platform"] == "onnxruntime_onnx"
-    assert cfg["max_batch_size"] == MAX_BATCH and cfg["default_model_filename"] == "model.onnx"
-    (inp,) = cfg["input"]
-    assert inp["name"] == "input" and inp["data_type"] == "TYPE_UINT8" and inp["dims"] == [16, 16, 1]
-    assert [(o["name"], o["dims"]) for o in cfg["output"]] == [("logits", [10]), ("probabilities", [10])]
-    assert "dynamic_batching" in cfg and cfg["instance_group"][0]["count"] >= 1
+    cfg = _written_config(repo)
+    assert cfg.name == "digits" and cfg.platform == "onnxruntime_onnx"
+    assert cfg.max_batch_size == MAX_BATCH and cfg.default_model_filename == "model.onnx"
+    (inp,) = cfg.input
+    assert inp.name == "input" and inp.data_type == mc.TYPE_UINT8 and list(inp.dims) == [16, 16, 1]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [10]), ("probabilities", [10])]
+    assert cfg.HasField("dynamic_batching") and cfg.instance_group[0].count >= 1
 
 
 def test_next_export_auto_increments_the_version(published: tuple, run_dir: Path) -> None:
@@ -115,8 +120,8 @@ def test_next_export_auto_increments_the_version(published: tuple, run_dir: Path
     )
     result = export_run(request)  # the FP32 NCHW input, one flag away
     assert result.version == 2 and (repo / "digits" / "2" / "model.onnx").is_file()
-    cfg = parse_config((repo / "digits" / "config.pbtxt").read_text())
-    assert cfg["input"][0]["data_type"] == "TYPE_FP32" and cfg["input"][0]["dims"] == [1, 16, 16]
+    (inp,) = _written_config(repo).input
+    assert inp.data_type == mc.TYPE_FP32 and list(inp.dims) == [1, 16, 16]
 
 
 def _perturbing_export(monkeypatch: pytest.MonkeyPatch) -> None:

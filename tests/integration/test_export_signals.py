@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from google.protobuf import text_format
 
 from export.parity import onnx_runner
+from protos.inference import model_config_pb2 as mc
 from serving.contract.manifest import MANIFEST_FILENAME, read_manifest, verify_artefacts
 from serving.dispatch import main
 from training.checkpoint import load_model
@@ -93,8 +95,8 @@ def test_kiln_json_input_is_the_raw_signal(version_dir: Path, run_dir: Path) -> 
         ("model.fp16.onnx", "fp16"),
     }
     assert all(a.parity.passed and a.parity.samples == 200 for a in manifest.artefacts)
-    config = (version_dir.parent / "config.pbtxt").read_text()
-    assert "dims: [ 1, 40 ]" in config and "TYPE_FP32" in config
+    config = text_format.Parse((version_dir.parent / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert list(config.input[0].dims) == [1, 40] and config.input[0].data_type == mc.TYPE_FP32
 
 
 def test_onnx_on_raw_signals_matches_the_checkpoint(version_dir: Path, run_dir: Path) -> None:

@@ -18,12 +18,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import text_format
 from PIL import Image
 
+from protos.inference import model_config_pb2 as mc
 from protos.kiln.classify.v1 import classify_pb2 as cpb
 from serving.clients.client import KilnClient, image_message, signal_message
 from serving.contract.manifest import read_manifest
-from serving.contract.triton_config import parse_config
 from serving.grpc.config import ServeConfig
 from serving.runtime.preprocess import Preprocessor
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, reference_logits
@@ -77,8 +78,8 @@ def test_metadata_and_config_describe_a_signal(triton: grpcclient.InferenceServe
     assert [(i.name, list(i.dims)) for i in config.input] == [("input", [1, 40])]
     assert config.input[0].data_type == 11 and config.input[0].format == 0  # TYPE_FP32, FORMAT_NONE
     assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [10])]
-    on_disk = parse_config((repo / "sig" / "config.pbtxt").read_text())  # portable to Triton
-    assert on_disk["input"][0]["dims"] == [1, 40] and on_disk["max_batch_size"] == 4
+    on_disk = text_format.Parse((repo / "sig" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert mc.ModelConfig.FromString(config.SerializeToString()) == on_disk  # the file says what runs
 
 
 @pytest.mark.parametrize("rows", [1, 4])

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 
+from protos.inference import model_config_pb2 as mc
 from serving.contract.manifest import Manifest, ManifestError, read_manifest, sha256_file
 from serving.contract.publish import remove_stale_temp_dirs
 from serving.contract.repository import ModelRepository, RepositoryError, publish_version
-from serving.contract.triton_config import parse_config
 from tests.unit.test_manifest_schema import make_manifest, make_parity
 
 
@@ -36,7 +37,8 @@ def test_auto_increment_and_layout(tmp_path: Path) -> None:
     assert on_disk == second.manifest and on_disk.version == 2
     assert on_disk.artefacts[0].sha256 == sha256_file(model_dir / "2" / "model.onnx")
     assert (model_dir / "labels.txt").read_text().splitlines() == list(on_disk.labels)
-    assert parse_config((model_dir / "config.pbtxt").read_text())["name"] == "digits"
+    written = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert written.name == "digits" and written.default_model_filename == "model.onnx"
     assert ModelRepository(repo).resolve("digits").version == 2
     assert (model_dir / "2" / "kiln.json").stat().st_mode & 0o044 == 0o044  # readable by the server user
 
