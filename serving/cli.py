@@ -51,6 +51,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),
     ("--max-queue-delay-us", int, "longest wait for a fuller batch, in microseconds (default 0: none)"),
+    ("--latency-target-ms", float, "p99 queue wait + compute target; replaces the fixed delay (default off)"),
     ("--preferred-batch-sizes", str, "comma-separated batch sizes to prefer, e.g. 4,8,16"),
     ("--max-queue-size", int, "queued requests per model before RESOURCE_EXHAUSTED (default 512)"),
     ("--max-queue-per-client", int, "queued requests one connection may hold per model (default: half)"),

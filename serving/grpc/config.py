@@ -108,6 +108,10 @@ class ServeConfig:
     # from requests that arrive while the instances are busy, and a lone request never waits.
     # Under 1 ms the wait is rounded up to 1 ms anyway (asyncio's epoll timeout resolution).
     max_queue_delay_us: int = serving_defaults.MAX_QUEUE_DELAY_US
+    # set: instead of max_queue_delay_us, each batch waits only as long as its oldest request can
+    # still be answered within this many ms at p99 (compute time learnt online; see
+    # serving/runtime/latency_target.py); None keeps the fixed delay
+    latency_target_ms: float | None = None
     preferred_batch_sizes: tuple[int, ...] = serving_defaults.PREFERRED_BATCH_SIZES
     # queued requests (not rows) per model version before RESOURCE_EXHAUSTED
     max_queue_size: int = serving_defaults.MAX_QUEUE_SIZE
@@ -252,6 +256,7 @@ def _validate(cfg: ServeConfig) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):
         _check_range(cfg, name, 1024, 2**31 - 1)
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
+    _check_range(cfg, "latency_target_ms", 0.1, 60_000)
     _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
     _check_range(cfg, "max_preprocessed_bytes", 1024)
     _check_range(cfg, "gil_switch_interval_us", 1, 100_000)

@@ -44,6 +44,7 @@ from serving.errors import (
     QueueFullError,
 )
 from serving.runtime.backends.base import Backend, validate_inputs
+from serving.runtime.latency_target import LatencyPolicy
 
 __all__ = ["BatchObserver", "BatchTiming", "DynamicBatcher"]
 
@@ -118,6 +119,10 @@ class DynamicBatcher:
             )
         self._delay = max_queue_delay_us / 1e6
         self._trigger = min(self._preferred, default=self._max_batch)  # rows that end the wait early
+        # latency_target_us replaces the fixed delay with one chosen per batch (runtime/latency_target.py)
+        self._policy = (
+            None if latency_target_us is None else LatencyPolicy(latency_target_us / 1e6, self._max_batch)
+        )
         self._max_queue = max_queue_size
         self._max_per_client = max_queue_size if max_queue_per_client is None else max_queue_per_client
         if not 1 <= self._max_per_client <= max_queue_size:
@@ -186,7 +191,7 @@ class DynamicBatcher:
     def hurry(self) -> None:
         """Stop waiting for fuller batches (the server is draining: no company is coming)."""
         with self._cond:
-            self._delay = 0.0
+            self._delay, self._policy = 0.0, None
             self._cond.notify_all()
 
     def fail_queued(self, message: str) -> None:
@@ -251,6 +256,9 @@ class DynamicBatcher:
             waits = [time.monotonic() - r.enqueued for r in batch]
             try:
                 results, seconds = self._compute([r.inputs for r in batch], [r.rows for r in batch])
+                if self._policy is not None:
+                    with self._cond:
+                        self._policy.computed(sum(r.rows for r in batch), seconds, len(batch))
                 outcome: tuple[list[_Outputs], float] | BaseException = (results, seconds)
             except BaseException as exc:  # delivered to this batch's waiters only
                 outcome = exc
@@ -267,7 +275,8 @@ class DynamicBatcher:
                     self._cond.wait()
                     continue
                 now = time.monotonic()
-                due = min(q[0].enqueued for q in self._queues.values()) + self._delay
+                wait = self._delay if self._policy is None else self._policy.wait()
+                due = min(q[0].enqueued for q in self._queues.values()) + wait
                 if self._closing or now >= due or self._queued_rows >= self._trigger:
                     batch = self._take(now, timed_out=self._closing or now >= due)
                     if batch:
