@@ -100,6 +100,7 @@ class DynamicBatcher:
         instances: int | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
+        latency_target_us: int | None = None,
     ) -> None:
         self._backend, self._name, self._observer = backend, name, observer
         self._max_batch = backend.max_batch_size if max_batch_size is None else max_batch_size
