@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", type=int, help="model version (default: the latest)")
     parser.add_argument(
-        "--precision", default="fp32", help="engine mode: comma-separated artefact precisions"
+        "--precision",
+        default="fp32",
+        help="engine mode: comma-separated artefact precisions, or 'auto': the measurement "
+        "`precision: auto` chooses from (the server's cached table when it has measured)",
     )
     parser.add_argument("--batch-sizes", default="1,8,16", help="engine mode: comma-separated batch sizes")
     parser.add_argument(
@@ -129,6 +132,31 @@ def bench_engine(args: argparse.Namespace, table: Table) -> None:
             backend.close()
 
 
+def bench_auto(args: argparse.Namespace) -> Table:
+    """The table `precision: auto` chooses from, as the server measures (and caches) it."""
+    from serving.contract.repository import ModelRepository
+    from serving.runtime.tuning import batch_sizes_for, tune
+
+    resolved = ModelRepository(args.repo).resolve(args.model, args.version)
+    sizes = batch_sizes_for(resolved.manifest.max_batch_size)
+    choice = tune(resolved.manifest, resolved.path, batch_sizes=sizes, threads=args.threads or None)
+    table = Table(
+        title=f"kiln bench: {args.model} v{resolved.version}, precision auto", caption=choice.reason
+    )
+    for column in ("artefact", "precision", "threads x instances", *(f"batch {b} img/s" for b in sizes)):
+        table.add_column(column)
+    table.add_column("score", justify="right")
+    for trial in sorted(choice.trials, key=lambda t: -t.score):
+        chosen = trial.path == choice.path and trial.layout == choice.layout
+        rates = [f"{trial.images_per_s[b]:,.0f}" for b in sizes]
+        layout = f"{trial.layout.threads} x {trial.layout.instances}"
+        mark = f"{trial.score:,.0f}" + (" (chosen)" if chosen else "")
+        table.add_row(trial.path, trial.precision, layout, *rates, mark)
+    if choice.cached:
+        table.caption = f"{choice.reason} (cached)"
+    return table
+
+
 def bench_server(args: argparse.Namespace, table: Table) -> None:
     from serving.clients.client import KilnClient
 
@@ -155,7 +183,10 @@ def run(args: argparse.Namespace) -> int:
     for column in ("items/s", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right")
     try:
-        (bench_engine if engine else bench_server)(args, table)
+        if engine and args.precision.strip() == "auto":
+            table = bench_auto(args)
+        else:
+            (bench_engine if engine else bench_server)(args, table)
     except (ValueError, RepositoryError) as exc:
         print(f"kiln bench: error: {exc}", file=sys.stderr)
         return 2

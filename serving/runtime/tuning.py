@@ -110,6 +110,11 @@ class TuningChoice:
     cached: bool = False
 
 
+def batch_sizes_for(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes the choice is measured at: a lone request, a typical batch, a full one."""
+    return tuple(sorted({1, min(8, max_batch_size), max_batch_size}))
+
+
 def eligible(manifest: Manifest) -> list[Artefact]:
     """ONNX artefacts whose parity passed (forced ones never qualify for an automatic choice)."""
     return [

@@ -78,3 +78,24 @@ def test_an_unwritable_cache_still_chooses(tmp_path: Path) -> None:
     (tmp_path / tuning.CACHE_FILE).mkdir()  # unreadable and unreplaceable, even for root
     choice = tuning.tune(_manifest(tmp_path), version_dir, batch_sizes=(1,), seconds_per_trial=0.05)
     assert choice.precision in ("fp32", "int8") and not choice.cached
+
+
+def test_kiln_bench_prints_the_table_the_choice_was_made_from(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    publish_convnet(tmp_path)
+    cmd = [sys.executable, "-m", "serving.dispatch", "bench", "--repo", str(tmp_path), "--model", "convnet",
+           "--precision", "auto"]  # fmt: skip
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[2]
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(chosen)" in done.stdout and "model.int8.onnx" in done.stdout and "model.onnx" in done.stdout
+    assert "fastest of" in done.stdout
+    # the server's cache now holds that measurement: tuning again reads it
+    again = tuning.tune(
+        _manifest(tmp_path), tmp_path / "convnet" / "1", batch_sizes=tuning.batch_sizes_for(16)
+    )
+    assert again.cached
