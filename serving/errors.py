@@ -24,9 +24,11 @@ __all__ = [
     "ModelNotFoundError",
     "ModelUnavailableError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "QueueFullError",
     "RequestCancelledError",
     "UnauthenticatedError",
+    "UnimplementedError",
 ]
 
 
@@ -107,3 +109,15 @@ class UnauthenticatedError(KilnError):
     """Missing or wrong bearer token / client certificate."""
 
     code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(KilnError):
+    """The caller is known but may not do this (e.g. Load/Unload without the admin token)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class UnimplementedError(KilnError):
+    """The RPC exists in the protocol but this server does not offer it (or has it switched off)."""
+
+    code = "UNIMPLEMENTED"

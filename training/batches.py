@@ -52,8 +52,3 @@ def iterate_batches(
     )
     for images, labels in loader:
         yield images.to(device, non_blocking=True), torch.as_tensor(labels).to(device, non_blocking=True)
-
-
-def dataset_length(dataset: Dataset) -> int:
-    """Number of samples in a split."""
-    return len(dataset)  # type: ignore[arg-type]

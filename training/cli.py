@@ -62,6 +62,14 @@ _TOP_FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of `kiln train`; unset options fall back to the documented defaults."""
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    _add_model_options(parser)
+    _add_data_options(parser)
+    _add_optim_options(parser)
+    _add_run_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The preset and the architecture fields that override it."""
     model = parser.add_argument_group("model (a preset, optionally overridden)")
     model.add_argument(
         "--model",
@@ -104,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="googlenet: train with the two auxiliary classifiers (dropped at export)",
     )
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """Which data set, where it lives, how it is split and augmented."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -140,6 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a .csv (a header row, one sample per row)",
     )
     data.add_argument("--label-column", help="signals CSV: the column holding the class (default: label)")
+
+
+def _add_optim_options(parser: argparse.ArgumentParser) -> None:
+    """Optimiser and learning-rate schedule."""
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=("sgd", "adamw"), help=f"default {OPTIM_DEFAULTS.optimizer}")
     opt.add_argument("--lr", type=float, help=f"peak learning rate (default {OPTIM_DEFAULTS.lr})")
@@ -155,6 +171,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), help="default onecycle")
     opt.add_argument("--warmup-epochs", type=float, help="linear warm-up length (default 1)")
     opt.add_argument("--label-smoothing", type=float, help="default 0")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Length, batch sizes, hardware and where the run goes."""
     run = parser.add_argument_group("run")
     run.add_argument("--epochs", type=int, help=f"default {DEFAULTS.epochs}")
     run.add_argument("--batch-size", type=int, help=f"default {DEFAULTS.batch_size}")

@@ -47,27 +47,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_config(config: TrainConfig) -> DataSpec:
+    """Check what needs no data before any loads: the data spec, the model config (fields and
+    family rules) and that its spatial_dims fits the kind of data. Classes and channels come
+    from the data later (resolve_model_config); the config's defaults stand in for them here."""
+    spec = DataSpec.from_dict(config.data)
+    model = ModelConfig.from_dict(config.model)
+    if model.spatial_dims == (1 if spec.is_signal else 2):
+        return spec
+    kind = "signals [N, C, L]" if spec.is_signal else "images [N, C, H, W]"
+    hint = (
+        "a 1-D net: --model mnist1d_cnn, or plain_cnn/resnet/preact_resnet with --spatial-dims 1"
+        if spec.is_signal
+        else "a 2-D net (spatial_dims=2)"
+    )
+    raise TrainConfigError(
+        f"dataset {spec.name!r} holds {kind} but the {model.arch} model has "
+        f"spatial_dims={model.spatial_dims}; use {hint}"
+    )
+
+
 def resolve_model_config(config: TrainConfig, bundle: DataBundle) -> ModelConfig:
-    """The model config with classes and channels taken from the data (a conflict is an error)."""
+    """The model config with classes and channels taken from the data (a conflict is an error);
+    the rest was checked by check_config before the data loaded."""
     wanted = {"num_classes": len(bundle.class_names), "in_channels": bundle.in_channels}
     for key, value in wanted.items():
         given = config.model.get(key)
         if given is not None and given != value:
             raise TrainConfigError(f"model {key}={given} does not match the dataset ({value})")
-    model = ModelConfig.from_dict({**config.model, **wanted})
-    wanted_dims = len(bundle.input_shape) - 1
-    if model.spatial_dims != wanted_dims:
-        kind = "signals [N, C, L]" if bundle.is_signal else "images [N, C, H, W]"
-        hint = (
-            "a 1-D net: --model mnist1d_cnn, or plain_cnn/resnet/preact_resnet with --spatial-dims 1"
-            if bundle.is_signal
-            else "a 2-D net (spatial_dims=2)"
-        )
-        raise TrainConfigError(
-            f"dataset {bundle.spec.name!r} holds {kind} but the {model.arch} model has "
-            f"spatial_dims={model.spatial_dims}; use {hint}"
-        )
-    return model
+    return ModelConfig.from_dict({**config.model, **wanted})
 
 
 class Trainer:
@@ -77,10 +85,11 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir
         self.console = console or Console(stderr=True)
+        spec = check_config(config)  # a bad model or data config fails before the data loads
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        self.bundle = load_dataset(DataSpec.from_dict(config.data))
+        self.bundle = load_dataset(spec)
         self.model_config = resolve_model_config(config, self.bundle)
         torch.manual_seed(config.seed)  # weight init depends only on the seed
         self.model = build_model(self.model_config).to(self.device)

@@ -65,14 +65,6 @@ def _write_signal(signal: np.ndarray, path: Path) -> Path:
     return path
 
 
-def read_signal_sample(path: Path) -> np.ndarray:
-    """float32 [C, L] from a file `write_samples` wrote (.npy or .csv)."""
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.float32)
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return np.asarray([[float(v) for v in row.split(",")] for row in rows], dtype=np.float32)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)

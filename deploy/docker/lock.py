@@ -33,9 +33,11 @@ _SERVE = (
     "pillow==13.0.0",
     "pyyaml==6.0.3",
     "rich==15.0.0",
-    "pyarrow==26.0.1",
     "uvloop==0.23.0",
 )
+# Not in the serving images: only `kiln score` (the `scoring` extra) and training's CSV signal
+# reader use it, and it is the largest package of the closure.
+_PYARROW = "pyarrow==26.0.1"
 # GPU image: ONNX Runtime for CUDA 13. TensorRT is not in this lock: PyPI only carries source
 # stubs for it, and the wheels come from NVIDIA's index (Dockerfile.gpu, TENSORRT_VERSION).
 _GPU = (
@@ -79,6 +81,7 @@ LOCKS = (
         pins=(
             *_SERVE,
             "onnxruntime==1.31.1",
+            _PYARROW,
             "torch==2.13.0",
             "safetensors==0.8.0",
             "scikit-learn==1.9.1",
@@ -91,7 +94,7 @@ LOCKS = (
     ),
     Lock(
         name="ray",
-        pins=(*_GPU, "ray[data]==2.60.0"),
+        pins=(*_GPU, _PYARROW, "ray[data]==2.60.0"),
         python="3.12",
         comment="Dockerfile.ray (the GPU image + Ray Data, linux/amd64)",
     ),

@@ -5,7 +5,8 @@
 Exit status: 0 when every shard is committed (inputs that could not be scored are error rows,
 not failures), 2 for a bad request (no inputs, unknown model, bad manifest columns, an output
 folder that is a file or belongs to another job) with one line on stderr, 1 when scoring itself
-failed (committed shards are kept: rerun the same command to resume).
+failed (committed shards are kept: rerun the same command to resume). Without pyarrow (the
+`scoring` extra, left out of the serving install) it says which extra to install and exits 2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+SCORING_EXTRA = "kiln-serve[scoring]"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +67,17 @@ def parse_model(text: str) -> tuple[str, int | None]:
 def run(args: argparse.Namespace) -> int:
     """Run the job; returns the exit status (see module docstring)."""
     from serving.errors import KilnError
-    from serving.scoring.job import ScoreConfig, prepare_job
 
+    try:
+        from serving.scoring.job import ScoreConfig, prepare_job
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "pyarrow":
+            raise
+        print(
+            f'kiln score: needs pyarrow, which is not installed: pip install "{SCORING_EXTRA}"',
+            file=sys.stderr,
+        )
+        return 2
     try:
         model, version = parse_model(args.model)
         config = ScoreConfig(

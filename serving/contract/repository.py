@@ -37,7 +37,6 @@ from serving.contract.repo_layout import (
     list_versions,
     parse_version_dir,
 )
-from serving.contract.triton_config import CONFIG_FILENAME, LABELS_FILENAME
 from serving.contract.version_policy import VersionPolicy
 
 DEFAULT_POLICY = VersionPolicy.latest(1)  # Triton's default version_policy
@@ -84,12 +83,6 @@ class ResolvedVersion:
     path: Path
     manifest: Manifest
     verified: tuple[str, ...]  # artefact paths whose size and sha256 were checked
-
-    def artefact_path(self, artefact: str) -> Path:
-        """Absolute path of one (verified) artefact file."""
-        if artefact not in self.verified:
-            raise RepositoryError(f"{self.model} v{self.version}: artefact {artefact!r} was not verified")
-        return self.path / self.manifest.artefact(artefact).path
 
 
 class ModelRepository:
@@ -151,13 +144,6 @@ class ModelRepository:
             error = f"version policy {policy} selects none of {list(available)}"
         return ModelStatus(name=model, path=path, available=available, versions=statuses, error=error)
 
-    def scan(
-        self, policy: VersionPolicy = DEFAULT_POLICY, models: Collection[str] | None = None
-    ) -> list[ModelStatus]:
-        """Status of every model (or of `models`), each independent of the others."""
-        names = self.model_names() if models is None else sorted(models)
-        return [self.scan_model(name, policy) for name in names]
-
     def resolve(
         self,
         model: str,
@@ -192,16 +178,6 @@ class ModelRepository:
         return ResolvedVersion(
             model=model, version=version, path=status.path, manifest=status.manifest, verified=paths
         )
-
-    def read_labels(self, model: str) -> list[str] | None:
-        """labels.txt lines, or None when the file is absent."""
-        path = self.model_dir(model) / LABELS_FILENAME
-        return path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
-
-    def read_config_text(self, model: str) -> str | None:
-        """config.pbtxt text, or None when the file is absent."""
-        path = self.model_dir(model) / CONFIG_FILENAME
-        return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 __all__ = [

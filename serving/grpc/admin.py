@@ -1,7 +1,7 @@
 """Who may change what is served: the repository-control RPCs (RepositoryModelLoad/Unload).
 
 Loading and unloading models is an operator's action, not a client's. `ServeConfig` offers two
-switches, applied here to the inference servicer before it is registered:
+switches, which `RepositoryControl` checks at the top of both handlers:
 
 - `repository_control` (off by default, as Triton's default model-control mode "none"): off, both
   RPCs answer UNIMPLEMENTED ("not supported/enabled in this service"); RepositoryIndex stays.
@@ -9,24 +9,23 @@ switches, applied here to the inference servicer before it is registered:
 - `admin_token` / `admin_token_file`: both RPCs also need the metadata
   `x-kiln-admin-token: <token>` (PERMISSION_DENIED otherwise), on top of the bearer token every
   RPC needs when one is set. Compared in constant time, as the bearer token is.
+
+Refusals are raised as domain errors, so the one error map (serving.grpc.status_map) turns them
+into statuses and counts them like every other client error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
 
 import grpc
 
+from serving.errors import PermissionDeniedError, UnimplementedError
 from serving.grpc.config import ServeConfig
-from serving.grpc.metrics import CLIENT_ERRORS
 
 ADMIN_HEADER = "x-kiln-admin-token"
-GUARDED = ("RepositoryModelLoad", "RepositoryModelUnload")
-
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def digest(token: str | bytes) -> bytes:
@@ -42,36 +41,25 @@ def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
-def _disabled(name: str) -> Handler:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        CLIENT_ERRORS.add("unimplemented")
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"{name} is disabled on this server (repository_control is off)",
-        )
+@dataclass(frozen=True, slots=True)
+class RepositoryControl:
+    """The policy for Load/Unload: `enabled` at all, and the admin token's digest if one is set."""
 
-    return handler
+    enabled: bool = False
+    admin_digest: bytes | None = None
 
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> RepositoryControl:
+        """The policy `config` asks for (reads admin_token_file once, at server start)."""
+        admin = config.admin_secret()
+        return cls(config.repository_control, digest(admin) if admin is not None else None)
 
-def _admin_only(name: str, inner: Handler, expected: bytes) -> Handler:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def check(self, rpc: str, context: grpc.aio.ServicerContext) -> None:
+        """Raise UnimplementedError / PermissionDeniedError unless this call may run `rpc`."""
+        if not self.enabled:
+            raise UnimplementedError(f"{rpc} is disabled on this server (repository_control is off)")
+        if self.admin_digest is None:
+            return
         presented = metadata_value(context, ADMIN_HEADER)
-        if presented is None or not hmac.compare_digest(digest(presented.strip()), expected):
-            CLIENT_ERRORS.add("permission_denied")
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{name} needs the admin token (metadata '{ADMIN_HEADER}')",
-            )
-        return await inner(request, context)
-
-    return handler
-
-
-def guard_repository_control(servicer: Any, config: ServeConfig) -> None:
-    """Replace the servicer's Load/Unload handlers as the config says (before registration)."""
-    admin = config.admin_secret()
-    for name in GUARDED:
-        if not config.repository_control:
-            setattr(servicer, name, _disabled(name))
-        elif admin is not None:
-            setattr(servicer, name, _admin_only(name, getattr(servicer, name), digest(admin)))
+        if presented is None or not hmac.compare_digest(digest(presented.strip()), self.admin_digest):
+            raise PermissionDeniedError(f"{rpc} needs the admin token (metadata '{ADMIN_HEADER}')")

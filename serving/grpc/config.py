@@ -95,11 +95,11 @@ class ServeConfig:
     trt_workspace_bytes: int = 1 << 30
     trt_allow_other_gpu: bool = False
     # How long Python lets one thread hold the GIL while another wants it. The batch workers
-    # need it briefly after each inference; at the default 5 ms they waited behind the busy
-    # event loop and the model idled (+12 % served at concurrency 64, benchmarks/RESULTS-serving.md).
+    # need it briefly after each inference; at Python's default (5 ms) they waited behind the
+    # busy event loop and the model idled (measured: benchmarks/RESULTS-serving.md).
     gil_switch_interval_us: int = 200
-    # uvloop's event loop costs less per gRPC event than asyncio's (+3-7 % served throughput at
-    # concurrency 16-64 on 2 cores); "auto" uses it where it is installed.
+    # uvloop's event loop costs less per gRPC event than asyncio's, so more requests are served
+    # (measured: benchmarks/RESULTS-serving.md); "auto" uses it where it is installed.
     event_loop: str = "auto"
     warmup: bool = True
     # dynamic batching

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -17,7 +17,8 @@ import grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.errors import InvalidInputError, KilnError
+from serving.errors import InvalidInputError, KilnError, UnimplementedError
+from serving.grpc.admin import RepositoryControl
 from serving.grpc.admission import Admission
 from serving.grpc.config import ServeConfig
 from serving.grpc.metadata import model_config, model_metadata
@@ -78,6 +79,16 @@ def deadline_of(
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _not_offered(rpc: str) -> Callable[..., Awaitable[Any]]:
+    """A servicer method for an RPC of the protocol that Kiln does not offer: UNIMPLEMENTED."""
+
+    async def method(self: Any, request: Any, context: Any) -> Any:
+        raise UnimplementedError(f"{rpc} is not supported by Kiln")
+
+    method.__name__ = method.__qualname__ = rpc
+    return method
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe v2 over the ModelManager; see the module docstring."""
 
@@ -94,6 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._manager, self._config = manager, config
         self._version, self._is_ready, self._metrics = server_version, is_ready, metrics
         self._admission = admission or Admission()
+        self._control = RepositoryControl.from_config(config)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -217,6 +229,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        self._control.check("RepositoryModelLoad", context)  # switched off, or the admin token (admin.py)
         if not request.model_name:
             raise InvalidInputError("model_name is empty")
         await self._manager.load(request.model_name)
@@ -225,30 +238,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        self._control.check("RepositoryModelUnload", context)  # switched off, or the admin token (admin.py)
         if not request.model_name:
             raise InvalidInputError("model_name is empty")
         await self._manager.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- Triton extensions Kiln does not offer: methods of the class, answered through the error map
 
-def _unimplemented(name: str) -> Callable[..., Any]:
-    async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by Kiln")
+    SystemSharedMemoryStatus = _not_offered("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _not_offered("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _not_offered("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _not_offered("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _not_offered("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _not_offered("CudaSharedMemoryUnregister")
+    TraceSetting = _not_offered("TraceSetting")
+    LogSettings = _not_offered("LogSettings")
 
-    handler.__name__ = name
-    return handler
-
-
-for _name in (
-    "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister",
-    "SystemSharedMemoryUnregister",
-    "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister",
-    "CudaSharedMemoryUnregister",
-    "TraceSetting",
-    "LogSettings",
-):
-    setattr(InferenceServicer, _name, _unimplemented(_name))
 
 __all__ = ["EXTENSIONS", "InferenceServicer", "deadline_of", "record_outcome", "track_inflight"]

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import grpc
 
+from serving.errors import UnauthenticatedError
+from serving.grpc.status_map import wrap_handler
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _BEARER = "bearer "
 
@@ -32,21 +35,27 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> 
 
 
 def _rejecting_handlers(message: str) -> dict[str, grpc.RpcMethodHandler]:
-    """One handler per call kind that fails at once with UNAUTHENTICATED, reading no request."""
+    """One handler per call kind that fails at once with UNAUTHENTICATED, reading no request.
+
+    An interceptor decides before any handler runs, so it cannot raise into the call; it answers
+    with one of these instead. They raise the domain error and are wrapped by the one error map
+    (serving.grpc.status_map), like every servicer's handlers, so no status is set here.
+    """
 
     async def deny_unary(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        raise UnauthenticatedError(message)
 
     async def deny_stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator; abort raises first
+        raise UnauthenticatedError(message)
+        yield  # pragma: no cover - makes this an async generator; the raise comes first
 
-    return {
+    handlers = {
         "unary_unary": grpc.unary_unary_rpc_method_handler(deny_unary),
         "unary_stream": grpc.unary_stream_rpc_method_handler(deny_stream),
         "stream_unary": grpc.stream_unary_rpc_method_handler(deny_unary),
         "stream_stream": grpc.stream_stream_rpc_method_handler(deny_stream),
     }
+    return {kind: wrap_handler("bearer-token", handler) for kind, handler in handlers.items()}
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:

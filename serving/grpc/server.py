@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
-import sys
 from importlib import metadata
 
 import grpc
@@ -26,13 +24,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
-from serving.grpc.admin import guard_repository_control
 from serving.grpc.admission import Admission
 from serving.grpc.classify import ClassifierServicer
 from serving.grpc.config import ServeConfig
 from serving.grpc.inference import InferenceServicer
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_manager import ModelManager
+from serving.grpc.process_state import SWITCH_INTERVAL, frozen_heap
 from serving.grpc.security import BearerTokenInterceptor, server_credentials
 from serving.grpc.standard import Health, enable_reflection
 from serving.grpc.status_map import add_mapped_service
@@ -84,6 +82,7 @@ class Server:
         self._shutdown_task: asyncio.Task[None] | None = None
         self._force_task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
+        self._holds_switch_interval = False  # given back by shutdown()
 
     @property
     def ready(self) -> bool:
@@ -93,7 +92,6 @@ class Server:
     async def start(self) -> None:
         """Load models, bind the ports and become ready (see the module docstring)."""
         cfg = self.config
-        sys.setswitchinterval(cfg.gil_switch_interval_us / 1e6)  # see ServeConfig
         await self.health.set_server(False)
         await self.manager.load_all()
         if self._stopping:  # SIGTERM arrived while models were loading: never open the port
@@ -117,6 +115,8 @@ class Server:
             self.metrics_port = self._metrics_http.server_port
         if cfg.poll_interval_s > 0:
             self._poll_task = asyncio.create_task(self.manager.poll_forever(cfg.poll_interval_s))
+        SWITCH_INTERVAL.hold(cfg.gil_switch_interval_us / 1e6)  # see ServeConfig; shutdown() restores
+        self._holds_switch_interval = True
         self._ready = True
         await self.health.set_server(True)
         for loaded in self.manager.loaded():
@@ -157,7 +157,6 @@ class Server:
             metrics=self.metrics,
             admission=self.admission,
         )
-        guard_repository_control(inference, cfg)  # repository_control / admin token (SECURITY.md)
         add_mapped_service(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference, server)
         self._classifier = ClassifierServicer(
             self.manager, cfg, metrics=self.metrics, admission=self.admission
@@ -175,11 +174,8 @@ class Server:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self.start()
-            # Everything loaded so far lives as long as the process: moving it out of the
-            # collector's generations keeps full collections (latency spikes) to per-request garbage.
-            gc.collect()
-            gc.freeze()
-            await self.wait_stopped()
+            with frozen_heap():  # what start() loaded lives as long as the server (process_state)
+                await self.wait_stopped()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -231,6 +227,9 @@ class Server:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        if self._holds_switch_interval:
+            SWITCH_INTERVAL.release()
+            self._holds_switch_interval = False
         self._stopped.set()
         log.info("kiln stopped")
 

@@ -3,8 +3,8 @@
 Handlers raise domain errors (serving.errors.KilnError subclasses, each naming its status in
 `code`); `wrap_handler` turns them into `context.abort(status, message)`. The server wraps each
 service's handlers once, at registration (`add_mapped_service`), rather than through a server
-interceptor: grpc.aio runs every interceptor as an extra coroutine on every call, which cost
-about 5 % of the server's per-request CPU (benchmarks/RESULTS-serving.md). Anything else is a
+interceptor: grpc.aio runs every interceptor as an extra coroutine on every call, a measurable
+share of the server's per-request CPU (benchmarks/RESULTS-serving.md). Anything else is a
 bug: it is logged with its traceback and the client gets INTERNAL with the request's id, never
 the exception text (which may leak paths or data).
 
@@ -216,35 +216,6 @@ def wrap_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodH
     return handler
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps KilnError (and unexpected exceptions) to gRPC statuses for every service.
-
-    For servers whose services cannot be registered through `add_mapped_service`; Kiln's own
-    server uses that instead (no per-call coroutine).
-
-    Wrapped handlers are cached per method path, so the per-call cost is one dict lookup. It must
-    come after any interceptor whose answer depends on the call (authentication), never before.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # unknown method: UNIMPLEMENTED; not cached, so junk paths cannot grow the cache
-        wrapped = self._cache[method] = wrap_handler(method, handler)
-        return wrapped
-
-
 class _MappedGenericHandler(grpc.GenericRpcHandler):
     """A generic handler whose method handlers map exceptions (wrapped once per method)."""
 
@@ -284,7 +255,7 @@ def add_mapped_service(
 ) -> None:
     """Register `servicer` through its generated `add_servicer` with every handler error-mapped.
 
-    The per-call cost is nil (the wrapping happens here, once), unlike ErrorMappingInterceptor.
+    The per-call cost is nil (the wrapping happens here, once), unlike a server interceptor's.
     grpc's logger gets the filter that turns a failed write (a vanished client) into a warning.
     """
     install_log_filters()

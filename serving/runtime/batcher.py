@@ -16,9 +16,9 @@ at most `max_queue_per_client` of the `max_queue_size` slots, so it can never fi
 
 Why the workers take batches themselves rather than an event-loop task dispatching them: under
 load the loop is busy with gRPC events, and every batch that waited for a loop pass to be formed
-and dispatched left the model idle meanwhile (the cores were ~20 % idle at concurrency 16 on a
-2-core box). Now a worker that finishes a batch starts the next one at once with whatever queued
-while it computed; the loop only appends requests and delivers results.
+and dispatched left the model idle meanwhile (measured: benchmarks/RESULTS-serving.md). Now a
+worker that finishes a batch starts the next one at once with whatever queued while it computed;
+the loop only appends requests and delivers results.
 """
 
 from __future__ import annotations

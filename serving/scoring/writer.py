@@ -69,8 +69,8 @@ def _lists(
 ) -> pa.Array:
     """[n, m] values -> list<value_type> with rows where `ok` is False set to null.
 
-    With `names`, the values are indices into it (labels): taken in Arrow, which is ~20x faster
-    than converting a numpy object array of strings.
+    With `names`, the values are indices into it (labels): taken in Arrow, which avoids building
+    a numpy object array of strings (far slower).
     """
     width = values.shape[1] if values.ndim == 2 else 0
     sizes = np.where(ok, width, 0)

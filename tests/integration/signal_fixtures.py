@@ -24,6 +24,14 @@ SIGNAL_CHANNELS, SIGNAL_LENGTH = 1, 40
 SIGNAL_MEAN, SIGNAL_STD = 0.25, 1.5  # folded into the graph: the server sends raw values
 
 
+def read_signal_sample(path: Path) -> np.ndarray:
+    """float32 [C, L] from a file training.samples.write_samples wrote (.npy or .csv): the tests' reader."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return np.asarray([[float(v) for v in row.split(",")] for row in rows], dtype=np.float32)
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporter's internal warnings and progress logs (the tests run with warnings as errors)."""

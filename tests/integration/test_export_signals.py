@@ -23,10 +23,11 @@ from export.parity import onnx_runner
 from protos.inference import model_config_pb2 as mc
 from serving.contract.manifest import MANIFEST_FILENAME, read_manifest, verify_artefacts
 from serving.dispatch import main
+from tests.integration.signal_fixtures import read_signal_sample
 from training.checkpoint import load_model
 from training.data import load_dataset
 from training.evaluate import Normalizer
-from training.samples import read_signal_sample, write_samples
+from training.samples import write_samples
 
 TRAIN = [
     "--data",

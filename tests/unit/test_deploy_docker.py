@@ -101,6 +101,19 @@ def test_locks_satisfy_pyprojects_serving_dependencies() -> None:
             )
 
 
+def test_pyarrow_is_only_where_scoring_or_training_runs() -> None:
+    """The serving images carry only what serving runs; the images that score (ray) or train
+    (CSV signals) get pyarrow at the version their extras allow."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    locks = {item.name: lock.pinned(item.path) for item in lock.LOCKS}
+    for name in ("cpu", "gpu"):
+        assert "pyarrow" not in locks[name], f"requirements-{name}.txt carries pyarrow"
+    for name, extra in (("ray", "scoring"), ("train", "train")):
+        (spec,) = [Requirement(s) for s in extras[extra] if Requirement(s).name == "pyarrow"]
+        assert spec.specifier.contains(locks[name]["pyarrow"]), (name, spec, locks[name].get("pyarrow"))
+    assert "kiln-serve[scoring]" in extras["ray"]
+
+
 def test_dockerignore_lets_in_exactly_what_the_images_copy() -> None:
     rules = [
         line

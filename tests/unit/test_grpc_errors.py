@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ EXPECTED = {
     errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
@@ -42,6 +45,23 @@ def test_unavailable_and_every_exported_error_maps_to_a_real_status() -> None:
 def test_unexpected_errors_become_internal_without_leaking_details() -> None:
     code, message = status_of(KeyError("/secret/path/weights.onnx"))
     assert code == grpc.StatusCode.INTERNAL and "secret" not in message
+
+
+def test_only_the_error_map_sets_statuses() -> None:
+    """No side doors: handlers raise domain errors; only status_map calls abort/set_code, and
+    no servicer method of the gRPC layer is patched in with setattr."""
+    root = Path(__file__).resolve().parents[2] / "serving"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            side_door = name in {"abort", "set_code"} or (name == "setattr" and path.parent.name == "grpc")
+            if side_door and path.name != "status_map.py":
+                found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    assert found == []
 
 
 def test_server_modules_never_import_torch() -> None:

@@ -66,6 +66,26 @@ def test_bad_arguments_give_one_clear_line(
     assert message in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("data", "model", "kind"),
+    [
+        (["--data", "signals", "--signal-file", "ecg.npz"], ["--model", "resnet20"], "signals"),
+        (["--data", "cifar10", "--data-path", "."], ["--spatial-dims", "1"], "images"),
+    ],
+    ids=["2d-net-on-signals", "1d-net-on-images"],
+)
+def test_a_bad_model_config_fails_before_the_data_loads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data: list[str], model: list[str], kind: str
+) -> None:
+    """The data named here cannot load (an .npz of junk, a folder without CIFAR batches): the
+    model's error, not the data's, proves the config was checked first."""
+    (tmp_path / "ecg.npz").write_bytes(b"not a zip archive")
+    data = [str(tmp_path / a) if a in ("ecg.npz", ".") else a for a in data]
+    code, err = run_cli(capsys, "train", *data, *model, "--runs-dir", str(tmp_path), "--no-progress")
+    assert code == 2 and err.count("\n") == 0, err
+    assert f"holds {kind}" in err and "spatial_dims" in err, err
+
+
 def test_empty_class_folder_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     root = tmp_path / "images"
     for name in ("cat", "dog"):
@@ -190,7 +210,8 @@ def test_bad_signal_arguments_give_one_clear_line(
 def test_signal_file_run_records_a_signal_input_and_writes_signal_samples(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from training.samples import read_signal_sample, write_samples
+    from tests.integration.signal_fixtures import read_signal_sample
+    from training.samples import write_samples
 
     npz = _signal_npz(tmp_path / "sines.npz")
     argv = ["--data", "signals", "--signal-file", str(npz), "--preset", "resnet20", "--spatial-dims", "1"]

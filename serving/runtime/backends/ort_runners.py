@@ -55,9 +55,9 @@ class BindingRunner:
         self.pin_in: dict[str, Any] = {}
         self.pin_out: dict[str, Any] = {}
         self._bound: dict[int, Any] = {}  # bucket size -> its IOBinding over the pinned buffers
-        # Every new batch size costs the CUDA EP a slow first run (kernel choice, memory plan):
-        # on an H200 served ResNet-20 fell to 220 req/s at concurrency 16 while dynamic batching
-        # kept making new sizes. Padding up to a few buckets, each run once here, avoids it.
+        # Every new batch size costs the CUDA EP a slow first run (kernel choice, memory plan),
+        # and dynamic batching kept making new sizes (benchmarks/gpu/RESULTS.md, runs 2 and 3).
+        # Padding up to a few buckets, each run once here, avoids it.
         self.buckets = graph_buckets(max_batch) if options.pad_to_buckets else []
         if options.pinned_memory:
             self._allocate_pinned(inputs, outputs, max_batch)
