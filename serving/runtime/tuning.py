@@ -1,8 +1,8 @@
 """`precision: auto` on a CPU: the fastest artefact that passed the gate, measured on this machine.
 
-Which artefact is fastest depends on the CPU far more than on the model: INT8 is 1.5–5× faster
-where the CPU has VNNI or AMX and gains ~1.1× on AVX2 alone; FP16 runs through FP32 casts on ONNX
-Runtime's CPU provider. So instead of a rule, each eligible ONNX artefact of the version is run
+Which artefact is fastest depends on the CPU far more than on the model: INT8 gains most where
+the CPU has VNNI or AMX and little on AVX2 alone, and FP16 runs through FP32 casts on ONNX
+Runtime's CPU provider (figures: benchmarks/RESULTS.md, RESULTS-zoo.md, RESULTS-tuning.md). So instead of a rule, each eligible ONNX artefact of the version is run
 briefly (a bounded time per artefact and layout) at the batch sizes the batcher forms, with each
 threads × instances layout the cores allow unless those are set, and the fastest wins.
 
