@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--engine", choices=("local", "ray"), default="local", help="default %(default)s")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default %(default)s)")
-    parser.add_argument("--artefact", help="artefact file of the version (default: the FP32 ONNX)")
+    parser.add_argument("--artefact", help="artefact file of the version (default: kiln serve's choice)")
     parser.add_argument("--logits", action="store_true", help="also write the full output row")
     parser.add_argument(
         "--shard-size", type=int, default=10_000, help="rows per output shard (default %(default)s)"

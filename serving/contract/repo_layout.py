@@ -8,23 +8,30 @@ import os
 from pathlib import Path
 
 from serving.contract.manifest import MODEL_NAME_RE
+from serving.errors import KilnError, ModelNotFoundError, ModelUnavailableError
 
 TEMP_PREFIX = ".tmp-"
 
 
-class RepositoryError(ValueError):
-    """A repository-level problem (bad path, bad model name, unknown model or version)."""
+class RepositoryError(KilnError, ValueError):
+    """A repository-level problem (bad path, bad model name, unknown model or version).
+
+    Kiln's own errors, so whoever loads (the server, `kiln score`) maps them like any other:
+    FAILED_PRECONDITION, NOT_FOUND for an unknown model or version, UNAVAILABLE for a broken one.
+    """
+
+    code = "FAILED_PRECONDITION"
 
 
-class ModelNotFound(RepositoryError, LookupError):
+class ModelNotFound(ModelNotFoundError, RepositoryError, LookupError):
     """No such model in the repository."""
 
 
-class VersionNotFound(RepositoryError, LookupError):
+class VersionNotFound(ModelNotFoundError, RepositoryError, LookupError):
     """No such version of the model (or not selected by the policy)."""
 
 
-class VersionUnavailable(RepositoryError):
+class VersionUnavailable(ModelUnavailableError, RepositoryError):
     """The version exists but cannot be served (bad kiln.json, checksum mismatch...)."""
 
 

@@ -175,7 +175,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
                 inputs = [_image_input(i, image) for i, image in enumerate(request.images)]
             loaded, rows = await self._preprocess(request, inputs)
             preprocess_s = time.perf_counter() - start
-            head = ClassificationHead.of(loaded.manifest)
+            head = loaded.handle.head  # InvalidInputError if the model has no classification output
             with track_inflight(self._metrics, loaded):
                 scores, compute = await self._run(loaded, head, rows, deadline, client)
         except BaseException as exc:

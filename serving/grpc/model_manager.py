@@ -1,6 +1,7 @@
 """Which model versions are live: load from the repository, warm up, route, hot-swap, unload.
 
-Each loaded version owns a backend, a DynamicBatcher and its statistics. Requests are routed by
+Each loaded version owns a model handle (serving.runtime.model_handle: the verified, loaded and
+warmed-up artefact), a DynamicBatcher in front of it and its statistics. Requests are routed by
 `get(model, version)`; "" picks the highest READY version. A version becomes routable only after
 its warm-up succeeded. Replacing a version (polling, RepositoryModelLoad) loads the new one first,
 then removes the old one from the routing table and drains its batcher before closing it, so no
@@ -21,7 +22,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from serving.contract.manifest import Artefact, Manifest
 from serving.contract.repository import (
     ModelRepository,
     RepositoryError,
@@ -41,14 +41,13 @@ from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import (
     LoadedVersion,
     VersionObserver,
+    artefact_choice,
     backend_options,
-    choose_artefact,
-    warmup_inputs,
 )
 from serving.grpc.statistics import ModelStats
-from serving.runtime.backends import Backend, load_backend
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
+from serving.runtime.model_handle import ModelHandle, from_scan
 
 log = logging.getLogger("kiln.models")
 
@@ -180,12 +179,13 @@ class ModelManager:
             self._model_errors.pop(model, None)
             if status.error and not status.versions:
                 self._model_errors[model] = status.error
-            wanted = {v.version for v in status.versions}
+            found = {v.version: v for v in status.versions}
+            wanted = set(found)
             live = self._live.setdefault(model, {})
             for version in sorted(wanted - set(live)):
                 previous = self._states.get((model, version))
                 if retry_failed or previous is None or previous.state != UNAVAILABLE:
-                    await self._load_version(model, version)
+                    await self._load_version(found[version])
             if wanted & set(live):
                 for version in sorted(set(live) - wanted):
                     await self._retire(model, version)
@@ -219,12 +219,13 @@ class ModelManager:
             self._unloaded.add(model)
             await self._notify(model)
 
-    async def _load_version(self, model: str, version: int) -> None:
+    async def _load_version(self, found: VersionStatus) -> None:
+        model, version = found.model, found.version
         state = self._states[(model, version)] = VersionState(model, version, LOADING)
         self._set_metric_state(model, version, "loading")
         try:
-            loaded = await self._bring_up(model, version)
-        except (KilnError, RepositoryError, ValueError, OSError) as exc:
+            loaded = await self._bring_up(found)
+        except (KilnError, ValueError, OSError) as exc:  # the repository's errors are KilnErrors
             state.state, state.reason = UNAVAILABLE, str(exc)
             self._set_metric_state(model, version, "failed")
             serving = sorted(self._live.get(model, {}))
@@ -246,60 +247,41 @@ class ModelManager:
             self._metrics.track_queue_depth(model, str(version), lambda: loaded.batcher.queue_depth)
         log.info("model %s v%d ready (%s)", model, version, loaded.artefact.path)
 
-    async def _bring_up(self, model: str, version: int) -> LoadedVersion:
-        """Resolve + verify sha256, load the backend, start the batcher, warm up."""
-        resolved = await asyncio.to_thread(
-            self.repository.resolve, model, version, policy=self.policy, artefacts=()
-        )
-        artefact = choose_artefact(resolved.manifest, self.config)
-        await asyncio.to_thread(
-            self.repository.resolve, model, version, policy=self.policy, artefacts=[artefact.path]
-        )
+    async def _bring_up(self, found: VersionStatus) -> LoadedVersion:
+        """The model handle (choose the artefact, verify its sha256, load, warm up), then its batcher."""
+        resolved = from_scan(found)  # kiln.json as the scan read it: one read per load
         cfg = self.config
         options = backend_options(cfg)
-        backend = await asyncio.to_thread(
-            load_backend,
-            resolved.manifest,
-            artefact,
-            version_dir=resolved.path,
-            options=options,
-            null_timing=null_timing(cfg),
+        handle = await asyncio.to_thread(
+            ModelHandle.open, resolved, artefact_choice(cfg), options=options, null_timing=null_timing(cfg)
         )
         try:
-            return await self._start_batcher(model, version, resolved.manifest, artefact, backend)
+            return await self._start_batcher(handle)
         except BaseException:
-            backend.close()
+            handle.close()
             raise
 
-    async def _start_batcher(
-        self, model: str, version: int, manifest: Manifest, artefact: Artefact, backend: Backend
-    ) -> LoadedVersion:
-        cfg = self.config
+    async def _start_batcher(self, handle: ModelHandle) -> LoadedVersion:
+        cfg, backend = self.config, handle.backend
         max_batch = min(cfg.max_batch_size or backend.max_batch_size, backend.max_batch_size)
-        stats = ModelStats(model, str(version))
-        extra = self._metrics.batch_observer(model, str(version)) if self._metrics else None
-        observer = VersionObserver(stats, extra)
+        if cfg.warmup:  # before the batcher exists, so warm-up never counts in statistics or metrics
+            await asyncio.to_thread(handle.warm_up, sorted({1, max_batch}))
+        model, version = handle.model, str(handle.version)
+        stats = ModelStats(model, version)
+        extra = self._metrics.batch_observer(model, version) if self._metrics else None
         batcher = DynamicBatcher(
             backend,
             max_batch_size=max_batch,
             max_queue_delay_us=cfg.max_queue_delay_us,
+            latency_target_us=None if cfg.latency_target_ms is None else int(cfg.latency_target_ms * 1000),
             preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
             max_queue_size=cfg.max_queue_size,
             max_queue_per_client=cfg.queue_per_client(),
-            observer=observer,
+            observer=VersionObserver(stats, extra),
             name=model,
         )
         batcher.start()
-        loaded = LoadedVersion(model, version, manifest, artefact, backend, batcher, stats)
-        try:
-            if cfg.warmup:
-                for rows in sorted({1, max_batch}):
-                    await batcher.submit(warmup_inputs(backend, rows))
-        except BaseException:
-            await batcher.stop(drain=False)
-            raise
-        observer.loaded = loaded
-        return loaded
+        return LoadedVersion(handle, batcher, stats)
 
     async def _retire(self, model: str, version: int) -> None:
         loaded = self._live.get(model, {}).pop(version, None)
@@ -311,7 +293,7 @@ class ModelManager:
         await self._notify(model)
         self._set_metric_state(model, version, "unloading")
         await loaded.batcher.stop(drain=True)
-        await asyncio.to_thread(loaded.backend.close)
+        await asyncio.to_thread(loaded.handle.close)
         if self._metrics is not None:
             self._metrics.forget(model, str(version))
         self._set_metric_state(model, version, "unloaded")
@@ -362,7 +344,7 @@ class ModelManager:
             for name in sorted((names | set(self._live)) - self._unloaded):
                 try:
                     await self.load(name, retry_failed=False)
-                except (KilnError, RepositoryError, OSError) as exc:
+                except (KilnError, OSError) as exc:
                     log.debug("poll: %s", exc)
 
     def hurry(self) -> None:
@@ -382,7 +364,7 @@ class ModelManager:
             for version in sorted(self._live.get(model, {})):
                 loaded = self._live[model].pop(version)
                 await loaded.batcher.stop(drain=drain)
-                await asyncio.to_thread(loaded.backend.close)
+                await asyncio.to_thread(loaded.handle.close)
         self._live.clear()
 
 

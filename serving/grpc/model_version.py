@@ -1,35 +1,39 @@
-"""One live model version (LoadedVersion) and the helpers that bring it up: which artefact to
-load for the configured device/backend/precision, the warm-up inputs, and the batch observer that
-feeds its statistics and metrics (warm-up batches excluded).
+"""One live model version (LoadedVersion): the runtime's model handle, the batcher that serves it
+and its statistics; the batch observer that feeds statistics and metrics; and how `kiln serve`'s
+settings become the handle's artefact choice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from serving.contract.manifest import Artefact, Manifest
-from serving.errors import ModelUnavailableError
 from serving.grpc.config import BACKEND_FIELDS, ServeConfig
 from serving.grpc.statistics import ModelStats
 from serving.runtime.backends import Backend, BackendOptions
-from serving.runtime.backends.base import numpy_dtype
 from serving.runtime.batcher import BatchObserver, DynamicBatcher
+from serving.runtime.model_handle import ArtefactChoice, ModelHandle
 
 
 @dataclass(eq=False)
 class LoadedVersion:
-    """One READY model version: what a request needs to run."""
+    """One READY model version: its handle (warmed up), the batcher in front of it, its statistics."""
 
-    model: str
-    version: int
-    manifest: Manifest
-    artefact: Artefact
-    backend: Backend
+    handle: ModelHandle
     batcher: DynamicBatcher
     stats: ModelStats
+    # The handle's, at hand for the request paths (a handle never changes once loaded).
+    model: str = field(init=False)
+    version: int = field(init=False)
+    manifest: Manifest = field(init=False)
+    artefact: Artefact = field(init=False)
+    backend: Backend = field(init=False)  # run it through the batcher
+
+    def __post_init__(self) -> None:
+        handle = self.handle
+        self.model, self.version, self.manifest = handle.model, handle.version, handle.manifest
+        self.artefact, self.backend = handle.artefact, handle.backend
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -38,17 +42,15 @@ class LoadedVersion:
 
 
 class VersionObserver:
-    """Feeds batch timings to the version's statistics and metrics once it is live (not warm-up)."""
+    """Feeds batch timings to the version's statistics and metrics (the handle warms up before
+    the batcher exists, so warm-up batches never reach them)."""
 
     def __init__(self, stats: ModelStats, extra: BatchObserver | None) -> None:
         self._stats, self._extra = stats, extra
-        self.loaded: LoadedVersion | None = None  # set after warm-up: warm-up batches are not counted
 
     def on_batch(
         self, *, rows: int, requests: int, queue_seconds: Sequence[float], compute_seconds: float
     ) -> None:
-        if self.loaded is None:
-            return
         self._stats.record_batch(rows=rows, queue_seconds=queue_seconds, compute_seconds=compute_seconds)
         if self._extra is not None:
             self._extra.on_batch(
@@ -56,39 +58,13 @@ class VersionObserver:
             )
 
     def on_dropped(self, reason: str, count: int = 1) -> None:
-        if self.loaded is not None and self._extra is not None:
+        if self._extra is not None:
             self._extra.on_dropped(reason, count)
 
 
-def choose_artefact(manifest: Manifest, config: ServeConfig) -> Artefact:
-    """The artefact to load for this device/backend/precision (ModelUnavailableError if none)."""
-    gpu = config.device.startswith("cuda")
-    precisions = ("fp32",) if config.precision == "auto" and not gpu else None
-    if config.precision != "auto":
-        precisions = (config.precision,)
-    formats = {"onnxruntime": ("onnx",), "tensorrt": ("tensorrt_plan",)}.get(
-        config.backend, ("tensorrt_plan", "onnx") if gpu else ("onnx",)
-    )
-    for fmt in formats:
-        for art in manifest.artefacts:
-            if art.format == fmt and (precisions is None or art.precision in precisions):
-                return art
-    have = [(a.path, a.format, a.precision) for a in manifest.artefacts]
-    raise ModelUnavailableError(
-        f"no artefact for device={config.device} backend={config.backend} precision={config.precision}; "
-        f"have {have}",
-        reason="no matching artefact",
-    )
-
-
-def warmup_inputs(backend: Backend, rows: int) -> dict[str, np.ndarray]:
-    """Zero inputs of `rows` rows for every backend input (dynamic non-batch dims become 1)."""
-    return {
-        spec.name: np.zeros(
-            (rows, *(d if d > 0 else 1 for d in spec.shape[1:])), dtype=numpy_dtype(spec.datatype)
-        )
-        for spec in backend.inputs
-    }
+def artefact_choice(config: ServeConfig) -> ArtefactChoice:
+    """`kiln serve`'s settings as the model handle's artefact choice (the one rule lives there)."""
+    return ArtefactChoice(device=config.device, backend=config.backend, precision=config.precision)
 
 
 def backend_device(device: str) -> str:

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from serving.contract.manifest import Artefact, Manifest
 from serving.runtime.backends import BackendOptions
+from serving.runtime.model_handle import ArtefactChoice, ModelHandle
 from serving.scoring.inputs import InputList, list_inputs
 from serving.scoring.ledger import JobIdentity, Ledger, LedgerError, ShardPlan, ShardRecord
 from serving.scoring.local_engine import LocalEngine, LocalOptions
@@ -46,7 +47,7 @@ class ScoreConfig:
     workers: int = 2  # local engine: decode threads
     engine: str = "local"
     device: str = "cpu"
-    artefact: str | None = None  # file name in the version folder; None: the FP32 ONNX
+    artefact: str | None = None  # file name in the version folder; None: what kiln serve would load
     logits: bool = False
     shard_size: int = 10_000
     ray_address: str | None = None
@@ -138,7 +139,8 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
     if os.path.exists(config.output) and not os.path.isdir(config.output):
         raise LedgerError(f"output {config.output} is a file, not a directory")  # before any slow step
     inputs = list_inputs(config.inputs)
-    resolved, artefact = resolve_model(config.repo, config.model, config.version, config.artefact)
+    choice = ArtefactChoice(device=config.device, artefact=config.artefact)
+    resolved, artefact = resolve_model(config.repo, config.model, config.version, choice)
     manifest = resolved.manifest
     if manifest.input.kind == "signal":  # inputs are image files; signal rows are not supported yet
         raise ValueError(
@@ -165,9 +167,8 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
     model = None
     try:
         if config.engine == "local":
-            model = ScoringModel(
-                resolved, artefact, top_k=config.top_k, options=BackendOptions(device=config.device)
-            )
+            handle = ModelHandle.load(resolved, artefact, options=BackendOptions(device=config.device))
+            model = ScoringModel(handle, top_k=config.top_k)
             model.warm_up(batch)
             options = LocalOptions(workers=config.workers, batch_size=batch)
             engine: Engine = LocalEngine(model, inputs, options, logits=config.logits)

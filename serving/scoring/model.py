@@ -1,8 +1,9 @@
-"""The backend holder of a scoring job: a verified artefact, its preprocessing and its class maths.
+"""The backend holder of a scoring job: a model handle, its preprocessing and its class maths.
 
-Everything numeric goes through the same code as the online path (serving.contract.repository verifies the
-sha256, serving.runtime.backends runs the artefact, serving.runtime.preprocess turns bytes into rows,
-serving.runtime.topk turns outputs into top-k), so `kiln score` and Classify agree on every image.
+Everything numeric goes through the same code as the online path: the model handle
+(serving.runtime.model_handle) resolves the version, chooses the artefact by the server's rule,
+verifies its sha256, loads and warms it up, and its classification head turns outputs into top-k;
+serving.runtime.preprocess turns bytes into rows. So `kiln score` and Classify agree on every image.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from serving.contract.manifest import Artefact, Manifest
 from serving.contract.repository import ModelRepository, ResolvedVersion
 from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError
-from serving.runtime.backends import Backend, BackendOptions, load_backend, numpy_dtype
+from serving.runtime.backends import Backend, BackendOptions, numpy_dtype
+from serving.runtime.model_handle import ArtefactChoice, ModelHandle, choose_artefact, resolve, verify
 from serving.runtime.preprocess import ImageLimits, Preprocessor
-from serving.runtime.topk import class_scores, classification_output, top_k
 
-__all__ = ["ModelIdentity", "RowLoader", "Scored", "ScoringModel", "choose_artefact", "resolve_model"]
+__all__ = ["ModelIdentity", "RowLoader", "Scored", "ScoringModel", "resolve_model"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,34 +44,15 @@ class Scored:
     outputs: np.ndarray | None  # float32 [n, classes] (the classification output as produced)
 
 
-def choose_artefact(manifest: Manifest, wanted: str | None) -> Artefact:
-    """`wanted` (a file name) or the FP32 ONNX artefact, which runs on every device."""
-    if wanted is not None:
-        if wanted not in {a.path for a in manifest.artefacts}:
-            have = [a.path for a in manifest.artefacts]
-            raise ValueError(
-                f"model {manifest.name!r} v{manifest.version} has no artefact {wanted!r}; have {have}"
-            )
-        return manifest.artefact(wanted)
-    art = manifest.find_artefact("onnx", "fp32") or next(
-        (a for a in manifest.artefacts if a.format == "onnx"), None
-    )
-    if art is None:
-        have = [a.path for a in manifest.artefacts]
-        raise ValueError(f"model {manifest.name!r} v{manifest.version} has no ONNX artefact (have {have})")
-    return art
-
-
 def resolve_model(
-    repo: str | os.PathLike[str], model: str, version: int | None, artefact: str | None = None
+    repo: str | os.PathLike[str], model: str, version: int | None, choice: ArtefactChoice
 ) -> tuple[ResolvedVersion, Artefact]:
-    """Find the version (latest when None), pick the artefact and verify its sha256."""
-    repository = ModelRepository(repo)
-    every = VersionPolicy.all()  # an explicit version need not be among the "latest" ones
-    first = repository.resolve(model, version, policy=every, artefacts=())
-    chosen = choose_artefact(first.manifest, artefact)
-    resolved = repository.resolve(model, first.version, policy=every, artefacts=[chosen.path])
-    return resolved, resolved.manifest.artefact(chosen.path)
+    """Find the version (latest when None), choose the artefact by the server's rule (or as named
+    in `choice.artefact`) and verify its sha256: the handle's first steps, without loading."""
+    # Every version: an explicit version need not be among the "latest" ones.
+    resolved = resolve(ModelRepository(repo), model, version, policy=VersionPolicy.all())
+    artefact = choose_artefact(resolved.manifest, choice)
+    return verify(resolved, artefact), artefact
 
 
 class RowLoader:
@@ -129,37 +111,26 @@ class RowLoader:
 
 
 class ScoringModel:
-    """A loaded artefact that scores batches of preprocessed rows (see module docstring)."""
+    """A model handle that scores batches of preprocessed rows (see module docstring)."""
 
-    def __init__(
-        self,
-        resolved: ResolvedVersion,
-        artefact: Artefact,
-        *,
-        top_k: int,
-        options: BackendOptions | None = None,
-        limits: ImageLimits | None = None,
-    ) -> None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        manifest = resolved.manifest
-        self.identity = ModelIdentity(
-            model=manifest.name, version=manifest.version, artefact=artefact.path, sha256=artefact.sha256
-        )
-        self.labels = manifest.labels
-        self.top_k = min(top_k, len(manifest.labels))
-        self.max_batch_size = manifest.max_batch_size
-        self._output = classification_output(manifest)
-        self._input_name = manifest.input.name
-        self.backend: Backend = load_backend(
-            manifest, artefact, version_dir=resolved.path, options=options or BackendOptions()
-        )
+    def __init__(self, handle: ModelHandle, *, top_k: int, limits: ImageLimits | None = None) -> None:
+        """Take ownership of `handle` (closed here if this fails, else by `close`)."""
         try:
-            self.loader = RowLoader(
-                Preprocessor(manifest.input, limits=limits, dtype=self.backend.inputs[0].dtype)
+            if top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {top_k}")
+            self.handle, self.head = handle, handle.head
+            manifest, artefact = handle.manifest, handle.artefact
+            self.identity = ModelIdentity(
+                model=manifest.name, version=manifest.version, artefact=artefact.path, sha256=artefact.sha256
             )
-        except ValueError:
-            self.backend.close()
+            self.labels = manifest.labels
+            self.top_k = min(top_k, len(manifest.labels))
+            self.max_batch_size = manifest.max_batch_size
+            self._input_name = manifest.input.name
+            dtype = handle.backend.inputs[0].dtype
+            self.loader = RowLoader(Preprocessor(manifest.input, limits=limits, dtype=dtype))
+        except BaseException:
+            handle.close()
             raise
 
     @classmethod
@@ -170,12 +141,18 @@ class ScoringModel:
         version: int | None,
         *,
         top_k: int,
-        artefact: str | None = None,
+        choice: ArtefactChoice | None = None,
         options: BackendOptions | None = None,
     ) -> ScoringModel:
-        """Resolve, verify and load in one call."""
-        resolved, art = resolve_model(repo, model, version, artefact)
-        return cls(resolved, art, top_k=top_k, options=options)
+        """Resolve, choose (by default as `kiln serve` does on a CPU), verify and load in one call."""
+        resolved, artefact = resolve_model(repo, model, version, choice or ArtefactChoice())
+        handle = ModelHandle.load(resolved, artefact, options=options or BackendOptions())
+        return cls(handle, top_k=top_k)
+
+    @property
+    def backend(self) -> Backend:
+        """The loaded backend."""
+        return self.handle.backend
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -198,16 +175,16 @@ class ScoringModel:
 
     def score(self, rows: np.ndarray) -> Scored:
         """Run the backend on [n, *sample_shape] rows (n <= max_batch_size) and take the top-k."""
-        outputs = self.backend.infer({self._input_name: rows})[self._output.name]
+        outputs = self.backend.infer({self._input_name: rows})[self.head.output]
         outputs = outputs.reshape(len(rows), -1)
-        indices, scores = top_k(class_scores(outputs, self._output.kind), self.top_k)
+        indices, scores = self.head.top_k(self.head.scores(outputs), self.top_k)
         return Scored(indices=indices, scores=scores, outputs=outputs.astype(np.float32, copy=False))
 
     def warm_up(self, rows: int) -> None:
-        """One batch of zeros through the backend: first-call costs (allocations, kernel choice)
+        """One batch of zeros through the handle: first-call costs (allocations, kernel choice)
         are paid before the job's clock and progress bar start, as the server does on load."""
-        self.backend.infer({self._input_name: np.zeros((rows, *self.sample_shape), self.dtype)})
+        self.handle.warm_up([rows])
 
     def close(self) -> None:
         """Release the backend."""
-        self.backend.close()
+        self.handle.close()

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from serving.contract.manifest import Artefact, Manifest
 from serving.runtime.backends import BackendOptions
+from serving.runtime.model_handle import ArtefactChoice
 from serving.scoring.inputs import InputList
 from serving.scoring.ledger import ShardPlan
 from serving.scoring.model import ModelIdentity, RowLoader, Scored, ScoringModel
@@ -89,8 +90,9 @@ class _Scorer:
     def __init__(self, spec: _ModelSpec) -> None:
         ident = spec.identity
         options = BackendOptions(device=spec.device, intra_op_threads=spec.threads)
+        choice = ArtefactChoice(device=spec.device, artefact=ident.artefact)  # the driver's choice
         self._model = ScoringModel.open(
-            spec.repo, ident.model, ident.version, top_k=spec.top_k, artefact=ident.artefact, options=options
+            spec.repo, ident.model, ident.version, top_k=spec.top_k, choice=choice, options=options
         )
         if self._model.identity != ident:
             raise RuntimeError(f"artefact on this node is {self._model.identity}, the job uses {ident}")

@@ -499,8 +499,9 @@ def test_one_client_cannot_take_every_queue_slot() -> None:
 
 def test_each_request_learns_the_timing_of_its_own_batch() -> None:
     async def main() -> None:
+        gate = threading.Event()  # holds the first batch in the backend while the others queue
         backend = RecordingBackend(max_batch_size=4)
-        backend.gate = threading.Event()
+        backend.gate = gate
         batcher = DynamicBatcher(backend)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit_timed(x(1)))
@@ -508,7 +509,7 @@ def test_each_request_learns_the_timing_of_its_own_batch() -> None:
         await asyncio.sleep(0.05)  # ... and it computes for 50 ms more than theirs
         later = [asyncio.ensure_future(batcher.submit_timed(x(v, v))) for v in (2, 3)]
         await asyncio.sleep(0.01)
-        backend.gate.set()
+        gate.set()
         (out, alone), *together = await asyncio.gather(first, *later)
         await batcher.stop()
         assert backend.rows() == [1, 4]

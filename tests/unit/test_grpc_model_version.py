@@ -1,7 +1,9 @@
-"""Artefact choice per device/backend/precision, warm-up inputs, and transport options."""
+"""The one artefact rule (serving.runtime.model_handle) as `kiln serve` applies it per
+device/backend/precision and as `kiln score` does, warm-up inputs, and transport options."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,10 @@ import pytest
 from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance, TensorRTInfo
 from serving.errors import ModelUnavailableError
 from serving.grpc.config import ServeConfig
-from serving.grpc.model_version import choose_artefact, warmup_inputs
+from serving.grpc.model_version import artefact_choice
 from serving.grpc.server import grpc_options
 from serving.runtime.backends import TensorSpec
+from serving.runtime.model_handle import ArtefactChoice, choose_artefact, warmup_inputs
 
 
 def _artefact(path: str, fmt: str, precision: str) -> Artefact:
@@ -54,14 +57,34 @@ MANIFEST = Manifest(
     ],
 )
 def test_choose_artefact(tmp_path: Path, settings: dict, expected: str) -> None:
-    assert choose_artefact(MANIFEST, ServeConfig(repo=tmp_path, **settings)).path == expected
+    assert choose_artefact(MANIFEST, artefact_choice(ServeConfig(repo=tmp_path, **settings))).path == expected
 
 
 def test_no_matching_artefact_is_unavailable_with_the_choices(tmp_path: Path) -> None:
     with pytest.raises(
         ModelUnavailableError, match=r"no artefact for device=cpu backend=auto precision=int8; have"
     ):
-        choose_artefact(MANIFEST, ServeConfig(repo=tmp_path, precision="int8"))
+        choose_artefact(MANIFEST, artefact_choice(ServeConfig(repo=tmp_path, precision="int8")))
+
+
+def test_scoring_gets_what_the_server_would_load() -> None:
+    fp32, fp16, plan = MANIFEST.artefacts
+    fp16_first = dataclasses.replace(MANIFEST, artefacts=(fp16, fp32, plan))
+    assert choose_artefact(fp16_first, ArtefactChoice()).path == "model.onnx"  # FP32 on a CPU
+    assert choose_artefact(fp16_first, ArtefactChoice(device="cuda")).path == "model.plan"
+    onnx_on_gpu = ArtefactChoice(device="cuda", backend="onnxruntime")
+    assert choose_artefact(fp16_first, onnx_on_gpu).path == "model.fp16.onnx"  # any precision, in order
+    assert choose_artefact(fp16_first, ArtefactChoice(artefact="model.fp16.onnx")).path == "model.fp16.onnx"
+
+
+def test_a_version_without_what_the_rule_wants_is_refused_with_what_it_has() -> None:
+    only_fp16 = dataclasses.replace(MANIFEST, artefacts=MANIFEST.artefacts[1:2])
+    with pytest.raises(
+        ModelUnavailableError, match=r"device=cpu backend=auto precision=auto; have \[\('model.fp16"
+    ):
+        choose_artefact(only_fp16, ArtefactChoice())  # `kiln score` once took any ONNX: see docs/design.md
+    with pytest.raises(ModelUnavailableError, match=r"'m' v1 has no artefact 'model.int8.onnx'; have"):
+        choose_artefact(MANIFEST, ArtefactChoice(artefact="model.int8.onnx"))
 
 
 def test_warmup_inputs_follow_the_backend_specs() -> None:
