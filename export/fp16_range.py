@@ -77,11 +77,14 @@ def _reader(batches: Iterator[np.ndarray], input_name: str, limit: int) -> Any:
 
     class ChunkReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.left = limit
+            self.left, self.exhausted = limit, False
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(batches, None) if self.left > 0 else None
+            if self.left <= 0:
+                return None
+            batch = next(batches, None)
             self.left -= 1
+            self.exhausted = batch is None
             return None if batch is None else {input_name: batch}
 
     return ChunkReader()
@@ -104,6 +107,8 @@ def measure_activation_ranges(
     """
     from onnxruntime.quantization.calibrate import MinMaxCalibrater
 
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError(f"batch_size and chunk_batches must be >= 1, got {batch_size}, {chunk_batches}")
     samples = sum(len(a) for a in inputs)
     if samples == 0:
         raise ValueError("the FP16 range proof needs at least one input sample")
@@ -113,11 +118,10 @@ def measure_activation_ranges(
         calibrator.augment_graph()
         calibrator.create_inference_session()
         batches = _batches(inputs, batch_size)
-        done = False
-        while not done:
+        reader = None
+        while reader is None or not reader.exhausted:
             reader = _reader(batches, input_name, chunk_batches)
             calibrator.collect_data(reader)  # computes and merges this chunk's ranges, then clears
-            done = reader.left > 0  # the chunk ended before its quota: inputs exhausted
         ranges = calibrator.compute_data()
     max_abs = {
         name: float(np.nanmax(np.abs(np.asarray(data.range_value, dtype=np.float64))))
