@@ -41,7 +41,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--precision", str, f"artefact precision: {', '.join(PRECISIONS)} (default auto)"),
     ("--null-base-us", int, "backend null: device time per batch in microseconds (default 0)"),
     ("--null-per-row-us", int, "backend null: device time per (padded) row in microseconds (default 0)"),
-    ("--instances", int, "model instances per version (default 1)"),
+    ("--instances", int, "model instances per version (default: measured with precision auto, else 1)"),
     ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
     ("--cudnn-conv-algo-search", str, "CUDA: HEURISTIC, EXHAUSTIVE or DEFAULT (default HEURISTIC)"),
     ("--onnx-provider", str, "ONNX on a GPU: auto, cuda or tensorrt (the TensorRT EP; default auto)"),

@@ -75,8 +75,12 @@ class ServeConfig:
     # null_base_us + null_per_row_us * rows and answers zeros; measures the server's own overhead
     null_base_us: int = 0
     null_per_row_us: int = 0
-    precision: str = "auto"  # artefact precision to load ("auto": fp32 ONNX on CPU)
-    instances: int = serving_defaults.INSTANCES
+    # artefact precision to load; "auto": on a CPU the fastest artefact that passed the gate, measured
+    # at load (serving/runtime/tuning.py); on a GPU the first that fits
+    precision: str = "auto"
+    # None: with precision auto on a CPU, measured with the precision (1 x cores vs cores x 1);
+    # otherwise serving_defaults.INSTANCES
+    instances: int | None = None
     intra_op_threads: int | None = None  # per instance; None splits the cores between instances
     # ORT intra-op threads busy-wait between ops: faster alone, but they burn the cores that the
     # gRPC event loop needs when the client or other work shares the machine.

@@ -49,8 +49,16 @@ def model_config(loaded: LoadedVersion, config: ServeConfig) -> mc.ModelConfig:
         max_queue_delay_us=config.max_queue_delay_us,
         preferred_batch_sizes=config.preferred_batch_sizes,
         max_queue_size=config.max_queue_size,
-        instances=config.instances,
+        instances=loaded.backend.instances,  # the effective count (precision auto may measure it)
         device=config.device,
         version_policy=config.policy,
     )
-    return build_model_config(loaded.manifest, loaded.artefact, settings)
+    result = build_model_config(loaded.manifest, loaded.artefact, settings)
+    tuning = loaded.handle.tuning
+    if tuning is not None:  # why this artefact: precision auto's measurement on this machine
+        result.parameters["kiln_precision_choice"].string_value = tuning.reason
+        result.parameters["kiln_precision_machine"].string_value = (
+            f"{tuning.machine.cpu}; {' '.join(tuning.machine.flags)}; {tuning.machine.cores} cores; "
+            f"onnxruntime {tuning.machine.onnxruntime}"
+        )
+    return result

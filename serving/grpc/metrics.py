@@ -170,6 +170,13 @@ class KilnMetrics:
         self.requests_dropped = Counter(
             "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason"), registry=r
         )
+        # which artefact a version serves and why (precision auto measures on a CPU): an info
+        # metric, 1 for the artefact in use, so dashboards can join it on model/version
+        self.artefact_info = Gauge(
+            "kiln_model_artefact_info", "The artefact a model version serves (1), and how it was chosen",
+            (*_MV, "artefact", "precision", "threads", "instances", "chosen_by"), registry=r,
+            multiprocess_mode="max",
+        )  # fmt: skip
         r.register(_ClientErrorCollector())
         if process:
             ProcessCollector(registry=r)
@@ -221,6 +228,13 @@ class KilnMetrics:
         """Read the queue depth at scrape time, e.g. `lambda: batcher.queue_depth`."""
         self.queue_depth.labels(model, version).set_function(depth)
 
+    def set_artefact(
+        self, model: str, version: str, artefact: str, precision: str, layout: tuple[int, int], chosen_by: str
+    ) -> None:
+        """Record the artefact a loaded version serves (`chosen_by`: "measured", "cached" or "rule")."""
+        threads, instances = (str(n) for n in layout)
+        self.artefact_info.labels(model, version, artefact, precision, threads, instances, chosen_by).set(1)
+
     def forget(self, model: str, version: str) -> None:
         """Remove every series of an unloaded model version (load state excepted: keep "unloaded")."""
         for key in [k for k in self._request_children if k[:2] == (model, version)]:
@@ -234,6 +248,9 @@ class KilnMetrics:
             _remove(self.requests, model, version, code)
         for reason in _DROP_REASONS:
             _remove(self.requests_dropped, model, version, reason)
+        for labels in [s.labels for m in self.artefact_info.collect() for s in m.samples]:
+            if (labels["model"], labels["version"]) == (model, version):
+                _remove(self.artefact_info, *labels.values())
 
 
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:

@@ -245,7 +245,21 @@ class ModelManager:
         self._set_metric_state(model, version, "ready")
         if self._metrics is not None:
             self._metrics.track_queue_depth(model, str(version), lambda: loaded.batcher.queue_depth)
-        log.info("model %s v%d ready (%s)", model, version, loaded.artefact.path)
+        self._report_artefact(loaded)
+
+    def _report_artefact(self, loaded: LoadedVersion) -> None:
+        """Log (and put in kiln_model_artefact_info) what a version serves, and why."""
+        tuning, options = loaded.handle.tuning, loaded.handle.options
+        threads = options.threads_per_instance if options is not None else 0
+        layout = (threads, loaded.backend.instances)
+        chosen_by = "rule" if tuning is None else ("cached" if tuning.cached else "measured")
+        if self._metrics is not None:
+            art = loaded.artefact
+            self._metrics.set_artefact(
+                loaded.model, str(loaded.version), art.path, art.precision, layout, chosen_by
+            )
+        why = f": precision auto, {tuning.reason}" + (" (cached)" if tuning.cached else "") if tuning else ""
+        log.info("model %s v%d ready (%s%s)", loaded.model, loaded.version, loaded.artefact.path, why)
 
     async def _bring_up(self, found: VersionStatus) -> LoadedVersion:
         """The model handle (choose the artefact, verify its sha256, load, warm up), then its batcher."""

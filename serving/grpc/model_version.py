@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from serving.contract.manifest import Artefact, Manifest
+from serving.contract.serving_defaults import INSTANCES
 from serving.grpc.config import BACKEND_FIELDS, ServeConfig
 from serving.grpc.statistics import ModelStats
-from serving.runtime.backends import Backend, BackendOptions
+from serving.runtime.backends import Backend, BackendOptions, backend_device
 from serving.runtime.batcher import BatchObserver, DynamicBatcher
 from serving.runtime.model_handle import ArtefactChoice, ModelHandle
 
@@ -64,19 +65,13 @@ class VersionObserver:
 
 def artefact_choice(config: ServeConfig) -> ArtefactChoice:
     """`kiln serve`'s settings as the model handle's artefact choice (the one rule lives there)."""
-    return ArtefactChoice(device=config.device, backend=config.backend, precision=config.precision)
-
-
-def backend_device(device: str) -> str:
-    """ServeConfig's device to the backends' spelling ("auto" picks CUDA when ORT has it)."""
-    if device != "auto":
-        return device
-    try:
-        import onnxruntime
-
-        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
-    except ImportError:
-        return "cpu"
+    return ArtefactChoice(
+        device=config.device,
+        backend=config.backend,
+        precision=config.precision,
+        threads=config.intra_op_threads,
+        instances=config.instances,
+    )
 
 
 def backend_options(config: ServeConfig) -> BackendOptions:
@@ -87,7 +82,7 @@ def backend_options(config: ServeConfig) -> BackendOptions:
     """
     return BackendOptions(
         device=backend_device(config.device),
-        instances=config.instances,
+        instances=config.instances or INSTANCES,
         intra_op_threads=config.intra_op_threads or 0,
         allow_spinning=config.intra_op_spinning,
         **{name: getattr(config, name) for name in BACKEND_FIELDS},

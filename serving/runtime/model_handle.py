@@ -29,10 +29,12 @@ from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError, ModelLoadError, ModelUnavailableError
 from serving.runtime.backends import Backend, BackendOptions, NullTiming, load_backend, numpy_dtype
 from serving.runtime.topk import ClassificationHead
+from serving.runtime.tuning import TuningChoice, batch_sizes_for, eligible, tune
 
 __all__ = [
     "ArtefactChoice",
     "ModelHandle",
+    "choose",
     "choose_artefact",
     "from_scan",
     "resolve",
@@ -51,6 +53,11 @@ class ArtefactChoice:
     backend: str = "auto"  # "auto" | "onnxruntime" | "tensorrt" | "null" (chooses as "auto")
     precision: str = "auto"  # "auto" | "fp32" | "fp16" | "int8"
     artefact: str | None = None  # an explicit file name of the version wins over the rule
+    # precision "auto" on a CPU measures the artefacts that passed the gate (runtime/tuning.py);
+    # explicit threads/instances are kept, unset ones are measured too
+    measure: bool = True
+    threads: int | None = None
+    instances: int | None = None
 
 
 def choose_artefact(manifest: Manifest, choice: ArtefactChoice) -> Artefact:
@@ -86,6 +93,39 @@ def choose_artefact(manifest: Manifest, choice: ArtefactChoice) -> Artefact:
         f"have {have}",
         reason="no matching artefact",
     )
+
+
+def choose(
+    resolved: ResolvedVersion, choice: ArtefactChoice, *, on_cpu: bool
+) -> tuple[ResolvedVersion, Artefact, TuningChoice | None]:
+    """The artefact to run, sha256-verified, and, for precision "auto" on a CPU with more than one
+    artefact that passed the gate, the measurement that chose it (the fastest, and the threads x
+    instances layout: serving/runtime/tuning.py). Otherwise the rule of `choose_artefact`.
+
+    Every artefact the measurement runs is verified first: nothing unverified is ever loaded.
+    """
+    candidates = eligible(resolved.manifest)
+    measured = (
+        choice.measure
+        and on_cpu
+        and choice.precision == "auto"
+        and choice.artefact is None
+        and choice.backend in ("auto", "onnxruntime")
+        and len(candidates) > 1
+    )
+    if not measured:
+        artefact = choose_artefact(resolved.manifest, choice)
+        return verify(resolved, artefact), artefact, None
+    for artefact in candidates:
+        resolved = verify(resolved, artefact)
+    tuning = tune(
+        resolved.manifest,
+        resolved.path,
+        batch_sizes=batch_sizes_for(resolved.manifest.max_batch_size),
+        threads=choice.threads,
+        instances=choice.instances,
+    )
+    return resolved, next(a for a in candidates if a.path == tuning.path), tuning
 
 
 def resolve(
@@ -133,6 +173,8 @@ class ModelHandle:
     manifest: Manifest  # kiln.json, as read once
     artefact: Artefact
     backend: Backend
+    tuning: TuningChoice | None = None  # how precision "auto" chose, when it measured
+    options: BackendOptions | None = None  # how the backend runs (after the measurement's layout)
 
     @classmethod
     def open(
@@ -144,8 +186,16 @@ class ModelHandle:
         null_timing: NullTiming | None = None,
     ) -> ModelHandle:
         """Choose the artefact, verify it and load it (blocking: run it off the event loop)."""
-        artefact = choose_artefact(resolved.manifest, choice)
-        return cls.load(verify(resolved, artefact), artefact, options=options, null_timing=null_timing)
+        on_cpu = options.device == "cpu" and null_timing is None
+        verified, artefact, tuning = choose(resolved, choice, on_cpu=on_cpu)
+        if tuning is not None:
+            layout = tuning.layout
+            options = dataclasses.replace(
+                options, instances=layout.instances, intra_op_threads=layout.threads
+            )
+        handle = cls.load(verified, artefact, options=options, null_timing=null_timing)
+        handle.tuning, handle.options = tuning, options
+        return handle
 
     @classmethod
     def load(

@@ -2,7 +2,8 @@
 
 Which artefact is fastest depends on the CPU far more than on the model: INT8 gains most where
 the CPU has VNNI or AMX and little on AVX2 alone, and FP16 runs through FP32 casts on ONNX
-Runtime's CPU provider (figures: benchmarks/RESULTS.md, RESULTS-zoo.md, RESULTS-tuning.md). So instead of a rule, each eligible ONNX artefact of the version is run
+Runtime's CPU provider (figures: benchmarks/RESULTS.md, RESULTS-zoo.md, RESULTS-tuning.md). So
+instead of a rule, each eligible ONNX artefact of the version is run
 briefly (a bounded time per artefact and layout) at the batch sizes the batcher forms, with each
 threads × instances layout the cores allow unless those are set, and the fastest wins.
 
@@ -141,7 +142,8 @@ def _measure(
     seconds: float,
 ) -> Trial:
     options = BackendOptions(device="cpu", instances=layout.instances, intra_op_threads=layout.threads)
-    backend = load_backend(manifest, artefact, version_dir=version_dir, options=options)
+    # verify=True: bench and score call tune() directly; nothing unverified is ever run
+    backend = load_backend(manifest, artefact, version_dir=version_dir, options=options, verify=True)
     try:
         rates = {}
         for rows in batch_sizes:

@@ -18,8 +18,8 @@ from serving.contract.manifest import Artefact, Manifest
 from serving.contract.repository import ModelRepository, ResolvedVersion
 from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError
-from serving.runtime.backends import Backend, BackendOptions, numpy_dtype
-from serving.runtime.model_handle import ArtefactChoice, ModelHandle, choose_artefact, resolve, verify
+from serving.runtime.backends import Backend, BackendOptions, backend_device, numpy_dtype
+from serving.runtime.model_handle import ArtefactChoice, ModelHandle, choose, resolve
 from serving.runtime.preprocess import ImageLimits, Preprocessor
 
 __all__ = ["ModelIdentity", "RowLoader", "Scored", "ScoringModel", "resolve_model"]
@@ -51,8 +51,9 @@ def resolve_model(
     in `choice.artefact`) and verify its sha256: the handle's first steps, without loading."""
     # Every version: an explicit version need not be among the "latest" ones.
     resolved = resolve(ModelRepository(repo), model, version, policy=VersionPolicy.all())
-    artefact = choose_artefact(resolved.manifest, choice)
-    return verify(resolved, artefact), artefact
+    on_cpu = choice.device == "cpu" or (choice.device == "auto" and backend_device("auto") == "cpu")
+    verified, artefact, _ = choose(resolved, choice, on_cpu=on_cpu)  # auto: the server's measurement
+    return verified, artefact
 
 
 class RowLoader:

@@ -99,8 +99,11 @@ def test_abandoned_streams_do_not_starve_a_well_behaved_client(tmp_path: Path) -
         for name, v in (("alone", alone), ("during", during), ("after", after))
     }
     assert failures_alone == failures_during == failures_after == [], (failures_during, failures_after)
-    # while the streams were being computed: a running batch, then its own (a few batch times)
-    assert p99["during"] <= p99["alone"] + 3 * BATCH_S, p99
+    # While the streams were being computed the other client waits for a running batch, then its
+    # own (measured: 11-13 ms on an idle 2-core box, alone 6 ms), plus the event loop's share of
+    # the streams' traffic, which grows with the box's load; a FIFO queue made it wait behind every
+    # queued stream request (1.4 s). The bound separates the two on a loaded box too.
+    assert p99["during"] < 0.25, p99
     # once flow control held their answers back, the streams cost nothing any more
     assert computed_after <= 2, computed_after
     assert p99["after"] <= 2 * p99["alone"], p99

@@ -99,3 +99,42 @@ def test_kiln_bench_prints_the_table_the_choice_was_made_from(tmp_path: Path) ->
         _manifest(tmp_path), tmp_path / "convnet" / "1", batch_sizes=tuning.batch_sizes_for(16)
     )
     assert again.cached
+
+
+def test_the_server_serves_the_measured_choice_and_says_why(tmp_path: Path) -> None:
+    from protos.inference import grpc_service_pb2 as pb
+    from serving.clients.client import KilnClient
+    from serving.grpc.config import ServeConfig
+    from tests.integration.server_fixtures import running_server
+
+    publish_convnet(tmp_path)
+    expected = tuning.tune(
+        _manifest(tmp_path), tmp_path / "convnet" / "1", batch_sizes=tuning.batch_sizes_for(16)
+    )  # what the server will read from the cache
+    config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=0)
+    with running_server(config) as srv, KilnClient(srv.address) as client:
+        loaded = srv.server.manager.get("convnet")
+        answer = client.inference.ModelConfig(pb.ModelConfigRequest(name="convnet")).config
+        info = srv.server.registry.get_sample_value(
+            "kiln_model_artefact_info",
+            {"model": "convnet", "version": "1", "artefact": expected.path, "precision": expected.precision,
+             "threads": str(expected.layout.threads), "instances": str(expected.layout.instances),
+             "chosen_by": "cached"},
+        )  # fmt: skip
+    assert loaded.artefact.path == expected.path and loaded.backend.instances == expected.layout.instances
+    assert answer.parameters["kiln_precision_choice"].string_value == expected.reason
+    assert answer.parameters["kiln_artefact_precision"].string_value == expected.precision
+    assert answer.instance_group[0].count == expected.layout.instances
+    assert info == 1
+
+
+def test_an_explicit_precision_is_not_measured(tmp_path: Path) -> None:
+    from serving.grpc.config import ServeConfig
+    from tests.integration.server_fixtures import running_server
+
+    publish_convnet(tmp_path)
+    config = ServeConfig(repo=tmp_path, host="127.0.0.1", port=0, metrics_port=None, precision="int8")
+    with running_server(config) as srv:
+        loaded = srv.server.manager.get("convnet")
+    assert loaded.artefact.precision == "int8" and loaded.handle.tuning is None
+    assert not (tmp_path / tuning.CACHE_FILE).exists()

@@ -14,7 +14,7 @@ from serving.runtime.backends.base import (
     parse_device,
     validate_inputs,
 )
-from serving.runtime.backends.loader import expected_specs, load_backend, spec_mismatches
+from serving.runtime.backends.loader import backend_device, expected_specs, load_backend, spec_mismatches
 from serving.runtime.backends.null_backend import NullBackend, NullTiming, null_timing
 from serving.runtime.backends.pool import InstanceBusy
 
@@ -25,6 +25,7 @@ __all__ = [
     "NullBackend",
     "NullTiming",
     "TensorSpec",
+    "backend_device",
     "check_outputs",
     "datatype_of",
     "expected_specs",

@@ -15,7 +15,7 @@ from serving.runtime.backends.base import Backend, BackendOptions, TensorSpec
 if TYPE_CHECKING:
     from serving.runtime.backends.null_backend import NullTiming
 
-__all__ = ["expected_specs", "load_backend", "spec_mismatches"]
+__all__ = ["backend_device", "expected_specs", "load_backend", "spec_mismatches"]
 
 
 def load_backend(
@@ -112,3 +112,15 @@ def spec_mismatches(
             ):
                 problems.append(f"{kind} {spec.name!r} shape {list(got.shape)} != {list(spec.shape)}")
     return problems
+
+
+def backend_device(device: str) -> str:
+    """ServeConfig's device to the backends' spelling ("auto" picks CUDA when ORT has it)."""
+    if device != "auto":
+        return device
+    try:
+        import onnxruntime
+
+        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+    except ImportError:
+        return "cpu"
