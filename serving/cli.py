@@ -42,7 +42,8 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--null-base-us", int, "backend null: device time per batch in microseconds (default 0)"),
     ("--null-per-row-us", int, "backend null: device time per (padded) row in microseconds (default 0)"),
     ("--instances", int, "model instances per version (default: measured with precision auto, else 1)"),
-    ("--intra-op-threads", int, "threads per instance (default: the cores split between instances)"),
+    ("--intra-op-threads", int, "threads per instance (default: the cores split between all instances)"),
+    ("--workers", int, "server processes sharing the port (default: 1 per 4 cores, 1 on a GPU)"),
     ("--cudnn-conv-algo-search", str, "CUDA: HEURISTIC, EXHAUSTIVE or DEFAULT (default HEURISTIC)"),
     ("--onnx-provider", str, "ONNX on a GPU: auto, cuda or tensorrt (the TensorRT EP; default auto)"),
     ("--trt-engine-cache-dir", str, "TensorRT EP: folder that keeps built engines across restarts"),
@@ -159,3 +160,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("kiln.server").error("cannot serve: %s", exc)
         return 1
     return 0
+    if config.worker_count() > 1:
+        from serving.grpc.workers import Supervisor
+
+        return Supervisor(config, factory).run()

@@ -11,10 +11,21 @@ One tally is per process rather than per registry: `CLIENT_ERRORS`, the errors c
 (`kiln_client_errors_total{reason}`). They are counted where no server object is at hand (the
 error-mapping wrapper, a filter on grpc's own logger), and every KilnMetrics exports the tally, as
 the process collector exports the process's CPU time. Its `reason` values are a fixed set.
+
+Multiprocess mode (`workers` > 1, serving.grpc.workers): the supervisor sets
+PROMETHEUS_MULTIPROC_DIR before it starts the workers, so prometheus_client keeps every worker's
+counters, gauges and histograms in files there, and the supervisor's /metrics sums them
+(MultiProcessCollector). What that mode cannot carry changes form: gauges are live sums across
+workers; kiln_model_load_state becomes a gauge per state that is 1 only while every live worker is
+in that state (stateset series are per process); client errors are also written to a counter
+there; kiln_queue_depth (read by a function at scrape time) is absent (kiln_inflight_requests
+sums the workers' queued and computing requests); series of unloaded versions stay (removal is
+not implemented in that mode); process_* and GPU series are the supervisor's own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -69,12 +80,19 @@ class ClientErrorTally:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._mirror: Counter | None = None  # multiprocess mode: the counter the supervisor sums
+
+    def mirror_to(self, counter: Counter) -> None:
+        """Also count into `counter` (labelled by reason) from now on."""
+        self._mirror = counter
 
     def add(self, reason: str) -> None:
         """Count one; an unknown reason counts as "other" (the label set stays fixed)."""
         key = reason if reason in CLIENT_ERROR_REASONS else "other"
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
+        if self._mirror is not None:
+            self._mirror.labels(key).inc()
 
     def counts(self) -> dict[str, int]:
         """A copy of the counts by reason (only reasons seen so far)."""
@@ -131,6 +149,8 @@ class KilnMetrics:
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
         self.registry = registry
         r = registry
+        # prometheus_client's own switch (read when it was imported); see the module docstring
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.requests = Counter(
             "kiln_requests", "Inference requests by final status code", (*_MV, "code"), registry=r
         )
@@ -158,15 +178,22 @@ class KilnMetrics:
         )
         self.inflight = Gauge(
             "kiln_inflight_requests", "Requests of a model version waiting for or in a batch", _MV,
-            registry=r,
-        )
-        self.load_state = Enum(
-            "kiln_model_load_state",
-            "Load state of a model version",
-            _MV,
-            states=list(LOAD_STATES),
-            registry=r,
-        )
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.load_state: Enum | Gauge
+        if self.multiprocess:
+            self.load_state = Gauge(
+                "kiln_model_load_state", "1 while every live worker holds the version in this state",
+                (*_MV, "kiln_model_load_state"), registry=r, multiprocess_mode="livemin",
+            )  # fmt: skip
+            CLIENT_ERRORS.mirror_to(
+                Counter("kiln_client_errors", "Errors caused by clients", ("reason",), registry=None)
+            )
+        else:
+            self.load_state = Enum(
+                "kiln_model_load_state", "Load state of a model version", _MV, states=list(LOAD_STATES),
+                registry=r,
+            )  # fmt: skip
         self.requests_dropped = Counter(
             "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason"), registry=r
         )
@@ -218,7 +245,11 @@ class KilnMetrics:
         """One of LOAD_STATES."""
         if state not in LOAD_STATES:
             raise ValueError(f"load state must be one of {LOAD_STATES}, got {state!r}")
-        self.load_state.labels(model, version).state(state)
+        if isinstance(self.load_state, Enum):
+            self.load_state.labels(model, version).state(state)
+            return
+        for name in LOAD_STATES:
+            self.load_state.labels(model, version, name).set(float(name == state))
 
     def batch_observer(self, model: str, version: str) -> BatchMetrics:
         """The observer to give `DynamicBatcher(observer=...)` for this model version."""
@@ -241,6 +272,8 @@ class KilnMetrics:
             del self._request_children[key]
         for metric in (
             self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
+        if self.multiprocess:  # a function in a worker cannot be read from the supervisor
+            return
             self.batch_size, self.queue_depth, self.inflight,
         ):  # fmt: skip
             _remove(metric, model, version)
@@ -254,5 +287,7 @@ class KilnMetrics:
 
 
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+        if self.multiprocess:  # the series live in files the supervisor reads: not removable
+            return
     with suppress(KeyError):  # that series never existed
         metric.remove(*labels)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from importlib import metadata
 
 import grpc
@@ -46,12 +47,14 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
-    """Channel arguments: message size limits and the optional maximum connection age."""
+def grpc_options(config: ServeConfig, *, shared_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments: message size limits and the optional maximum connection age.
+    `shared_port`: a worker of serving.grpc.workers, binding the port beside its siblings."""
     options = [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        # alone, a second server on the same port must fail, not share it
+        ("grpc.so_reuseport", int(shared_port)),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ]
     if config.max_connection_age_s is not None:
@@ -63,8 +66,17 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
 class Server:
     """One Kiln server process; see the module docstring."""
 
-    def __init__(self, config: ServeConfig, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        announce: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
+        # set: a supervised worker (serving.grpc.workers) that tells its supervisor it has loaded
+        # and turns serving on only when told (set_serving), once every worker has loaded
+        self._announce = announce
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = KilnMetrics(self.registry)
         self.health = Health()
@@ -117,10 +129,10 @@ class Server:
             self._poll_task = asyncio.create_task(self.manager.poll_forever(cfg.poll_interval_s))
         SWITCH_INTERVAL.hold(cfg.gil_switch_interval_us / 1e6)  # see ServeConfig; shutdown() restores
         self._holds_switch_interval = True
-        self._ready = True
-        await self.health.set_server(True)
-        for loaded in self.manager.loaded():
-            await self.health.set_model(loaded.model, True)
+        if self._announce is None:
+            await self.set_serving(True)
+        else:
+            self._announce()
         states = {s.model: s.state for s in self.manager.index()}
         log.info(
             "kiln serving on %s:%s (tls=%s, metrics port %s), models %s",
@@ -131,6 +143,15 @@ class Server:
             states,
             extra={"grpc_port": self.port, "metrics_port": self.metrics_port},
         )
+
+    async def set_serving(self, serving: bool) -> None:
+        """Readiness and health on or off (a no-op before start() has bound or once stopping)."""
+        if self._stopping or self._grpc is None:
+            return
+        self._ready = serving
+        await self.health.set_server(serving)
+        for loaded in self.manager.loaded():
+            await self.health.set_model(loaded.model, serving)
 
     async def _start_health_listener(self, host: str, port: int) -> None:
         """Health only, without TLS or token: what kubelet's gRPC probes can reach."""
@@ -148,7 +169,8 @@ class Server:
         # call) is one; error mapping is wrapped around each handler at registration instead.
         token = cfg.token()
         interceptors = [BearerTokenInterceptor(token)] if token is not None else None
-        server = grpc.aio.server(interceptors=interceptors, options=grpc_options(cfg))
+        options = grpc_options(cfg, shared_port=self._announce is not None)
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         inference = InferenceServicer(
             self.manager,
             cfg,
