@@ -1,9 +1,9 @@
 """The samples export needs (held-out split for parity, train samples for INT8 calibration) and
 the host preprocessing that turns them into the model's input, as run.json describes it.
 
-Images are uint8 [N,C,H,W]; host preprocessing multiplies by `scale` (not divides by 255) so it
-is the exact arithmetic the in-graph preprocessing performs: Cast → ·scale → −mean → ÷std, all
-in float32. Signals are float32 [N,C,L] (layout NCL); their normalisation (·scale when not 1,
+Images are uint8 [N,C,H,W]; host preprocessing is serving/contract/normalisation.py `normalise`,
+the exact arithmetic the in-graph preprocessing performs: Cast → ·scale → −mean → ÷std, all in
+float32. Signals are float32 [N,C,L] (layout NCL); their normalisation (·scale when not 1,
 −mean, ÷std per channel) is always put in the exported graph, so a signal model takes the raw
 values; `SignalPreprocess` is the same arithmetic on the host, for the PyTorch reference.
 """
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from serving.contract.normalisation import normalise
 
 __all__ = [
     "HostPreprocess",
@@ -75,15 +77,7 @@ class HostPreprocess:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Normalise uint8 [N,C,H,W] to float32 [N,C,H,W]."""
-        if images.dtype != np.uint8 or images.shape[1:] != self.chw:
-            raise ValueError(
-                f"expected uint8 images [N, {self.channels}, {self.height}, {self.width}], "
-                f"got {images.dtype} {images.shape}"
-            )
-        shape = (1, self.channels, 1, 1)
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
-        std = np.asarray(self.std, dtype=np.float32).reshape(shape)
-        return ((images.astype(np.float32) * np.float32(self.scale)) - mean) / std
+        return _normalised(self, images, np.uint8, "images [N, {}, {}, {}]".format(*self.chw))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,19 +126,17 @@ class SignalPreprocess:
 
     def __call__(self, signals: np.ndarray) -> np.ndarray:
         """Normalise raw float32 [N,C,L] to the float32 [N,C,L] the PyTorch model takes."""
-        if signals.dtype != np.float32 or signals.shape[1:] != self.input_shape:
-            raise ValueError(
-                f"expected float32 signals [N, {self.channels}, {self.length}], "
-                f"got {signals.dtype} {signals.shape}"
-            )
-        shape = (1, self.channels, 1)
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
-        std = np.asarray(self.std, dtype=np.float32).reshape(shape)
-        scaled = signals if self.scale == 1.0 else signals * np.float32(self.scale)
-        return (scaled - mean) / std
+        return _normalised(self, signals, np.float32, "signals [N, {}, {}]".format(*self.input_shape))
 
 
 Preprocess = HostPreprocess | SignalPreprocess
+
+
+def _normalised(pre: Preprocess, values: np.ndarray, dtype: type, expected: str) -> np.ndarray:
+    """Check the samples' dtype and shape, then apply the contract's one host normalisation."""
+    if values.dtype != dtype or values.shape[1:] != pre.input_shape:
+        raise ValueError(f"expected {np.dtype(dtype)} {expected}, got {values.dtype} {values.shape}")
+    return normalise(values, scale=pre.scale, mean=pre.mean, std=pre.std)
 
 
 def preprocess_from_run_input(record: Mapping[str, Any]) -> Preprocess:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,27 +130,71 @@ def _value(model: onnx.ModelProto, name: str, *, output: bool) -> onnx.ValueInfo
     raise OnnxExportError(f"graph has no {kind} named {name!r}; has {[v.name for v in values]}")
 
 
-def _preprocessing_constants(
-    mean: Sequence[float], std: Sequence[float], scale: float
-) -> list[onnx.TensorProto]:
-    per_channel = (1, len(mean), 1, 1)
-    return [
-        numpy_helper.from_array(np.array(scale, dtype=np.float32), "kiln_pre_scale"),
+def _normalisation_nodes(
+    source: str,
+    output_name: str,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float | None,
+    spatial_dims: int,
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The one in-graph normalisation: (·scale) → −mean → ÷std per channel of a float [N, C, ...]
+    tensor, in the order and float32 arithmetic of the host's (serving/contract/normalisation.py).
+    `scale` None leaves the Mul out (signals at scale 1: the same values, one node fewer)."""
+    make = helper.make_node
+    per_channel = (1, len(mean), *([1] * spatial_dims))
+    constants = [
         numpy_helper.from_array(np.array(mean, dtype=np.float32).reshape(per_channel), "kiln_pre_mean"),
         numpy_helper.from_array(np.array(std, dtype=np.float32).reshape(per_channel), "kiln_pre_std"),
     ]
-
-
-def _preprocessing_nodes(input_name: str, output_name: str) -> list[onnx.NodeProto]:
-    """uint8 NHWC → Transpose (on uint8: 4x less data to move) → Cast → Mul → Sub → Div."""
-    make = helper.make_node
-    return [
-        make("Transpose", [input_name], ["kiln_pre_nchw"], perm=[0, 3, 1, 2], name="kiln_pre_transpose"),
-        make("Cast", ["kiln_pre_nchw"], ["kiln_pre_float"], to=TensorProto.FLOAT, name="kiln_pre_cast"),
-        make("Mul", ["kiln_pre_float", "kiln_pre_scale"], ["kiln_pre_scaled"], name="kiln_pre_mul"),
-        make("Sub", ["kiln_pre_scaled", "kiln_pre_mean"], ["kiln_pre_centred"], name="kiln_pre_sub"),
+    nodes = []
+    if scale is not None:
+        constants.insert(0, numpy_helper.from_array(np.array(scale, dtype=np.float32), "kiln_pre_scale"))
+        nodes.append(make("Mul", [source, "kiln_pre_scale"], ["kiln_pre_scaled"], name="kiln_pre_mul"))
+        source = "kiln_pre_scaled"
+    nodes += [
+        make("Sub", [source, "kiln_pre_mean"], ["kiln_pre_centred"], name="kiln_pre_sub"),
         make("Div", ["kiln_pre_centred", "kiln_pre_std"], [output_name], name="kiln_pre_div"),
     ]
+    return nodes, constants
+
+
+def _with_front(
+    model: onnx.ModelProto, input_name: str, build: Callable[[str], tuple[list, list]]
+) -> onnx.ModelProto:
+    """A copy of `model` whose input first runs through the nodes `build(inner_name)` returns."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inner = "kiln_normalised_input"
+    for node in out.graph.node:
+        node.input[:] = [inner if name == input_name else name for name in node.input]
+    nodes, constants = build(inner)
+    out.graph.initializer.extend(constants)
+    existing = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes + existing)
+    return out
+
+
+def _static_input(model: onnx.ModelProto, input_name: str, rank: int, what: str) -> list[int]:
+    """The static non-batch dims of a float input of `rank`; OnnxExportError naming `what` else."""
+    old = _value(model, input_name, output=False)
+    dims = old.type.tensor_type.shape.dim
+    static = [d.dim_value for d in dims[1:]]
+    if len(dims) != rank or not all(static) or old.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise OnnxExportError(f"{what} needs a static float {_RANKS[rank]} input, got {old.type}")
+    return static
+
+
+_RANKS = {3: "[N, C, L]", 4: "[N, C, H, W]"}
+
+
+def _check_stats(mean: Sequence[float], std: Sequence[float], scale: float, channels: int) -> None:
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
+    if min(std) <= 0 or not scale > 0:
+        raise ValueError(f"std and scale must be > 0, got std={list(std)} scale={scale}")
 
 
 def add_preprocessing(
@@ -166,27 +210,27 @@ def add_preprocessing(
     The same arithmetic order as host preprocessing, so top-1 matches it. The original float
     NCHW input must have static C/H/W; the new input is [batch, H, W, C] uint8.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    channels, height, width = _static_input(model, input_name, 4, "in-graph preprocessing")
+    _check_stats(mean, std, scale, channels)
+
+    def build(inner: str) -> tuple[list, list]:
+        # Transpose on uint8 first: 4x less data to move than after the Cast.
+        make = helper.make_node
+        nodes, constants = _normalisation_nodes(
+            "kiln_pre_float", inner, mean=mean, std=std, scale=scale, spatial_dims=2
+        )
+        front = [
+            make("Transpose", [input_name], ["kiln_pre_nchw"], perm=[0, 3, 1, 2], name="kiln_pre_transpose"),
+            make("Cast", ["kiln_pre_nchw"], ["kiln_pre_float"], to=TensorProto.FLOAT, name="kiln_pre_cast"),
+        ]
+        return front + nodes, constants
+
+    out = _with_front(model, input_name, build)
     old = _value(out, input_name, output=False)
-    dims = old.type.tensor_type.shape.dim
-    static = [d.dim_value for d in dims[1:]]
-    if len(dims) != 4 or not all(static):
-        raise OnnxExportError(f"in-graph preprocessing needs a static [N, C, H, W] input, got {old.type}")
-    channels, height, width = static
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
-    inner = "kiln_normalised_input"
-    for node in out.graph.node:
-        node.input[:] = [inner if name == input_name else name for name in node.input]
-    out.graph.initializer.extend(_preprocessing_constants(mean, std, scale))
-    nodes = _preprocessing_nodes(input_name, inner)
-    existing = list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes + existing)
-    batch = dims[0].dim_param or "batch"
-    new_input = helper.make_tensor_value_info(input_name, TensorProto.UINT8, [batch, height, width, channels])
-    old.CopyFrom(new_input)
+    batch = old.type.tensor_type.shape.dim[0].dim_param or "batch"
+    old.CopyFrom(
+        helper.make_tensor_value_info(input_name, TensorProto.UINT8, [batch, height, width, channels])
+    )
     return out
 
 
@@ -205,43 +249,15 @@ def add_signal_normalisation(
     the border outputs. The original input must be a static float [N, C, L]; the interface
     (name, shape, dtype) stays the same.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    old = _value(out, input_name, output=False)
-    dims = old.type.tensor_type.shape.dim
-    static = [d.dim_value for d in dims[1:]]
-    if len(dims) != 3 or not all(static) or old.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise OnnxExportError(f"signal normalisation needs a static float [N, C, L] input, got {old.type}")
-    channels = static[0]
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
-    if min(std) <= 0 or not scale > 0:
-        raise ValueError(f"std and scale must be > 0, got std={list(std)} scale={scale}")
-    inner = "kiln_normalised_input"
-    for node in out.graph.node:
-        node.input[:] = [inner if name == input_name else name for name in node.input]
-    per_channel = (1, channels, 1)
-    out.graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(mean, dtype=np.float32).reshape(per_channel), "kiln_pre_mean"),
-            numpy_helper.from_array(np.array(std, dtype=np.float32).reshape(per_channel), "kiln_pre_std"),
-        ]
+    channels = _static_input(model, input_name, 3, "signal normalisation")[0]
+    _check_stats(mean, std, scale, channels)
+    return _with_front(
+        model,
+        input_name,
+        lambda inner: _normalisation_nodes(
+            input_name, inner, mean=mean, std=std, scale=None if scale == 1.0 else scale, spatial_dims=1
+        ),
     )
-    make = helper.make_node
-    nodes, source = [], input_name
-    if scale != 1.0:
-        scale_init = numpy_helper.from_array(np.array(scale, dtype=np.float32), "kiln_pre_scale")
-        out.graph.initializer.append(scale_init)
-        nodes.append(make("Mul", [source, "kiln_pre_scale"], ["kiln_pre_scaled"], name="kiln_pre_mul"))
-        source = "kiln_pre_scaled"
-    nodes += [
-        make("Sub", [source, "kiln_pre_mean"], ["kiln_pre_centred"], name="kiln_pre_sub"),
-        make("Div", ["kiln_pre_centred", "kiln_pre_std"], [inner], name="kiln_pre_div"),
-    ]
-    existing = list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes + existing)
-    return out
 
 
 def add_softmax(model: onnx.ModelProto, *, logits_name: str = LOGITS_NAME) -> onnx.ModelProto:

@@ -3,8 +3,8 @@
 Steps follow the manifest's `Preprocessing`, and mirror training's image-folder reader: decode
 (Pillow, only the allowed formats), EXIF orientation, convert to L/RGB, shorter side resized to
 `resize` (same rounding, same filter), centre crop to `crop`, then either normalise
-((x * scale - mean) / std, float32, model layout) or, for a model that preprocesses in-graph, hand
-over the uint8 pixels in its layout.
+(contract/normalisation.py: (x * scale - mean) / std, float32, model layout) or, for a model
+that preprocesses in-graph, hand over the uint8 pixels in its layout.
 
 Limits are checked before the expensive part: encoded size first, then, from the header (Pillow
 reads sizes lazily in `Image.open`), the pixel count and the size the resize will produce, then
@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serving.contract.manifest_types import InputSpec
+from serving.contract.normalisation import normalise
 from serving.errors import InvalidInputError, KilnError, PayloadTooLargeError
 from serving.runtime.backends.base import numpy_dtype
 
@@ -101,11 +102,7 @@ class Preprocessor:
         self.dtype = np.dtype(dtype) if dtype is not None else numpy_dtype(spec.datatype)
         self.sample_shape = tuple(spec.shape[1:])
         self.row_bytes = math.prod(self.sample_shape) * self.dtype.itemsize  # one preprocessed image
-        std = np.asarray(pre.std, np.float32)
-        self._scale = np.asarray(pre.scale, np.float32) / std  # x * scale/std - mean/std in one pass
-        self._shift = -np.asarray(pre.mean, np.float32) / std
-        if self.channels_first:
-            self._scale, self._shift = self._scale[:, None, None], self._shift[:, None, None]
+        self._normalisation = {"scale": pre.scale, "mean": pre.mean, "std": pre.std}
 
     def preprocess(self, image: ImageInput, out: np.ndarray | None = None) -> np.ndarray:
         """One image (encoded bytes or uint8 HWC / HW array) -> one row of shape `sample_shape`."""
@@ -119,8 +116,13 @@ class Preprocessor:
         if self.in_graph:
             np.copyto(out, pixels, casting="unsafe")
         else:
-            np.multiply(pixels, self._scale, out=out, casting="unsafe")
-            out += self._shift
+            # The contract's one normalisation, in float32 as export's parity reference ran it.
+            target = out if out.dtype == np.float32 else None
+            normalised = normalise(
+                pixels, channel_axis=0 if self.channels_first else -1, out=target, **self._normalisation
+            )
+            if target is None:
+                np.copyto(out, normalised, casting="unsafe")
         return out
 
     def preprocess_batch(
