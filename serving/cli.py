@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     from serving.grpc.server import Server
 
     configure_logging(config.log_format, config.log_level)
+    if config.worker_count() > 1:
+        from serving.grpc.workers import Supervisor
+
+        return Supervisor(config, factory).run()
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(Server(config).serve())
@@ -160,7 +164,3 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("kiln.server").error("cannot serve: %s", exc)
         return 1
     return 0
-    if config.worker_count() > 1:
-        from serving.grpc.workers import Supervisor
-
-        return Supervisor(config, factory).run()

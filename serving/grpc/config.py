@@ -179,6 +179,8 @@ class ServeConfig:
             value = getattr(self, f.name)
             if f.name == "max_queue_per_client":
                 value = self.queue_per_client()  # the effective value, default resolved
+            elif f.name == "workers":
+                value = self.worker_count()
             elif f.name in _SECRET_FIELDS and value is not None:
                 value = "<redacted>"
             elif isinstance(value, Path):
@@ -190,8 +192,6 @@ class ServeConfig:
 
     @functools.cached_property
     def policy(self) -> VersionPolicy:
-            elif f.name == "workers":
-                value = self.worker_count()
         """version_policy parsed (once, by validation): what the model manager and ModelConfig use."""
         return VersionPolicy.parse(self.version_policy)
 
@@ -200,6 +200,17 @@ class ServeConfig:
         if self.max_queue_per_client is not None:
             return self.max_queue_per_client
         return max(1, self.max_queue_size // 2)
+
+    def worker_count(self) -> int:
+        """workers, or its default: one per 4 cores (a worker's event loop plus ~3 ONNX Runtime
+        threads; on 2 shared cores the gain of a second worker was not clear of the noise,
+        benchmarks/RESULTS-serving.md), capped at 8; 1 on a GPU (each worker would hold its own
+        copy of every model) or with repository_control (a load would reach one worker only)."""
+        if self.workers is not None:
+            return self.workers
+        if self.repository_control or self.device != "cpu" or self.backend == "tensorrt":
+            return 1
+        return max(1, min(8, usable_cores() // 4))
 
     def token(self) -> str | None:
         """The bearer token clients must send (from auth_token or auth_token_file), or None."""
@@ -212,21 +223,15 @@ class ServeConfig:
     def admin_secret(self) -> str | None:
         """The token RepositoryModelLoad/Unload need (from admin_token or admin_token_file), or None."""
         if self.admin_token is not None:
-    def worker_count(self) -> int:
-        """workers, or its default: one per 4 cores (a worker's event loop plus ~3 ONNX Runtime
-        threads; on 2 shared cores the gain of a second worker was not clear of the noise,
-        benchmarks/RESULTS-serving.md), capped at 8; 1 on a GPU (each worker would hold its own
-        copy of every model) or with repository_control (a load would reach one worker only)."""
-        if self.workers is not None:
-            return self.workers
-        if self.repository_control or self.device != "cpu" or self.backend == "tensorrt":
-            return 1
-        return max(1, min(8, usable_cores() // 4))
-
             return self.admin_token
         if self.admin_token_file is not None:
             return self.admin_token_file.read_text(encoding="utf-8").strip()
         return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fail(name: str, detail: str) -> typing.NoReturn:
@@ -240,11 +245,6 @@ def _check_range(cfg: ServeConfig, name: str, low: float, high: float | None = N
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         _fail(name, f"must be {bound}, got {value}")
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 
 
 def _validate(cfg: ServeConfig) -> None:
@@ -275,6 +275,13 @@ def _validate(cfg: ServeConfig) -> None:
         _check_range(cfg, name, 1)
     _check_range(cfg, "max_queue_per_client", 1, cfg.max_queue_size)
     _check_range(cfg, "stream_max_inflight", 1, 65536)
+    _check_range(cfg, "workers", 1, 256)
+    if cfg.worker_count() > 1 and cfg.repository_control:
+        _fail(
+            "workers",
+            "repository_control needs workers: 1 (a RepositoryModelLoad would reach one "
+            "worker only); with more, publish into the repository and let poll_interval_s load it",
+        )
     _check_range(cfg, "max_concurrent_streams", 1, 2**31 - 1)
     for name in ("max_image_bytes", "max_image_pixels", "max_images_per_request", "intra_op_threads"):
         _check_range(cfg, name, 1)
@@ -287,13 +294,6 @@ def _validate(cfg: ServeConfig) -> None:
     _check_range(cfg, "gil_switch_interval_us", 1, 100_000)
     _check_range(cfg, "null_base_us", 0, 10_000_000)
     _check_range(cfg, "null_per_row_us", 0, 1_000_000)
-    _check_range(cfg, "workers", 1, 256)
-    if cfg.worker_count() > 1 and cfg.repository_control:
-        _fail(
-            "workers",
-            "repository_control needs workers: 1 (a RepositoryModelLoad would reach one "
-            "worker only); with more, publish into the repository and let poll_interval_s load it",
-        )
     if cfg.backend != "null" and (cfg.null_base_us or cfg.null_per_row_us):
         _fail("null_base_us", f"null_base_us/null_per_row_us need backend 'null', not {cfg.backend!r}")
     for name in ("poll_interval_s", "grace_period_s"):

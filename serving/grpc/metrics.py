@@ -257,6 +257,8 @@ class KilnMetrics:
 
     def track_queue_depth(self, model: str, version: str, depth: Callable[[], float]) -> None:
         """Read the queue depth at scrape time, e.g. `lambda: batcher.queue_depth`."""
+        if self.multiprocess:  # a function in a worker cannot be read from the supervisor
+            return
         self.queue_depth.labels(model, version).set_function(depth)
 
     def set_artefact(
@@ -270,10 +272,10 @@ class KilnMetrics:
         """Remove every series of an unloaded model version (load state excepted: keep "unloaded")."""
         for key in [k for k in self._request_children if k[:2] == (model, version)]:
             del self._request_children[key]
+        if self.multiprocess:  # the series live in files the supervisor reads: not removable
+            return
         for metric in (
             self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
-        if self.multiprocess:  # a function in a worker cannot be read from the supervisor
-            return
             self.batch_size, self.queue_depth, self.inflight,
         ):  # fmt: skip
             _remove(metric, model, version)
@@ -287,7 +289,5 @@ class KilnMetrics:
 
 
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
-        if self.multiprocess:  # the series live in files the supervisor reads: not removable
-            return
     with suppress(KeyError):  # that series never existed
         metric.remove(*labels)
