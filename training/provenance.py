@@ -11,25 +11,18 @@ from pathlib import Path
 _SOURCE_DIR = Path(__file__).resolve().parent
 
 
+def _git(*args: str) -> str:
+    """One git command's stdout in the source tree, stripped (raises when git cannot answer)."""
+    return subprocess.run(
+        ["git", *args], cwd=_SOURCE_DIR, capture_output=True, text=True, timeout=5, check=True
+    ).stdout.strip()
+
+
 def git_commit() -> str:
     """The commit of the source tree this code runs from ("unknown" outside git; "+dirty" marks edits)."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=_SOURCE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=_SOURCE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")

@@ -24,11 +24,11 @@ from training.models.layers import (
     conv,
     conv1x1,
     conv3x3,
-    init_weights,
     make_shortcut,
     max_pool,
 )
-from training.models.layouts import ResNetLayout, resnet_layout
+from training.models.layouts import ResNetLayout
+from training.models.resnet import build_residual_net
 
 
 class _PreActBlock(nn.Module):
@@ -217,20 +217,9 @@ class PreActResNet(nn.Module):
 
 def build(config: ModelConfig) -> PreActResNet:
     """Build a v2 (pre-activation) ResNet from a validated config (registry entry point)."""
-    layout = resnet_layout(config)
-    model = PreActResNet(
-        block=BLOCK_TYPES[layout.block],
-        layout=layout,
-        style=config.style,
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        dropout=config.dropout,
-        dims=config.spatial_dims,
-    )
-    init_weights(model)
-    if config.zero_init_residual:
+
+    def last_conv_weight(m: nn.Module) -> nn.Parameter | None:
         # No BN ends a v2 residual branch; zeroing its last conv makes each block start as identity.
-        for m in model.modules():
-            if isinstance(m, _PreActBlock):
-                nn.init.zeros_(m.last_conv().weight)
-    return model
+        return m.last_conv().weight if isinstance(m, _PreActBlock) else None
+
+    return build_residual_net(PreActResNet, BLOCK_TYPES, config, last_conv_weight)

@@ -11,6 +11,9 @@ the same network from Conv1d layers for signals [N, C, L].
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
 import torch
 from torch import nn
 
@@ -26,6 +29,8 @@ from training.models.layers import (
     max_pool,
 )
 from training.models.layouts import ResNetLayout, resnet_layout
+
+_Net = TypeVar("_Net", bound=nn.Module)
 
 
 class BasicBlock(nn.Module):
@@ -172,11 +177,18 @@ class ResNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
-def build(config: ModelConfig) -> ResNet:
-    """Build a v1 ResNet from a validated config (registry entry point)."""
+def build_residual_net(
+    net: Callable[..., _Net],
+    block_types: Mapping[str, type[nn.Module]],
+    config: ModelConfig,
+    residual_end: Callable[[nn.Module], nn.Parameter | None],
+) -> _Net:
+    """A v1 or v2 ResNet from a validated config: the layout, the net, He init, and with
+    `zero_init_residual` the weight `residual_end(module)` names in each block zeroed (None for
+    modules that are not blocks), so that every block starts as identity."""
     layout = resnet_layout(config)
-    model = ResNet(
-        block=BLOCK_TYPES[layout.block],
+    model = net(
+        block=block_types[layout.block],
         layout=layout,
         style=config.style,
         in_channels=config.in_channels,
@@ -186,8 +198,17 @@ def build(config: ModelConfig) -> ResNet:
     )
     init_weights(model)
     if config.zero_init_residual:
-        # Goyal et al. 2017: each residual branch starts as zero, so each block starts as identity.
         for m in model.modules():
-            if isinstance(m, BasicBlock | Bottleneck):
-                nn.init.zeros_(m.last_bn().weight)
+            if (weight := residual_end(m)) is not None:
+                nn.init.zeros_(weight)
     return model
+
+
+def build(config: ModelConfig) -> ResNet:
+    """Build a v1 ResNet from a validated config (registry entry point)."""
+
+    def last_bn_weight(m: nn.Module) -> nn.Parameter | None:
+        # Goyal et al. 2017: each residual branch ends in this BN; zero gamma, zero branch.
+        return m.last_bn().weight if isinstance(m, BasicBlock | Bottleneck) else None
+
+    return build_residual_net(ResNet, BLOCK_TYPES, config, last_bn_weight)
