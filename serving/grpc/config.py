@@ -31,6 +31,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "int8")
 LOG_FORMATS = ("text", "json")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROMOTIONS = ("immediate", "shadow")
 _SECRET_FIELDS = frozenset({"auth_token", "admin_token"})
 # ServeConfig fields that BackendOptions takes under the same name (serving/grpc/model_version.py)
 BACKEND_FIELDS = (
@@ -68,6 +69,16 @@ class ServeConfig:
     # "latest", "latest:N", "all" or "specific:1,3"; parsed once into .policy
     version_policy: str = str(serving_defaults.VERSION_POLICY)
     poll_interval_s: float = 0.0  # > 0: rescan the repository and hot-swap new versions
+    # how a new version of a serving model takes over (every model alike; serving/grpc/shadow.py):
+    # "immediate" once warm, or "shadow": it first answers a sampled copy of live traffic after
+    # the serving version did, and is promoted only if its top-1 agrees and it is fast enough
+    promotion: str = "immediate"
+    shadow_sample: float = 0.25  # share of live requests copied to the candidate
+    shadow_min_requests: int = 200  # compared requests before a verdict
+    shadow_min_agreement: float = 0.99  # top-1 agreement (rows) the candidate needs
+    shadow_max_latency_ratio: float = 2.0  # candidate p99 compute time per batch / the serving one's
+    shadow_timeout_s: float = 600.0  # no verdict by then: rejected
+    shadow_queue_size: int = 16  # copies outstanding at the candidate; more are dropped (counted)
     # execution
     device: str = serving_defaults.DEVICE
     backend: str = "auto"
@@ -268,6 +279,7 @@ def _validate(cfg: ServeConfig) -> None:
         ("log_format", LOG_FORMATS),
         ("event_loop", EVENT_LOOPS),
         ("log_level", LOG_LEVELS),
+        ("promotion", PROMOTIONS),
     ):
         if getattr(cfg, name) not in choices:
             _fail(name, f"expected one of {list(choices)}, got {getattr(cfg, name)!r}")
@@ -288,6 +300,7 @@ def _validate(cfg: ServeConfig) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):
         _check_range(cfg, name, 1024, 2**31 - 1)
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
+    _check_shadow(cfg)
     _check_range(cfg, "latency_target_ms", 0.1, 60_000)
     _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
     _check_range(cfg, "max_preprocessed_bytes", 1024)
@@ -348,6 +361,16 @@ def _validate_security(cfg: ServeConfig) -> None:
 def _is_cuda_index(device: str) -> bool:
     prefix, _, index = device.partition(":")
     return prefix == "cuda" and index.isdigit()
+
+
+def _check_shadow(cfg: ServeConfig) -> None:
+    if not 0 < cfg.shadow_sample <= 1:
+        _fail("shadow_sample", f"must be in (0, 1], got {cfg.shadow_sample}")
+    _check_range(cfg, "shadow_min_requests", 1, 10_000_000)
+    _check_range(cfg, "shadow_min_agreement", 0.0, 1.0)
+    _check_range(cfg, "shadow_max_latency_ratio", 0.01, 1000.0)
+    _check_range(cfg, "shadow_timeout_s", 0.1, 7 * 86400)
+    _check_range(cfg, "shadow_queue_size", 1, 65536)
 
 
 def _check_version_policy(cfg: ServeConfig) -> None:

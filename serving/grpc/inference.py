@@ -169,7 +169,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             loaded = self._manager.get(request.model_name, request.model_version)
             wanted = requested_outputs(request, [s.name for s in loaded.backend.outputs])
             with track_inflight(self._metrics, loaded):
-                outputs = await loaded.batcher.submit(inputs, deadline=deadline, client=client)
+                outputs, timing = await loaded.batcher.submit_timed(inputs, deadline=deadline, client=client)
+            # a candidate version (promotion: shadow) gets a copy now, after the answer: never awaited
+            self._manager.mirror(loaded, inputs, outputs, timing.compute_seconds)
             response = pb.ModelInferResponse(
                 model_name=loaded.model, model_version=str(loaded.version), id=request.id
             )
@@ -232,7 +234,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._control.check("RepositoryModelLoad", context)  # switched off, or the admin token (admin.py)
         if not request.model_name:
             raise InvalidInputError("model_name is empty")
-        await self._manager.load(request.model_name)
+        # parameter promote=true: a candidate (promotion: shadow) is promoted now, unshadowed
+        promote = "promote" in request.parameters and request.parameters["promote"].bool_param
+        await self._manager.load(request.model_name, promote=promote)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(

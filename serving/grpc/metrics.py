@@ -60,7 +60,7 @@ LATENCY_BUCKETS = (
     0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-LOAD_STATES = ("unloaded", "loading", "ready", "unloading", "failed")
+LOAD_STATES = ("unloaded", "loading", "ready", "unloading", "failed", "candidate")
 _STATUS_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
@@ -204,6 +204,21 @@ class KilnMetrics:
             (*_MV, "artefact", "precision", "threads", "instances", "chosen_by"), registry=r,
             multiprocess_mode="max",
         )  # fmt: skip
+        # shadow rollouts (serving/grpc/shadow.py): what happened to each copy sent to a candidate
+        # ("compared", "dropped": its queue was full, "failed"), its running top-1 agreement with
+        # the serving version, and each verdict ("promoted", "rejected", "forced")
+        self.shadow_requests = Counter(
+            "kiln_shadow_requests", "Live requests copied to a candidate version, by outcome",
+            ("model", "outcome"), registry=r,
+        )  # fmt: skip
+        self.shadow_agreement = Gauge(
+            "kiln_shadow_agreement_ratio", "Top-1 agreement of a candidate with the serving version",
+            _MV, registry=r, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.promotions = Counter(
+            "kiln_model_promotions", "Verdicts on candidate versions, by result", ("model", "result"),
+            registry=r,
+        )  # fmt: skip
         r.register(_ClientErrorCollector())
         if process:
             ProcessCollector(registry=r)
@@ -276,7 +291,7 @@ class KilnMetrics:
             return
         for metric in (
             self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
-            self.batch_size, self.queue_depth, self.inflight,
+            self.batch_size, self.queue_depth, self.inflight, self.shadow_agreement,
         ):  # fmt: skip
             _remove(metric, model, version)
         for code in _STATUS_CODES:

@@ -8,6 +8,12 @@ then removes the old one from the routing table and drains its batcher before cl
 accepted request fails. Callers must call `get` and `batcher.submit` with no `await` in between
 (submit enqueues synchronously), which makes the swap race-free on the event loop.
 
+With `promotion: shadow` a new version of a serving model first becomes a CANDIDATE: loaded and
+warmed but not routed, it answers sampled copies of live requests (`mirror`) until it is promoted
+(the same swap as above), or REJECTED with the reason and closed while the serving version stays;
+polling does not retry a rejected version until its files change. The mechanics and the verdict
+live in serving/grpc/shadow.py; RepositoryModelLoad with parameter `promote: true` forces it.
+
 A version that fails to load is UNAVAILABLE with its reason; the other models keep serving.
 Problems of the repository (a broken version, the kiln.json of a serving version gone) are logged
 at WARNING once per version and reason, however often a poll or a client's RepositoryModelLoad
@@ -19,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from serving.contract.repository import (
     ModelRepository,
@@ -44,6 +52,7 @@ from serving.grpc.model_version import (
     artefact_choice,
     backend_options,
 )
+from serving.grpc.shadow import CANDIDATE, PROMOTE, REJECTED, Candidate, ShadowPolicy
 from serving.grpc.statistics import ModelStats
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
@@ -88,6 +97,12 @@ class ModelManager:
         self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
         self._warned: dict[tuple[str, str, int], str] = {}  # (kind, model, version) -> reason said
         self._stopped = False
+        # shadow rollouts (serving/grpc/shadow.py): one candidate per model at most, and the
+        # artefact checksums of each rejected version (polling retries it once they change)
+        self._shadow = ShadowPolicy.from_config(config) if config.promotion == "shadow" else None
+        self._candidates: dict[str, Candidate] = {}
+        self._rejected: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._verdicts: set[asyncio.Task[None]] = set()
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -140,8 +155,21 @@ class ModelManager:
         """Every READY version."""
         return [lv for versions in self._live.values() for lv in versions.values()]
 
+    def mirror(
+        self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+        compute_s: float,
+    ) -> None:  # fmt: skip
+        """Offer a request `loaded` answered to the candidate shadowing it, if any (never blocks)."""
+        candidate = self._candidates.get(loaded.model)
+        if candidate is not None and candidate.serving_version == loaded.version:
+            candidate.offer(inputs, outputs, compute_s)
+
     def index(self) -> list[VersionState]:
         """Every known version with its state, plus models that could not be read at all."""
+        for candidate in self._candidates.values():  # the running numbers, as of now
+            state = self._states.get((candidate.model, candidate.version))
+            if state is not None and state.state == CANDIDATE:
+                state.reason = candidate.reason()
         entries = [VersionState(m, 0, UNAVAILABLE, reason) for m, reason in self._model_errors.items()]
         return sorted(entries + list(self._states.values()), key=lambda s: (s.model, s.version))
 
@@ -158,7 +186,7 @@ class ModelManager:
             except InvalidInputError as exc:  # a folder whose name is no model name
                 self._model_errors[name] = str(exc)
 
-    async def load(self, model: str, *, retry_failed: bool = True) -> None:
+    async def load(self, model: str, *, retry_failed: bool = True, promote: bool = False) -> None:
         """(Re)load `model`: bring up the versions the policy selects, then retire the others.
 
         Old versions are retired only once a selected version is READY, so a broken new version
@@ -166,7 +194,8 @@ class ModelManager:
         already failed alone. Raises ModelNotFoundError if the folder is absent,
         ModelUnavailableError with the reasons if no version is ready, and (retry_failed only)
         ModelLoadError if a selected version failed while others still serve: an operator's
-        explicit load must not answer OK when the version asked for was refused.
+        explicit load must not answer OK when the version asked for was refused. `promote`
+        skips shadowing: a candidate is promoted now, a new version serves once warm.
         """
         _check_name(model)  # before any path, lock or state is made from a client-chosen name
         if self._stopped:
@@ -182,10 +211,7 @@ class ModelManager:
             found = {v.version: v for v in status.versions}
             wanted = set(found)
             live = self._live.setdefault(model, {})
-            for version in sorted(wanted - set(live)):
-                previous = self._states.get((model, version))
-                if retry_failed or previous is None or previous.state != UNAVAILABLE:
-                    await self._load_version(found[version])
+            await self._bring_up_new(model, found, wanted, retry_failed=retry_failed, promote=promote)
             if wanted & set(live):
                 for version in sorted(set(live) - wanted):
                     await self._retire(model, version)
@@ -210,6 +236,10 @@ class ModelManager:
         if model not in self._live and not any(m == model for m, _ in self._states):
             raise ModelNotFoundError(f"model {model!r} is not loaded")
         async with self._locks.setdefault(model, asyncio.Lock()):
+            candidate = self._candidates.pop(model, None)
+            if candidate is not None:
+                await self._close_candidate(candidate)
+            self._rejected = {k: v for k, v in self._rejected.items() if k[0] != model}
             for version in sorted(self._live.get(model, {})):
                 await self._retire(model, version)
             for key in [k for k in self._states if k[0] == model]:
@@ -219,7 +249,128 @@ class ModelManager:
             self._unloaded.add(model)
             await self._notify(model)
 
+    async def _bring_up_new(
+        self, model: str, found: Mapping[int, VersionStatus], wanted: set[int], *, retry_failed: bool,
+        promote: bool,
+    ) -> None:  # fmt: skip
+        """Bring up the selected versions not yet live: at once, or the newest as a candidate."""
+        live = self._live.setdefault(model, {})
+        new = sorted(wanted - set(live))
+        candidate = self._candidates.get(model)
+        if candidate is not None:
+            if promote and candidate.version in wanted:
+                await self._promote(candidate, candidate.tally.summary(), result="forced")
+                return
+            if candidate.version != max(new, default=None):
+                await self._reject(candidate, "superseded by a newer version or no longer selected")
+            else:
+                return  # still shadowing
+        if self._shadow is not None and live and not promote:
+            if new:
+                await self._maybe_candidate(found[new[-1]], wanted, retry_failed=retry_failed)
+            return
+        for version in new:
+            previous = self._states.get((model, version))
+            if retry_failed or previous is None or previous.state != UNAVAILABLE:
+                self._rejected.pop((model, version), None)
+                await self._load_version(found[version])
+
+    async def _maybe_candidate(self, found: VersionStatus, wanted: set[int], *, retry_failed: bool) -> None:
+        """Load `found` as a candidate unless polling already saw it fail or rejected these very files."""
+        previous = self._states.get((found.model, found.version))
+        if not retry_failed and previous is not None:
+            if previous.state == UNAVAILABLE:
+                return
+            if previous.state == REJECTED and self._rejected.get((found.model, found.version)) == _files(
+                found
+            ):
+                return
+        loaded = await self._load_or_fail(found)
+        if loaded is None or self._shadow is None:
+            return
+        model, version = found.model, found.version
+        serving = max(self._live[model])
+        candidate = Candidate(
+            loaded, serving_version=serving, wanted=frozenset(wanted), fingerprint=_files(found),
+            policy=self._shadow, on_verdict=self._on_verdict, metrics=self._metrics,
+        )  # fmt: skip
+        self._candidates[model] = candidate
+        self._rejected.pop((model, version), None)
+        state = self._states[(model, version)]
+        state.state, state.reason = CANDIDATE, candidate.reason()
+        self._set_metric_state(model, version, "candidate")
+        log.info(
+            "model %s v%d is a candidate: shadowing v%d on %g of its requests, verdict after %d compared",
+            model, version, serving, self._shadow.sample, self._shadow.min_requests,
+        )  # fmt: skip
+
+    def _on_verdict(self, candidate: Candidate, verdict: str, reason: str) -> None:
+        """The candidate's tally (or timer) decided: carry it out under the model's lock."""
+        task = asyncio.ensure_future(self._carry_out(candidate, verdict, reason))
+        self._verdicts.add(task)
+        task.add_done_callback(self._verdicts.discard)
+
+    async def _carry_out(self, candidate: Candidate, verdict: str, reason: str) -> None:
+        async with self._locks.setdefault(candidate.model, asyncio.Lock()):
+            if self._stopped or self._candidates.get(candidate.model) is not candidate:
+                return  # unloaded, superseded or forced meanwhile
+            if verdict == PROMOTE:
+                await self._promote(candidate, reason, result="promoted")
+            else:
+                await self._reject(candidate, reason)
+
+    async def _promote(self, candidate: Candidate, reason: str, *, result: str) -> None:
+        """Route to the candidate, then retire what its scan did not select (today's hot swap)."""
+        candidate.stop()
+        model, version, loaded = candidate.model, candidate.version, candidate.loaded
+        del self._candidates[model]
+        live = self._live.setdefault(model, {})
+        live[version] = loaded
+        self._states[(model, version)] = VersionState(model, version, READY)
+        self._mark_ready(loaded)
+        if self._metrics is not None:
+            self._metrics.promotions.labels(model, result).inc()
+        log.info(
+            "model %s v%d promoted (%s) over v%d: %s",
+            model,
+            version,
+            result,
+            candidate.serving_version,
+            reason,
+        )
+        for old in sorted(set(live) - candidate.wanted - {version}):
+            await self._retire(model, old)
+        await self._notify(model)
+
+    async def _reject(self, candidate: Candidate, reason: str) -> None:
+        """Close the candidate; its index entry says REJECTED and why; the serving version stays."""
+        model, version = candidate.model, candidate.version
+        del self._candidates[model]
+        self._states[(model, version)] = VersionState(model, version, REJECTED, reason)
+        self._rejected[(model, version)] = candidate.fingerprint
+        if self._metrics is not None:
+            self._metrics.promotions.labels(model, "rejected").inc()
+        serving = sorted(self._live.get(model, {}))
+        log.warning("model %s v%d rejected (still serving %s): %s", model, version, serving, reason)
+        await self._close_candidate(candidate)
+
+    async def _close_candidate(self, candidate: Candidate) -> None:
+        candidate.stop()
+        await candidate.loaded.batcher.stop(drain=False)  # only copies wait there: no client's
+        await asyncio.to_thread(candidate.loaded.handle.close)
+        if self._metrics is not None:
+            self._metrics.forget(candidate.model, str(candidate.version))
+        self._set_metric_state(candidate.model, candidate.version, "unloaded")
+
     async def _load_version(self, found: VersionStatus) -> None:
+        loaded = await self._load_or_fail(found)
+        if loaded is not None:
+            self._live.setdefault(found.model, {})[found.version] = loaded
+            self._states[(found.model, found.version)].state = READY
+            self._mark_ready(loaded)
+
+    async def _load_or_fail(self, found: VersionStatus) -> LoadedVersion | None:
+        """The version loaded and warmed (state LOADING), or None with it UNAVAILABLE and said."""
         model, version = found.model, found.version
         state = self._states[(model, version)] = VersionState(model, version, LOADING)
         self._set_metric_state(model, version, "loading")
@@ -238,10 +389,13 @@ class ModelManager:
                 exc,
                 f"; still serving {serving}" if serving else "",
             )
-            return
+            return None
         self._warned.pop(("load", model, version), None)  # a later failure is news again
-        self._live.setdefault(model, {})[version] = loaded
-        state.state, state.reason = READY, ""
+        return loaded
+
+    def _mark_ready(self, loaded: LoadedVersion) -> None:
+        """Metrics and log of a version that now serves."""
+        model, version = loaded.model, loaded.version
         self._set_metric_state(model, version, "ready")
         if self._metrics is not None:
             self._metrics.track_queue_depth(model, str(version), lambda: loaded.batcher.queue_depth)
@@ -374,12 +528,19 @@ class ModelManager:
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher (draining queued work) and close every backend."""
         self._stopped = True
+        for model in list(self._candidates):
+            await self._close_candidate(self._candidates.pop(model))
         for model in list(self._live):
             for version in sorted(self._live.get(model, {})):
                 loaded = self._live[model].pop(version)
                 await loaded.batcher.stop(drain=drain)
                 await asyncio.to_thread(loaded.handle.close)
         self._live.clear()
+
+
+def _files(found: VersionStatus) -> tuple[str, ...]:
+    """What identifies a version's files: its artefacts' checksums as kiln.json states them."""
+    return tuple(a.sha256 for a in found.manifest.artefacts) if found.manifest is not None else ()
 
 
 def _check_name(model: str) -> None:

@@ -1,0 +1,244 @@
+"""Shadow rollouts: a new version earns its promotion on live traffic before it serves.
+
+With `promotion: shadow` the model manager loads and warms a new version as a *candidate*: not
+routed, so no client ever gets its answer. After the serving version has answered a request, the
+handler offers the request and that answer here (`Candidate.offer`, never awaited): a sampled
+share (`shadow_sample`) is copied to the candidate's batcher from a task of its own, so the
+client's latency and result never depend on it. The copies outstanding at the candidate are
+bounded (`shadow_queue_size`); past it a copy is dropped and counted, which bounds the extra
+compute whatever the traffic. Each answered copy is compared with the serving version's answer:
+top-1 class per row, and the compute time of the batch each side ran in.
+
+After `shadow_min_requests` compared requests the tally gives a verdict: promote when the top-1
+agreement reaches `shadow_min_agreement` and the candidate's p99 batch compute time is within
+`shadow_max_latency_ratio` of the serving version's (the candidate's batches are usually
+smaller, so the ratio errs in its favour: it catches a much slower model, not a few percent);
+reject otherwise, when as many copies failed on the candidate, or when `shadow_timeout_s`
+passes first. The manager carries the verdict out (serving/grpc/model_manager.py).
+
+State is per process: with workers > 1 each worker shadows, counts and decides on its own share
+of the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import KilnError, QueueFullError
+from serving.grpc.config import ServeConfig
+from serving.grpc.metrics import KilnMetrics
+from serving.grpc.model_version import LoadedVersion
+
+log = logging.getLogger("kiln.models")
+
+CANDIDATE, REJECTED = "CANDIDATE", "REJECTED"
+PROMOTE, REJECT = "promote", "reject"
+SHADOW_CLIENT = "kiln-shadow"  # the candidate's batcher sees the copies as one client
+_TIMES_KEPT = 2048  # batch compute times kept per side for the p99
+# A candidate slower than the ratio allows but by less than this is not rejected: on a small
+# model, scheduling jitter alone makes ratios of several times out of microseconds.
+LATENCY_SLACK_S = 0.001
+
+Outputs = Mapping[str, np.ndarray]
+Verdict = Callable[["Candidate", str, str], None]  # (candidate, PROMOTE | REJECT, reason)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShadowPolicy:
+    """The shadow settings of ServeConfig (see its comments)."""
+
+    sample: float
+    min_requests: int
+    min_agreement: float
+    max_latency_ratio: float
+    timeout_s: float
+    queue_size: int
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> ShadowPolicy:
+        """Each field from ServeConfig's `shadow_<field>`."""
+        return cls(**{f.name: getattr(config, f"shadow_{f.name}") for f in dataclasses.fields(cls)})
+
+
+class ShadowTally:
+    """Running comparison of a candidate with the serving version, and the verdict it supports."""
+
+    def __init__(self) -> None:
+        self.compared = self.rows = self.agreed = self.dropped = self.failed = 0
+        self.last_error = ""
+        self._serving_s: deque[float] = deque(maxlen=_TIMES_KEPT)
+        self._candidate_s: deque[float] = deque(maxlen=_TIMES_KEPT)
+
+    def add(
+        self, serving_top1: np.ndarray, candidate_top1: np.ndarray, serving_s: float, candidate_s: float
+    ) -> None:
+        """One compared request: top-1 class per row of each side, and each side's batch compute time."""
+        self.compared += 1
+        self.rows += len(serving_top1)
+        self.agreed += int(np.count_nonzero(serving_top1 == candidate_top1))
+        self._serving_s.append(serving_s)
+        self._candidate_s.append(candidate_s)
+
+    @property
+    def agreement(self) -> float:
+        """Share of compared rows whose top-1 class agrees (1.0 before any)."""
+        return self.agreed / self.rows if self.rows else 1.0
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Candidate p99 batch compute time over the serving version's (None before any, or if 0)."""
+        p99 = self._p99s()
+        return p99[1] / p99[0] if p99 is not None and p99[0] > 0 else None
+
+    def _p99s(self) -> tuple[float, float] | None:
+        """(serving, candidate) p99 batch compute seconds, None before any comparison."""
+        if not self._serving_s:
+            return None
+        return float(np.percentile(self._serving_s, 99)), float(np.percentile(self._candidate_s, 99))
+
+    def too_slow(self, policy: ShadowPolicy) -> bool:
+        """Candidate p99 over max_latency_ratio times the serving one's, and by over LATENCY_SLACK_S."""
+        p99 = self._p99s()
+        if p99 is None:
+            return False
+        serving, candidate = p99
+        return candidate > serving * policy.max_latency_ratio and candidate - serving > LATENCY_SLACK_S
+
+    def verdict(self, policy: ShadowPolicy) -> tuple[str, str] | None:
+        """(PROMOTE | REJECT, reason) once the evidence suffices; None while undecided."""
+        if self.failed >= policy.min_requests:
+            return REJECT, f"{self.failed} copies failed on the candidate (last: {self.last_error})"
+        if self.compared < policy.min_requests:
+            return None
+        summary = self.summary()
+        if self.agreement < policy.min_agreement:
+            return REJECT, f"top-1 agreement {self.agreement:.4f} < {policy.min_agreement} ({summary})"
+        if self.too_slow(policy):
+            return REJECT, f"p99 compute time ratio > {policy.max_latency_ratio} ({summary})"
+        return PROMOTE, summary
+
+    def summary(self) -> str:
+        """The running numbers in words (RepositoryIndex's reason, the decision's log line)."""
+        ratio = self.latency_ratio
+        return (
+            f"{self.compared} requests compared, agreement {self.agreement:.4f}"
+            + (f", p99 compute ratio {ratio:.2f}" if ratio is not None else "")
+            + f", {self.dropped} dropped, {self.failed} failed"
+        )
+
+
+def top1(outputs: Outputs, name: str) -> np.ndarray:
+    """The top-1 class index of each row of output `name` (logits or scores: the same argmax)."""
+    scores = np.asarray(outputs[name])
+    return scores.reshape(scores.shape[0], -1).argmax(axis=1)
+
+
+class Candidate:
+    """A loaded, warmed, unrouted version shadowing the serving one; all methods on the event loop."""
+
+    def __init__(
+        self,
+        loaded: LoadedVersion,
+        *,
+        serving_version: int,
+        wanted: frozenset[int],
+        fingerprint: tuple[str, ...],
+        policy: ShadowPolicy,
+        on_verdict: Verdict,
+        metrics: KilnMetrics | None = None,
+    ) -> None:
+        self.loaded, self.serving_version, self.wanted = loaded, serving_version, wanted
+        self.model, self.version = loaded.model, loaded.version
+        self.fingerprint, self.policy = fingerprint, policy
+        self.tally = ShadowTally()
+        self.decided = False
+        self._on_verdict, self._metrics = on_verdict, metrics
+        self._output = _compared_output(loaded)
+        self._pending = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer = asyncio.get_running_loop().call_later(policy.timeout_s, self._time_out)
+
+    def offer(self, inputs: Mapping[str, np.ndarray], outputs: Outputs, serving_s: float) -> None:
+        """A request the serving version answered with `outputs` in a batch of `serving_s` seconds:
+        copy a sampled share to the candidate (never awaited by the caller)."""
+        if self.decided or random.random() >= self.policy.sample:
+            return
+        if self._pending >= self.policy.queue_size:
+            self._count("dropped")
+            return
+        self._pending += 1
+        task = asyncio.ensure_future(self._compare(inputs, outputs, serving_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _compare(self, inputs: Mapping[str, np.ndarray], outputs: Outputs, serving_s: float) -> None:
+        try:
+            answer, timing = await self.loaded.batcher.submit_timed(inputs, client=SHADOW_CLIENT)
+        except QueueFullError:
+            self._count("dropped")
+            return
+        except KilnError as exc:
+            self.tally.last_error = str(exc)
+            self._count("failed")
+            return
+        finally:
+            self._pending -= 1
+        if self.decided:
+            return
+        theirs, ours = top1(outputs, self._output), top1(answer, self._output)
+        self.tally.add(theirs, ours, serving_s, timing.compute_seconds)
+        self._count("compared")
+        if self._metrics is not None:
+            self._metrics.shadow_agreement.labels(self.model, str(self.version)).set(self.tally.agreement)
+        self._decide_if_ready()
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "dropped":
+            self.tally.dropped += 1
+        elif outcome == "failed":
+            self.tally.failed += 1
+            self._decide_if_ready()
+        if self._metrics is not None:
+            self._metrics.shadow_requests.labels(self.model, outcome).inc()
+
+    def _decide_if_ready(self) -> None:
+        verdict = None if self.decided else self.tally.verdict(self.policy)
+        if verdict is not None:
+            self._settle(*verdict)
+
+    def _time_out(self) -> None:
+        if not self.decided:
+            need = self.policy.min_requests
+            self._settle(
+                REJECT, f"no verdict within {self.policy.timeout_s:g} s ({self.tally.summary()}; need {need})"
+            )
+
+    def _settle(self, verdict: str, reason: str) -> None:
+        self.decided = True
+        self._timer.cancel()
+        self._on_verdict(self, verdict, reason)
+
+    def reason(self) -> str:
+        """RepositoryIndex's reason while shadowing: whom it shadows and the running numbers."""
+        return f"shadowing v{self.serving_version}: {self.tally.summary()}"
+
+    def stop(self) -> None:
+        """No more copies or verdicts (the manager promotes, rejects or unloads it)."""
+        self.decided = True
+        self._timer.cancel()
+
+
+def _compared_output(loaded: LoadedVersion) -> str:
+    """The output whose top-1 is compared: the classification output, else the first one."""
+    try:
+        return loaded.handle.head.output
+    except KilnError:
+        return loaded.backend.outputs[0].name

@@ -1,0 +1,120 @@
+"""Shadow rollouts (promotion: shadow) on a real polling server under concurrent client load.
+
+Two versions published with the same seed have the same weights (100 % top-1 agreement); seeds 1
+and 2 disagree on the Hammer's request. Every test also proves no client request failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from protos.inference import grpc_service_pb2 as pb
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
+from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
+from tests.integration.test_server_lifecycle import BATCH, Hammer, _wait_until
+
+
+def _config(repo: Path, **shadow: Any) -> ServeConfig:
+    settings: dict[str, Any] = {"shadow_sample": 1.0, "shadow_min_requests": 20, **shadow}
+    return ServeConfig(
+        repo=repo,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        poll_interval_s=0.05,
+        promotion="shadow",
+        **settings,
+    )
+
+
+def _states(client: KilnClient) -> dict[str, tuple[str, str]]:
+    return {m.version: (m.state, m.reason) for m in client.repository_index().models}
+
+
+def _metric(srv: ServerThread, name: str, **labels: str) -> float:
+    return srv.server.registry.get_sample_value(name, {"model": "tiny", **labels}) or 0.0
+
+
+def test_an_agreeing_candidate_is_promoted_with_no_failed_request(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    with running_server(_config(tmp_path)) as srv, Hammer(srv.address) as hammer:
+        _wait_until(lambda: hammer.successes >= 20)
+        publish_tiny_model(tmp_path, seed=1)  # version 2: the same weights re-exported
+        _wait_until(lambda: hammer.versions.get("2", 0) >= 20)
+        with KilnClient(srv.address) as client:
+            states = _states(client)
+        compared = _metric(srv, "kiln_shadow_requests_total", outcome="compared")
+        promoted = _metric(srv, "kiln_model_promotions_total", result="promoted")
+        agreement = _metric(srv, "kiln_shadow_agreement_ratio", version="2")
+    assert hammer.failures == []
+    assert list(states) == ["2"] and states["2"][0] == "READY"
+    assert compared >= 20 and promoted == 1 and agreement == 1.0
+
+
+def test_a_disagreeing_candidate_is_rejected_and_the_old_version_keeps_serving(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    with running_server(_config(tmp_path)) as srv, KilnClient(srv.address) as client:
+        publish_tiny_model(tmp_path, seed=2)  # disagrees with seed 1 on the Hammer's request
+        _wait_until(lambda: _states(client).get("2", ("", ""))[0] == "CANDIDATE")
+        # no traffic yet: no verdict; the candidate is not "the" ready version
+        assert "shadowing v1" in _states(client)["2"][1]
+        assert not client.model_ready("tiny", "2") and client.model_ready("tiny")
+        with Hammer(srv.address) as hammer:
+            _wait_until(lambda: _states(client)["2"][0] == "REJECTED")
+            served = hammer.successes
+            _wait_until(lambda: hammer.successes >= served + 20)  # polls pass: never retried
+            states = _states(client)
+        rejected = _metric(srv, "kiln_model_promotions_total", result="rejected")
+    assert hammer.failures == [] and set(hammer.versions) == {"1"}
+    assert states["1"][0] == "READY" and "agreement 0.0000 < 0.99" in states["2"][1]
+    assert rejected == 1
+
+
+def test_a_full_candidate_queue_drops_copies_not_client_requests(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    config = _config(tmp_path, shadow_queue_size=1, shadow_min_requests=1_000_000)
+    with running_server(config) as srv, Hammer(srv.address, threads=8) as hammer:
+        _wait_until(lambda: hammer.successes >= 10)
+        publish_tiny_model(tmp_path, seed=1)
+        _wait_until(lambda: _metric(srv, "kiln_shadow_requests_total", outcome="dropped") >= 5)
+        with KilnClient(srv.address) as client:
+            reason = _states(client)["2"][1]
+    assert hammer.failures == [] and set(hammer.versions) == {"1"}
+    assert "dropped" in reason and _metric(srv, "kiln_shadow_requests_total", outcome="compared") >= 1
+
+
+def test_a_candidate_without_a_verdict_in_time_is_rejected(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    with running_server(_config(tmp_path, shadow_timeout_s=0.3)) as srv, KilnClient(srv.address) as client:
+        publish_tiny_model(tmp_path, seed=1)  # would agree, but no request comes
+        _wait_until(lambda: _states(client).get("2", ("", ""))[0] == "REJECTED")
+        reason = _states(client)["2"][1]
+        assert client.infer("tiny", {"input": BATCH})  # v1 answers
+    assert "no verdict within 0.3 s" in reason
+
+
+def test_repository_model_load_forces_promotion(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    config = _config(tmp_path, shadow_min_requests=1_000_000, repository_control=True)
+    with running_server(config) as srv, KilnClient(srv.address) as client:
+        publish_tiny_model(tmp_path, seed=2)
+        _wait_until(lambda: _states(client).get("2", ("", ""))[0] == "CANDIDATE")
+        client.load_model("tiny")  # without promote: it stays a candidate
+        assert _states(client)["2"][0] == "CANDIDATE"
+        promote = {"promote": pb.ModelRepositoryParameter(bool_param=True)}
+        client.inference.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name="tiny", parameters=promote)
+        )
+        states = _states(client)
+        answer = client.inference.ModelInfer(_infer_request())
+        forced = _metric(srv, "kiln_model_promotions_total", result="forced")
+    assert list(states) == ["2"] and states["2"][0] == "READY"
+    assert answer.model_version == "2" and forced == 1
+
+
+def _infer_request() -> pb.ModelInferRequest:
+    from serving.clients.client import build_infer_request
+
+    return build_infer_request("tiny", {"input": BATCH})
