@@ -40,17 +40,19 @@ def make_augment(policy: str, image_size: int) -> AugmentFn:
         return CifarAugment(image_size=image_size, pad=max(1, round(4 * scale)))
     if policy == "imagenet":
         return ImagenetAugment(image_size=image_size)
-    return NoAugment(image_size=image_size)
+    return NoAugment(size=image_size)
 
 
 @dataclass(frozen=True, kw_only=True)
 class NoAugment:
-    """Identity (the batch is returned unchanged)."""
+    """Identity for either kind of input: the batch, once checked, is returned unchanged.
+    `size` is the image side, or with `signal` the signal length."""
 
-    image_size: int
+    size: int
+    signal: bool = False
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _check_batch(x, self.image_size)
+        (check_signal_batch if self.signal else _check_batch)(x, self.size)
         return x
 
 
@@ -144,3 +146,11 @@ def _check_batch(x: torch.Tensor, image_size: int) -> None:
         raise DataError(
             f"augmentation was made for {image_size}x{image_size} images, got {tuple(x.shape[-2:])}"
         )
+
+
+def check_signal_batch(x: torch.Tensor, length: int) -> None:
+    """DataError unless `x` is a float [N,C,L] batch of signals of `length` samples."""
+    if x.ndim != 3 or not x.is_floating_point():
+        raise DataError(f"signal augmentation needs a float [N,C,L] batch, got {x.dtype} {tuple(x.shape)}")
+    if x.shape[-1] != length:
+        raise DataError(f"signal augmentation was made for length {length}, got length {x.shape[-1]}")

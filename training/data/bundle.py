@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from training.data.datasets import TensorImageDataset
 from training.data.spec import DataSpec
 
 ImageDataset = Dataset[tuple[torch.Tensor, int]]
+_Split = TypeVar("_Split", bound=Dataset)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -97,20 +100,9 @@ def tensor_bundle(
 
     Without a given `test`, `pool` is split three ways; with one, only val is carved from `pool`.
     """
-    images, labels = pool
-    train_idx, val_idx, test_idx = stratified_split(
-        labels.numpy(),
-        val_fraction=spec.val_fraction,
-        test_fraction=0.0 if test is not None else spec.test_fraction,
-        seed=spec.seed,
-        class_names=class_names,
-    )
-    splits = [_subset(images, labels, idx) for idx in (train_idx, val_idx)]
-    splits.append(TensorImageDataset(*test) if test is not None else _subset(images, labels, test_idx))
-    train, val, test_set = splits
+    images = pool[0]
+    (train, val, test_set), fingerprint = split_pool(spec, pool, test, class_names, TensorImageDataset)
     mean, std = channel_stats(chunks(train.images))
-    tensors = [t for split in splits for t in (split.images, split.labels)]
-    params = spec.split_params() | {"class_names": list(class_names)}
     return DataBundle(
         spec=spec,
         train=train,
@@ -122,11 +114,40 @@ def tensor_bundle(
         mean=mean,
         std=std,
         channel_order=channel_order(int(images.shape[1])),
-        fingerprint=fingerprint_tensors(params, tensors),
+        fingerprint=fingerprint,
         augment=spec.augment or default_augment,
     )
 
 
-def _subset(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray) -> TensorImageDataset:
-    index = torch.from_numpy(idx)
-    return TensorImageDataset(images[index], labels[index])
+def split_pool(
+    spec: DataSpec,
+    pool: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor] | None,
+    class_names: tuple[str, ...],
+    dataset: Callable[[torch.Tensor, torch.Tensor], _Split],
+    extra_params: Mapping[str, Any] | None = None,
+) -> tuple[tuple[_Split, _Split, _Split], str]:
+    """The stratified (train, val, test) datasets of in-memory inputs (images or signals: the
+    `dataset` class is told which) and their fingerprint.
+
+    Without a given `test`, `pool` is split three ways; with one, only val is carved from `pool`.
+    `extra_params` (e.g. generator settings) go into the fingerprint with the split parameters.
+    """
+    values, labels = pool
+    train_idx, val_idx, test_idx = stratified_split(
+        labels.numpy(),
+        val_fraction=spec.val_fraction,
+        test_fraction=0.0 if test is not None else spec.test_fraction,
+        seed=spec.seed,
+        class_names=class_names,
+    )
+
+    def subset(idx: np.ndarray) -> _Split:
+        index = torch.from_numpy(idx)
+        return dataset(values[index], labels[index])
+
+    splits = (subset(train_idx), subset(val_idx), dataset(*test) if test is not None else subset(test_idx))
+    # Both dataset classes expose `.images` (signals under that alias too).
+    tensors = [t for split in splits for t in (split.images, split.labels)]
+    params = spec.split_params() | {"class_names": list(class_names)} | dict(extra_params or {})
+    return splits, fingerprint_tensors(params, tensors)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from training.data.augment import AugmentFn, make_augment
+from training.data.augment import AugmentFn, NoAugment, check_signal_batch, make_augment
 from training.data.spec import SIGNAL_AUGMENT_POLICIES, DataError
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def make_signal_augment(policy: str, length: int) -> AugmentFn:
         raise DataError(f"length={length!r} must be a positive int")
     if policy == "shift":
         return SignalShift(length=length, max_shift=max(1, round(SHIFT_FRACTION * length)))
-    return SignalIdentity(length=length)
+    return NoAugment(size=length, signal=True)
 
 
 def augment_for(bundle: DataBundle) -> AugmentFn:
@@ -51,17 +51,6 @@ def augment_for(bundle: DataBundle) -> AugmentFn:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SignalIdentity:
-    """Identity (the batch is returned unchanged)."""
-
-    length: int
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _check_signals(x, self.length)
-        return x
-
-
-@dataclass(frozen=True, kw_only=True)
 class SignalShift:
     """Per-sample circular shift by up to `max_shift` samples either way."""
 
@@ -69,17 +58,10 @@ class SignalShift:
     max_shift: int
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _check_signals(x, self.length)
+        check_signal_batch(x, self.length)
         n, channels, length = x.shape
         shifts = torch.randint(-self.max_shift, self.max_shift + 1, (n,), generator=gen, device=gen.device)
         positions = torch.arange(length, device=x.device)
         # out[i, :, t] = x[i, :, (t - shift_i) mod L]: a positive shift moves the signal right.
         index = (positions[None, :] - shifts.to(x.device)[:, None]).remainder(length)
         return x.gather(2, index[:, None, :].expand(n, channels, length))
-
-
-def _check_signals(x: torch.Tensor, length: int) -> None:
-    if x.ndim != 3 or not x.is_floating_point():
-        raise DataError(f"signal augmentation needs a float [N,C,L] batch, got {x.dtype} {tuple(x.shape)}")
-    if x.shape[-1] != length:
-        raise DataError(f"signal augmentation was made for length {length}, got length {x.shape[-1]}")

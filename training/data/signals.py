@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data.arrays import fingerprint_tensors, stratified_split
-from training.data.bundle import DataBundle
+from training.data.bundle import DataBundle, split_pool
 from training.data.spec import DataError, DataSpec
 
 SIGNAL_LAYOUT = "NCL"
@@ -88,25 +87,16 @@ def signal_bundle(
     Without a given `test`, `pool` is split three ways; with one, only val is carved from `pool`.
     `extra_params` (e.g. generator settings) go into the fingerprint with the split parameters.
     """
-    signals, labels = pool
+    signals = pool[0]
     if test is not None and test[0].shape[1:] != signals.shape[1:]:
         raise DataError(
             f"test signals are [N, {', '.join(map(str, test[0].shape[1:]))}] but training signals "
             f"are [N, {', '.join(map(str, signals.shape[1:]))}]"
         )
-    train_idx, val_idx, test_idx = stratified_split(
-        labels.numpy(),
-        val_fraction=spec.val_fraction,
-        test_fraction=0.0 if test is not None else spec.test_fraction,
-        seed=spec.seed,
-        class_names=class_names,
+    (train, val, test_set), fingerprint = split_pool(
+        spec, pool, test, class_names, TensorSignalDataset, extra_params
     )
-    splits = [_subset(signals, labels, idx) for idx in (train_idx, val_idx)]
-    splits.append(TensorSignalDataset(*test) if test is not None else _subset(signals, labels, test_idx))
-    train, val, test_set = splits
     mean, std = signal_stats(train.signals)
-    tensors = [t for split in splits for t in (split.signals, split.labels)]
-    params = spec.split_params() | {"class_names": list(class_names)} | (extra_params or {})
     return DataBundle(
         spec=spec,
         train=train,
@@ -118,14 +108,9 @@ def signal_bundle(
         mean=mean,
         std=std,
         channel_order=None,
-        fingerprint=fingerprint_tensors(params, tensors),
+        fingerprint=fingerprint,
         augment=spec.augment or default_augment,
         layout=SIGNAL_LAYOUT,
         signal_length=int(signals.shape[2]),
         input_scale=1.0,
     )
-
-
-def _subset(signals: torch.Tensor, labels: torch.Tensor, idx: np.ndarray) -> TensorSignalDataset:
-    index = torch.from_numpy(idx)
-    return TensorSignalDataset(signals[index], labels[index])
