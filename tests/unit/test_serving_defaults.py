@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import text_format
 
 from protos.inference import model_config_pb2 as mc
+from serving.contract import serving_defaults
 from serving.contract.triton_config import ServingSettings, render_config
 from serving.contract.version_policy import VersionPolicy
 from serving.grpc.config import ConfigError, ServeConfig, load_config
@@ -31,7 +32,11 @@ SHARED = {
 
 
 def _serve_defaults() -> dict[str, object]:
-    return {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    """ServeConfig's defaults as served: `instances: None` serves INSTANCES unless precision auto
+    measures a layout (a version with several artefacts; config.pbtxt is written before that)."""
+    values = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    assert values["instances"] is None
+    return values | {"instances": serving_defaults.INSTANCES}
 
 
 @pytest.mark.parametrize("name", sorted(SHARED))
@@ -51,7 +56,7 @@ def test_the_written_config_pbtxt_states_the_served_defaults(tmp_path: Path) -> 
     assert written.dynamic_batching.max_queue_delay_microseconds == served.max_queue_delay_us
     assert written.dynamic_batching.default_queue_policy.max_queue_size == served.max_queue_size
     assert list(written.dynamic_batching.preferred_batch_size) == list(served.preferred_batch_sizes)
-    assert written.instance_group[0].count == served.instances
+    assert written.instance_group[0].count == (served.instances or serving_defaults.INSTANCES)
     assert written.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and served.device == "cpu"
     assert written.version_policy.latest.num_versions == served.policy.num_versions == 1
 
