@@ -79,6 +79,9 @@ class ServeConfig:
     shadow_max_latency_ratio: float = 2.0  # candidate p99 compute time per batch / the serving one's
     shadow_timeout_s: float = 600.0  # no verdict by then: rejected
     shadow_queue_size: int = 16  # copies outstanding at the candidate; more are dropped (counted)
+    # kiln_predictions_total labels the first N classes by name, the rest "other"; 0: no
+    # prediction metrics (serving/grpc/predictions.py)
+    prediction_classes: int = 20
     # execution
     device: str = serving_defaults.DEVICE
     backend: str = "auto"
@@ -371,6 +374,7 @@ def _check_shadow(cfg: ServeConfig) -> None:
     _check_range(cfg, "shadow_max_latency_ratio", 0.01, 1000.0)
     _check_range(cfg, "shadow_timeout_s", 0.1, 7 * 86400)
     _check_range(cfg, "shadow_queue_size", 1, 65536)
+    _check_range(cfg, "prediction_classes", 0, 1000)
 
 
 def _check_version_policy(cfg: ServeConfig) -> None:

@@ -60,6 +60,7 @@ LATENCY_BUCKETS = (
     0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 LOAD_STATES = ("unloaded", "loading", "ready", "unloading", "failed", "candidate")
 _STATUS_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
@@ -219,6 +220,15 @@ class KilnMetrics:
             "kiln_model_promotions", "Verdicts on candidate versions, by result", ("model", "result"),
             registry=r,
         )  # fmt: skip
+        # what each version predicts (serving/grpc/predictions.py): top-1 class of each served row
+        # (classes past prediction_classes are "other") and the top-1 probability
+        self.predictions = Counter(
+            "kiln_predictions", "Served rows by top-1 class", (*_MV, "class"), registry=r
+        )
+        self.prediction_confidence = Histogram(
+            "kiln_prediction_confidence", "Top-1 probability of each served row", _MV,
+            buckets=CONFIDENCE_BUCKETS, registry=r,
+        )  # fmt: skip
         r.register(_ClientErrorCollector())
         if process:
             ProcessCollector(registry=r)
@@ -292,15 +302,17 @@ class KilnMetrics:
         for metric in (
             self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
             self.batch_size, self.queue_depth, self.inflight, self.shadow_agreement,
+            self.prediction_confidence,
         ):  # fmt: skip
             _remove(metric, model, version)
         for code in _STATUS_CODES:
             _remove(self.requests, model, version, code)
         for reason in _DROP_REASONS:
             _remove(self.requests_dropped, model, version, reason)
-        for labels in [s.labels for m in self.artefact_info.collect() for s in m.samples]:
-            if (labels["model"], labels["version"]) == (model, version):
-                _remove(self.artefact_info, *labels.values())
+        for metric in (self.artefact_info, self.predictions):
+            for labels in [s.labels for m in metric.collect() for s in m.samples]:
+                if (labels["model"], labels["version"]) == (model, version):
+                    _remove(metric, *labels.values())
 
 
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:

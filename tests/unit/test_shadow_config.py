@@ -33,6 +33,7 @@ def test_flags_and_environment_reach_print_config(
         ({"shadow_min_agreement": 1.5}, "shadow_min_agreement: must be in [0.0, 1.0], got 1.5"),
         ({"shadow_queue_size": 0}, "shadow_queue_size: must be in [1, 65536], got 0"),
         ({"shadow_timeout_s": 0.0}, "shadow_timeout_s: must be in [0.1, 604800], got 0.0"),
+        ({"prediction_classes": -1}, "prediction_classes: must be in [0, 1000], got -1"),
     ],
 )
 def test_bad_promotion_settings_are_named(tmp_path: Path, setting: dict[str, object], message: str) -> None:

@@ -1,0 +1,84 @@
+"""What each served model predicts: its top-1 class per row and the confidence of it.
+
+`kiln_predictions_total{model,version,class}` counts served rows by top-1 class and
+`kiln_prediction_confidence` is a histogram of the top-1 probability, so a shift in the class
+mix or a fall in confidence shows on the dashboard before anyone reports wrong answers. Label
+cardinality is bounded: classes at output index `prediction_classes` or beyond count as
+"other" (a 1000-class model would otherwise add 1000 series per version); 0 turns both off.
+Rows are counted after the answer, from the scores the handler already has (Classify) or a
+softmax of the classification output (ModelInfer); a model without one is not counted.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from serving.errors import KilnError
+from serving.grpc.metrics import KilnMetrics
+from serving.grpc.model_version import LoadedVersion
+from serving.runtime.topk import ClassificationHead
+
+OTHER = "other"
+
+
+class _VersionPredictions:
+    """The series of one model version (label lookups done once per class)."""
+
+    def __init__(
+        self, metrics: KilnMetrics, loaded: LoadedVersion, head: ClassificationHead, most: int
+    ) -> None:
+        model, version = loaded.model, str(loaded.version)
+        self.head = head
+        named = [label if i < most else OTHER for i, label in enumerate(head.labels)]
+        children: dict[str, Counter] = {}
+        self._classes = [children.setdefault(n, metrics.predictions.labels(model, version, n)) for n in named]
+        self._confidence: Histogram = metrics.prediction_confidence.labels(model, version)
+
+    def observe(self, scores: np.ndarray) -> None:
+        """Count the rows of [N, C] class scores."""
+        best = scores.argmax(axis=1)
+        for index, count in zip(*np.unique(best, return_counts=True), strict=True):
+            if index < len(self._classes):
+                self._classes[index].inc(int(count))
+        for confidence in scores[np.arange(len(best)), best]:
+            self._confidence.observe(float(confidence))
+
+
+class PredictionMetrics:
+    """Counts predictions of every served version (one per servicer; versions held weakly)."""
+
+    def __init__(self, metrics: KilnMetrics, most_classes: int) -> None:
+        self._metrics, self._most = metrics, most_classes
+        self._versions: weakref.WeakKeyDictionary[LoadedVersion, _VersionPredictions | None] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _of(self, loaded: LoadedVersion) -> _VersionPredictions | None:
+        if loaded not in self._versions:
+            try:
+                head = loaded.handle.head
+            except KilnError:  # no classification output: nothing to count
+                head = None
+            self._versions[loaded] = head and _VersionPredictions(self._metrics, loaded, head, self._most)
+        return self._versions[loaded]
+
+    def observe_scores(self, loaded: LoadedVersion, scores: np.ndarray) -> None:
+        """Rows whose class scores the handler has (Classify)."""
+        version = self._of(loaded)
+        if version is not None:
+            version.observe(scores)
+
+    def observe_outputs(self, loaded: LoadedVersion, outputs: Mapping[str, np.ndarray]) -> None:
+        """Rows of raw outputs (ModelInfer): scored by the model's classification head."""
+        version = self._of(loaded)
+        if version is not None and version.head.output in outputs:
+            version.observe(version.head.scores(outputs[version.head.output]))
+
+
+def prediction_metrics(metrics: KilnMetrics | None, most_classes: int) -> PredictionMetrics | None:
+    """The recorder a servicer uses, or None without metrics or with prediction_classes 0."""
+    return PredictionMetrics(metrics, most_classes) if metrics is not None and most_classes > 0 else None

@@ -1,0 +1,71 @@
+"""Prediction-distribution metrics on a real server: kiln_predictions_total counts each served row
+by its top-1 class (past prediction_classes as "other"), kiln_prediction_confidence its top-1
+probability, for ModelInfer and Classify alike; unloading a version removes its series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from serving.clients.client import KilnClient
+from serving.grpc.config import ServeConfig
+from serving.runtime.topk import softmax
+from tests.integration.server_fixtures import LABELS, publish_tiny_model, reference_logits, running_server
+
+ROWS = np.random.default_rng(7).normal(size=(8, 3, 8, 8)).astype(np.float32)
+IMAGES = np.random.default_rng(8).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+
+
+def _config(repo: Path, classes: int) -> ServeConfig:
+    return ServeConfig(
+        repo=repo,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=None,
+        prediction_classes=classes,
+        repository_control=True,
+    )
+
+
+def test_served_rows_are_counted_by_class_and_confidence(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    probabilities = softmax(reference_logits(tmp_path / "tiny" / "1" / "model.onnx", ROWS))
+    expected = {label: int(np.sum(probabilities.argmax(1) == i)) for i, label in enumerate(LABELS)}
+    with running_server(_config(tmp_path, classes=len(LABELS))) as srv, KilnClient(srv.address) as client:
+        client.infer("tiny", {"input": ROWS})
+        classified = client.classify("tiny", list(IMAGES))
+        registry = srv.server.registry
+        counts = {
+            label: registry.get_sample_value(
+                "kiln_predictions_total", {"model": "tiny", "version": "1", "class": label}
+            )
+            or 0
+            for label in LABELS
+        }
+        labels = {"model": "tiny", "version": "1"}
+        observed = registry.get_sample_value("kiln_prediction_confidence_count", labels)
+        below_half = registry.get_sample_value("kiln_prediction_confidence_bucket", {**labels, "le": "0.5"})
+        client.unload_model("tiny")
+        after = registry.get_sample_value("kiln_prediction_confidence_count", labels)
+    for result in classified.results:
+        expected[result.predictions[0].label] += 1
+    confidence = [*probabilities.max(1), *(r.predictions[0].score for r in classified.results)]
+    assert counts == expected and observed == len(ROWS) + len(IMAGES)
+    assert below_half == sum(c <= 0.5 for c in confidence)
+    assert after is None
+
+
+def test_classes_past_the_limit_count_as_other(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, seed=1)
+    probabilities = softmax(reference_logits(tmp_path / "tiny" / "1" / "model.onnx", ROWS))
+    with running_server(_config(tmp_path, classes=2)) as srv, KilnClient(srv.address) as client:
+        client.infer("tiny", {"input": ROWS})
+        registry = srv.server.registry
+        labels = {"model": "tiny", "version": "1"}
+        other = registry.get_sample_value("kiln_predictions_total", {**labels, "class": "other"}) or 0
+        named = {
+            c: registry.get_sample_value("kiln_predictions_total", {**labels, "class": c}) for c in LABELS
+        }
+    assert other == int(np.sum(probabilities.argmax(1) >= 2))
+    assert named["star"] is None and named["wave"] is None
