@@ -14,12 +14,13 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+from serving.contract.manifest_types import ParityReport
 from serving.contract.repository import publish_version
 
 LABELS = ("circle", "square", "star", "wave")
@@ -67,12 +68,20 @@ def reference_logits(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
 
 
 def publish_tiny_model(
-    repo: Path, name: str = "tiny", *, seed: int = 0, max_batch_size: int = 8, version: int | None = None
+    repo: Path,
+    name: str = "tiny",
+    *,
+    seed: int = 0,
+    max_batch_size: int = 8,
+    version: int | None = None,
+    build: Callable[[Path, int], None] = build_onnx,
+    parity: ParityReport | None = None,
 ) -> Path:
-    """Publish one version of the tiny classifier; returns the version folder."""
+    """Publish one version of the tiny classifier (or another graph `build` writes with the same
+    inputs and outputs), its artefact carrying `parity` if given; returns the version folder."""
 
     def populate(tmp: Path, ver: int) -> Manifest:
-        build_onnx(tmp / "model.onnx", seed)
+        build(tmp / "model.onnx", seed)
         return Manifest(
             name=name,
             version=ver,
@@ -86,7 +95,9 @@ def publish_tiny_model(
                 preprocessing=Preprocessing(resize=SIZE, crop=SIZE, mean=MEAN, std=STD),
             ),
             outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, len(LABELS))),),
-            artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),
+            artefacts=(
+                Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32", parity=parity),
+            ),
             max_batch_size=max_batch_size,
             provenance=Provenance(
                 run_id=f"test-{seed}",
