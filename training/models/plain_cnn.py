@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.models.layers import BN_TYPES, CONV_TYPES, adaptive_avg_pool, batch_norm, conv, max_pool
+from training.models.layers import adaptive_avg_pool, batch_norm, conv, init_weights, max_pool
 from training.models.layouts import PlainLayout, plain_layout
 
 
@@ -99,15 +99,10 @@ def _classifier(layout: PlainLayout, in_features: int, num_classes: int, dropout
 
 def _init(model: nn.Module) -> None:
     """torchvision VGG init: He normal convs (fan_out), BN identity, N(0, 0.01) linear layers."""
+    init_weights(model)
+    # The classifier follows every conv, so drawing its weights second keeps seeded values.
     for m in model.modules():
-        if isinstance(m, CONV_TYPES):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, BN_TYPES):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
 
