@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from training.config_keys import checked_keys
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -81,16 +83,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild from `to_dict()` output, naming any key this version does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown training config keys: {', '.join(unknown)}")
-        values = dict(data)
-        optim = values.pop("optim", {})
-        optim_known = {f.name for f in dataclasses.fields(OptimConfig)}
-        bad = sorted(set(optim) - optim_known)
-        if bad:
-            raise TrainConfigError(f"unknown optimiser config keys: {', '.join(bad)}")
+        values = dict(checked_keys(cls, data, "training config", TrainConfigError))
+        optim = checked_keys(OptimConfig, values.pop("optim", {}), "optimiser config", TrainConfigError)
         return cls(optim=OptimConfig(**optim), **values)
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from training.config_keys import checked_keys
+
 DATASET_NAMES: tuple[str, ...] = ("cifar10", "digits", "imagefolder", "mnist1d", "signals", "synthetic")
 # Sets of fixed-length signals [C, L] (layout NCL) rather than images.
 SIGNAL_DATASETS = frozenset({"mnist1d", "signals"})
@@ -104,13 +106,7 @@ class DataSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSpec:
         """Inverse of `to_dict`; unknown keys raise `DataError` naming them."""
-        if not isinstance(data, dict):
-            raise DataError(f"a data spec must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DataError(f"unknown data spec keys: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**checked_keys(cls, data, "data spec", DataError))
 
     def split_params(self) -> dict[str, Any]:
         """The fields that decide which images land in which split, at what size (for fingerprints)."""

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from training.config_keys import checked_keys
 from training.models.errors import ModelConfigError
 from training.models.registry import COMMON_FIELDS, families_using, get_family
 
@@ -92,14 +93,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of `to_dict`; unknown keys raise `ModelConfigError` naming them."""
-        if not isinstance(data, dict):
-            raise ModelConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelConfigError(
-                f"unknown model config keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        checked_keys(cls, data, "model config", ModelConfigError, name_known=True)
         if "arch" not in data:
             raise ModelConfigError("a model config needs an 'arch'")
         return cls(**data)
