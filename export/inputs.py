@@ -10,9 +10,9 @@ values; `SignalPreprocess` is the same arithmetic on the host, for the PyTorch r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,34 @@ __all__ = [
     "sample_split",
     "split_arrays",
 ]
+
+
+_Pre = TypeVar("_Pre", "HostPreprocess", "SignalPreprocess")
+
+
+def _parsed(
+    cls: type[_Pre],
+    record: Mapping[str, Any],
+    default_scale: float,
+    shape: Callable[[Mapping[str, Any]], dict[str, Any]],
+) -> _Pre:
+    """`cls` from run.json's "input" record: the normalisation every kind carries plus the fields
+    `shape(record)` reads; a missing or unparsable key is a ValueError naming it."""
+    try:
+        return cls(
+            mean=tuple(float(m) for m in record["mean"]),
+            std=tuple(float(s) for s in record["std"]),
+            scale=float(record.get("scale", default_scale)),
+            channels=int(record["channels"]),
+            **shape(record),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc!r}") from exc
+
+
+def _check_mean_std(pre: HostPreprocess | SignalPreprocess) -> None:
+    if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0:
+        raise ValueError(f"run.json 'input': mean/std must have {pre.channels} values, std > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,20 +72,13 @@ class HostPreprocess:
     @classmethod
     def from_run_input(cls, record: Mapping[str, Any]) -> HostPreprocess:
         """Build from run.json's "input" dict; ValueError names a missing or bad key."""
-        try:
-            pre = cls(
-                mean=tuple(float(m) for m in record["mean"]),
-                std=tuple(float(s) for s in record["std"]),
-                scale=float(record.get("scale", 1.0 / 255.0)),
-                channels=int(record["channels"]),
-                height=int(record["height"]),
-                width=int(record["width"]),
-                channel_order=str(record.get("channel_order", "RGB")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc!r}") from exc
-        if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0:
-            raise ValueError(f"run.json 'input': mean/std must have {pre.channels} values, std > 0")
+
+        def geometry(r: Mapping[str, Any]) -> dict[str, Any]:
+            channel_order = str(r.get("channel_order", "RGB"))
+            return {"height": int(r["height"]), "width": int(r["width"]), "channel_order": channel_order}
+
+        pre = _parsed(cls, record, 1.0 / 255.0, geometry)
+        _check_mean_std(pre)
         return pre
 
     @property
@@ -94,22 +115,12 @@ class SignalPreprocess:
     @classmethod
     def from_run_input(cls, record: Mapping[str, Any]) -> SignalPreprocess:
         """Build from run.json's "input" dict; ValueError names a missing or bad key."""
-        try:
-            pre = cls(
-                mean=tuple(float(m) for m in record["mean"]),
-                std=tuple(float(s) for s in record["std"]),
-                scale=float(record.get("scale", 1.0)),
-                channels=int(record["channels"]),
-                length=int(record["length"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc!r}") from exc
+        pre = _parsed(cls, record, 1.0, lambda r: {"length": int(r["length"])})
         if record.get("layout", "NCL") != "NCL":
             raise ValueError(f"run.json 'input': a signal needs layout NCL, got {record.get('layout')!r}")
         if pre.channels < 1 or pre.length < 1:
             raise ValueError(f"run.json 'input': channels/length must be >= 1, got {pre.input_shape}")
-        if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0:
-            raise ValueError(f"run.json 'input': mean/std must have {pre.channels} values, std > 0")
+        _check_mean_std(pre)
         if not np.isfinite([*pre.mean, *pre.std, pre.scale]).all() or pre.scale <= 0:
             raise ValueError("run.json 'input': mean/std/scale must be finite and scale > 0")
         return pre
