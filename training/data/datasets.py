@@ -13,6 +13,19 @@ from torch.utils.data import Dataset
 from training.data.spec import DataError
 
 
+def checked_tensors(
+    values: torch.Tensor, labels: torch.Tensor, what: str, dtype: torch.dtype, dims: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous `values` (`dtype`, one axis per name in `dims`) and int64 `labels` [N]; anything
+    else raises `DataError` naming `what` and the shape it got."""
+    if values.dtype != dtype or values.ndim != len(dims.split(",")):
+        expected = f"{str(dtype).removeprefix('torch.')} [{dims}]"
+        raise DataError(f"{what} must be {expected}, got {values.dtype} {tuple(values.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != values.shape[0]:
+        raise DataError(f"labels must be [N={values.shape[0]}], got {tuple(labels.shape)}")
+    return values.contiguous(), labels.to(torch.int64).contiguous()
+
+
 class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """Images already decoded: `.images` uint8 [N,C,H,W] and `.labels` int64 [N].
 
@@ -20,12 +33,7 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise DataError(f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}")
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
-        self.images = images.contiguous()
-        self.labels = labels.to(torch.int64).contiguous()
+        self.images, self.labels = checked_tensors(images, labels, "images", torch.uint8, "N,C,H,W")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from training.data.bundle import DataBundle, split_pool
+from training.data.datasets import checked_tensors
 from training.data.spec import DataError, DataSpec
 
 SIGNAL_LAYOUT = "NCL"
@@ -27,12 +28,7 @@ class TensorSignalDataset(Dataset[tuple[torch.Tensor, int]]):
     """
 
     def __init__(self, signals: torch.Tensor, labels: torch.Tensor) -> None:
-        if signals.dtype != torch.float32 or signals.ndim != 3:
-            raise DataError(f"signals must be float32 [N,C,L], got {signals.dtype} {tuple(signals.shape)}")
-        if labels.ndim != 1 or labels.shape[0] != signals.shape[0]:
-            raise DataError(f"labels must be [N={signals.shape[0]}], got {tuple(labels.shape)}")
-        self.signals = signals.contiguous()
-        self.labels = labels.to(torch.int64).contiguous()
+        self.signals, self.labels = checked_tensors(signals, labels, "signals", torch.float32, "N,C,L")
 
     @property
     def images(self) -> torch.Tensor:
