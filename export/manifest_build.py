@@ -56,6 +56,7 @@ def parity_report(result: ParityResult, *, reference: str, forced: bool) -> Pari
         forced=forced and not result.passed,
         runtime=result.runtime,
         note=note,
+        distribution=result.distribution,
     )
 
 

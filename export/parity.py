@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serving.contract.manifest_types import PredictionDistribution
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -79,6 +82,7 @@ class ParityResult:
     runtime: str = ""
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    distribution: PredictionDistribution | None = None  # the FP32 ONNX artefact's (export.distribution)
 
     @property
     def passed(self) -> bool:

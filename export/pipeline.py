@@ -15,6 +15,7 @@ pixels, float32 NCHW, raw signals) against PyTorch on the normalised input.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from export.distribution import prediction_distribution
 from export.fold import FoldReport, fold_batchnorms, verify_fold
 from export.fp16 import Fp16Report
 from export.fp16_range import DEFAULT_FP16_RANGE_MARGIN, ActivationRanges, measure_activation_ranges
@@ -202,18 +204,19 @@ def _verify(
         run, runtime = _runner(cand)
         outputs = run_batched(run, inputs, request.max_batch)
         on_cpu_fp16 = cand.precision == "fp16" and cand.format == "onnx"
-        results.append(
-            compare_outputs(
-                reference,
-                outputs,
-                held.labels,
-                request.tolerances[cand.precision],
-                artefact=cand.filename,
-                precision=cand.precision,
-                runtime=runtime,
-                note=FP16_CPU_NOTE if on_cpu_fp16 else "",
-            )
+        result = compare_outputs(
+            reference,
+            outputs,
+            held.labels,
+            request.tolerances[cand.precision],
+            artefact=cand.filename,
+            precision=cand.precision,
+            runtime=runtime,
+            note=FP16_CPU_NOTE if on_cpu_fp16 else "",
         )
+        if cand.precision == "fp32" and cand.format == "onnx":  # the server's drift reference
+            result = dataclasses.replace(result, distribution=prediction_distribution(outputs))
+        results.append(result)
     return tuple(results)
 
 

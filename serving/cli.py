@@ -68,6 +68,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--shadow-timeout-s", float, "shadow: reject a candidate with no verdict after N s (default 600)"),
     ("--shadow-queue-size", int, "shadow: copies outstanding at the candidate before drops (default 16)"),
     ("--prediction-classes", int, "classes named in kiln_predictions_total, the rest 'other' (default 20)"),
+    ("--drift-window", int, "rows per version kiln_prediction_drift is scored over; 0 = off (default 1000)"),
     ("--grace-period-s", float, "SIGTERM drain budget in seconds (default 20)"),
     ("--max-connection-age-s", float, "close client connections after N seconds (rebalancing)"),
     ("--max-receive-message-bytes", int, "largest accepted request message (default 64 MiB)"),

@@ -7,6 +7,7 @@ invalid object cannot be built by code either; from_dict adds strict key checks 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -260,6 +261,30 @@ class TensorRTInfo(JsonMixin):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PredictionDistribution(JsonMixin):
+    """What the artefact predicts on the held-out split: the reference the server's drift gauge
+    compares live traffic with (export measures it on the FP32 artefact in the parity gate)."""
+
+    samples: int
+    class_frequencies: tuple[float, ...]  # share of rows per top-1 class, in label order
+    confidence_edges: tuple[float, ...]  # upper bounds of the top-1 probability bins, last 1.0
+    confidence_frequencies: tuple[float, ...]  # share of rows per bin
+
+    def __post_init__(self) -> None:
+        as_int(self.samples, "samples", minimum=1)
+        for name in ("class_frequencies", "confidence_edges", "confidence_frequencies"):
+            setattrs(self, **{name: as_tuple(getattr(self, name), name, as_float, minimum=0.0, maximum=1.0)})
+        edges = self.confidence_edges
+        if not edges or edges[-1] != 1.0 or any(b <= a for a, b in itertools.pairwise(edges)):
+            fail("confidence_edges", f"expected increasing upper bounds ending at 1.0, got {list(edges)}")
+        if len(self.confidence_frequencies) != len(edges):
+            fail("confidence_frequencies", f"expected {len(edges)} values (one per bin)")
+        for name in ("class_frequencies", "confidence_frequencies"):
+            if abs(sum(getattr(self, name)) - 1.0) > 1e-4:
+                fail(name, "the shares must sum to 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParityReport(JsonMixin):
     """The artefact measured against the PyTorch checkpoint on held-out data."""
 
@@ -275,6 +300,7 @@ class ParityReport(JsonMixin):
     forced: bool = False  # published past its tolerance with --force
     runtime: str = ""  # e.g. "onnxruntime 1.20 CPUExecutionProvider"
     note: str = ""
+    distribution: PredictionDistribution | None = None  # absent in exports made before drift
 
     def __post_init__(self) -> None:
         as_str(self.reference, "reference")
@@ -297,6 +323,15 @@ class ParityReport(JsonMixin):
         as_str(self.note, "note", empty_ok=True)
         if self.forced and self.passed:
             fail("forced", "only a report that did not pass can be forced")
+        if self.distribution is not None and not isinstance(self.distribution, PredictionDistribution):
+            fail("distribution", f"expected PredictionDistribution, got {type(self.distribution).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ParityReport:
+        """Strict parse (see module docstring)."""
+        check_keys(data, cls)
+        distribution = parse_nested(data, "distribution", PredictionDistribution, optional=True)
+        return cls(**{**data, "distribution": distribution})
 
 
 @dataclass(frozen=True, kw_only=True)

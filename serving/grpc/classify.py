@@ -124,7 +124,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
     ) -> None:
         self._manager, self._config, self._metrics = manager, config, metrics
         self._admission = admission or Admission()
-        self._predictions = prediction_metrics(metrics, config.prediction_classes)
+        self._predictions = prediction_metrics(metrics, config.prediction_classes, config.drift_window)
         self._limits = ImageLimits(
             max_bytes=config.max_image_bytes,
             max_pixels=config.max_image_pixels,

@@ -82,6 +82,8 @@ class ServeConfig:
     # kiln_predictions_total labels the first N classes by name, the rest "other"; 0: no
     # prediction metrics (serving/grpc/predictions.py)
     prediction_classes: int = 20
+    # rows per version in the sliding window kiln_prediction_drift scores; 0: no drift gauge
+    drift_window: int = 1000
     # execution
     device: str = serving_defaults.DEVICE
     backend: str = "auto"
@@ -375,6 +377,7 @@ def _check_shadow(cfg: ServeConfig) -> None:
     _check_range(cfg, "shadow_timeout_s", 0.1, 7 * 86400)
     _check_range(cfg, "shadow_queue_size", 1, 65536)
     _check_range(cfg, "prediction_classes", 0, 1000)
+    _check_range(cfg, "drift_window", 0, 1_000_000)
 
 
 def _check_version_policy(cfg: ServeConfig) -> None:

@@ -107,7 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version, self._is_ready, self._metrics = server_version, is_ready, metrics
         self._admission = admission or Admission()
         self._control = RepositoryControl.from_config(config)
-        self._predictions = prediction_metrics(metrics, config.prediction_classes)
+        self._predictions = prediction_metrics(metrics, config.prediction_classes, config.drift_window)
 
     # -- health and metadata -----------------------------------------------------------------
 

@@ -68,6 +68,7 @@ _STATUS_CODES = (
     "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )  # fmt: skip
 _DROP_REASONS = ("expired", "cancelled")
+DRIFT_DISTRIBUTIONS = ("class", "confidence")  # kiln_prediction_drift's `distribution` label
 _MV = ("model", "version")
 # kiln_client_errors_total's reasons: the status a client's call was answered with (lower case),
 # or "write_failed" (a write to the client failed: it had gone away, or the answer was over
@@ -229,6 +230,13 @@ class KilnMetrics:
             "kiln_prediction_confidence", "Top-1 probability of each served row", _MV,
             buckets=CONFIDENCE_BUCKETS, registry=r,
         )  # fmt: skip
+        # how far what a version predicts has drifted from the reference its export recorded
+        # (serving/grpc/drift.py): population stability index of the top-1 class mix and
+        # of the top-1 probability histogram over a sliding window; absent without a reference
+        self.prediction_drift = Gauge(
+            "kiln_prediction_drift", "Population stability index of served predictions vs the reference",
+            (*_MV, "distribution"), registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         r.register(_ClientErrorCollector())
         if process:
             ProcessCollector(registry=r)
@@ -309,6 +317,8 @@ class KilnMetrics:
             _remove(self.requests, model, version, code)
         for reason in _DROP_REASONS:
             _remove(self.requests_dropped, model, version, reason)
+        for distribution in DRIFT_DISTRIBUTIONS:
+            _remove(self.prediction_drift, model, version, distribution)
         for metric in (self.artefact_info, self.predictions):
             for labels in [s.labels for m in metric.collect() for s in m.samples]:
                 if (labels["model"], labels["version"]) == (model, version):

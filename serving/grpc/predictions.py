@@ -6,7 +6,9 @@ mix or a fall in confidence shows on the dashboard before anyone reports wrong a
 cardinality is bounded: classes at output index `prediction_classes` or beyond count as
 "other" (a 1000-class model would otherwise add 1000 series per version); 0 turns both off.
 Rows are counted after the answer, from the scores the handler already has (Classify) or a
-softmax of the classification output (ModelInfer); a model without one is not counted.
+softmax of the classification output (ModelInfer); a model without one is not counted. The
+same scores feed the drift gauge (serving/grpc/drift.py); one recorder per server, so ModelInfer
+and Classify feed one window per version.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from prometheus_client import Counter, Histogram
 
 from serving.errors import KilnError
+from serving.grpc.drift import DriftMetrics
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import LoadedVersion
 from serving.runtime.topk import ClassificationHead
@@ -49,10 +52,11 @@ class _VersionPredictions:
 
 
 class PredictionMetrics:
-    """Counts predictions of every served version (one per servicer; versions held weakly)."""
+    """Counts predictions of every served version (one per server; versions held weakly)."""
 
-    def __init__(self, metrics: KilnMetrics, most_classes: int) -> None:
+    def __init__(self, metrics: KilnMetrics, most_classes: int, drift_window: int) -> None:
         self._metrics, self._most = metrics, most_classes
+        self._drift = DriftMetrics(metrics, drift_window)
         self._versions: weakref.WeakKeyDictionary[LoadedVersion, _VersionPredictions | None] = (
             weakref.WeakKeyDictionary()
         )
@@ -71,14 +75,27 @@ class PredictionMetrics:
         version = self._of(loaded)
         if version is not None:
             version.observe(scores)
+            self._drift.observe(loaded, scores)
 
     def observe_outputs(self, loaded: LoadedVersion, outputs: Mapping[str, np.ndarray]) -> None:
         """Rows of raw outputs (ModelInfer): scored by the model's classification head."""
         version = self._of(loaded)
         if version is not None and version.head.output in outputs:
-            version.observe(version.head.scores(outputs[version.head.output]))
+            scores = version.head.scores(outputs[version.head.output])
+            version.observe(scores)
+            self._drift.observe(loaded, scores)
 
 
-def prediction_metrics(metrics: KilnMetrics | None, most_classes: int) -> PredictionMetrics | None:
-    """The recorder a servicer uses, or None without metrics or with prediction_classes 0."""
-    return PredictionMetrics(metrics, most_classes) if metrics is not None and most_classes > 0 else None
+_SHARED: weakref.WeakKeyDictionary[KilnMetrics, PredictionMetrics] = weakref.WeakKeyDictionary()
+
+
+def prediction_metrics(
+    metrics: KilnMetrics | None, most_classes: int, drift_window: int = 0
+) -> PredictionMetrics | None:
+    """The server's recorder (the same for each servicer of `metrics`), or None without metrics
+    or with prediction_classes 0; `drift_window` 0: no drift gauge."""
+    if metrics is None or most_classes <= 0:
+        return None
+    if metrics not in _SHARED:
+        _SHARED[metrics] = PredictionMetrics(metrics, most_classes, drift_window)
+    return _SHARED[metrics]

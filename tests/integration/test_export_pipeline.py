@@ -98,6 +98,17 @@ def test_repository_layout_and_checksums(published: tuple, run_dir: Path) -> Non
     ModelRepository(repo).resolve("digits")  # the server's reader accepts it, sha256 verified
 
 
+def test_the_fp32_artefact_records_the_drift_reference(published: tuple) -> None:
+    repo, _ = published
+    manifest = read_manifest(repo / "digits" / "1" / "kiln.json")
+    reference = manifest.artefact("model.onnx").parity.distribution
+    assert reference is not None and reference.samples == manifest.artefact("model.onnx").parity.samples
+    assert len(reference.class_frequencies) == len(manifest.labels)
+    # the held-out split of a ~97 % model: every digit predicted, mostly with high confidence
+    assert min(reference.class_frequencies) > 0 and reference.confidence_frequencies[-1] > 0.5
+    assert all(a.parity.distribution is None for a in manifest.artefacts if a.precision != "fp32")
+
+
 def _written_config(repo: Path) -> mc.ModelConfig:
     return text_format.Parse((repo / "digits" / "config.pbtxt").read_text(), mc.ModelConfig())
 
