@@ -153,31 +153,27 @@ def _default_shortcut(arch: str, style: str, block: str) -> str:
     return "A" if arch == "resnet" and style == "cifar" and block == "basic" else "B"
 
 
+def _one_each(name: str, value: int | tuple[int, ...], count: int, expected: str) -> tuple[int, ...]:
+    """`value` once per item (an int repeats); a tuple of another length raises, naming `expected`."""
+    values = (value,) * count if isinstance(value, int) else tuple(value)
+    if len(values) != count:
+        raise ModelConfigError(f"{name}={list(values)} has {len(values)} entries but {expected}")
+    return values
+
+
 def plain_layout(config: ModelConfig) -> PlainLayout:
     """Resolve and check the stages of a plain CNN; a given depth must match its weight layers."""
     channels = config.channels
-    convs = config.convs_per_stage
-    if isinstance(convs, int):
-        convs = (convs,) * len(channels)
-    if len(convs) != len(channels):
-        raise ModelConfigError(
-            f"convs_per_stage={list(convs)} has {len(convs)} entries but channels={list(channels)} "
-            f"has {len(channels)} stages"
-        )
+    stages = f"channels={list(channels)} has {len(channels)} stages"
+    convs = _one_each("convs_per_stage", config.convs_per_stage, len(channels), stages)
     depth = sum(convs) + len(config.hidden) + 1
     if config.depth is not None and config.depth != depth:
         raise ModelConfigError(
             f"plain_cnn depth {config.depth} does not match its layers: {sum(convs)} convolutions + "
             f"{len(config.hidden) + 1} linear layers = {depth} (leave depth out to derive it)"
         )
-    dilations = config.dilation
-    if isinstance(dilations, int):
-        dilations = (dilations,) * sum(convs)
-    if len(dilations) != sum(convs):
-        raise ModelConfigError(
-            f"dilation={list(dilations)} has {len(dilations)} entries but the network has "
-            f"{sum(convs)} convolutions (give one value for all, or one per convolution)"
-        )
+    every_conv = f"the network has {sum(convs)} convolutions (give one value for all, or one per convolution)"
+    dilations = _one_each("dilation", config.dilation, sum(convs), every_conv)
     if config.padding == "same" and config.kernel_size % 2 == 0:
         raise ModelConfigError(
             f"kernel_size={config.kernel_size} must be odd for padding 'same' (or use padding 'valid')"
