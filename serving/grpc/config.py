@@ -230,19 +230,20 @@ class ServeConfig:
 
     def token(self) -> str | None:
         """The bearer token clients must send (from auth_token or auth_token_file), or None."""
-        if self.auth_token is not None:
-            return self.auth_token
-        if self.auth_token_file is not None:
-            return self.auth_token_file.read_text(encoding="utf-8").strip()
-        return None
+        return _secret(self.auth_token, self.auth_token_file)
 
     def admin_secret(self) -> str | None:
         """The token RepositoryModelLoad/Unload need (from admin_token or admin_token_file), or None."""
-        if self.admin_token is not None:
-            return self.admin_token
-        if self.admin_token_file is not None:
-            return self.admin_token_file.read_text(encoding="utf-8").strip()
-        return None
+        return _secret(self.admin_token, self.admin_token_file)
+
+
+def _secret(value: str | None, path: Path | None) -> str | None:
+    """A token given inline, else read (stripped) from its file, else None."""
+    if value is not None:
+        return value
+    if path is not None:
+        return path.read_text(encoding="utf-8").strip()
+    return None
 
 
 def usable_cores() -> int:
