@@ -2,18 +2,24 @@
 
     .venv/bin/python benchmarks/serve_breakdown.py --repo benchmarks/out/serve-repo --model resnet20
 
-Runs serving.grpc.server.Server in this process with timing probes wrapped around the functions a
-ModelInfer passes through (no serving code changes), drives it with perf_analyzer at each
-`--concurrency`, and prints per stage the mean / p50 / p99 in microseconds:
+Runs serving.grpc.server.Server in this process, on the event loop `kiln serve` picks (uvloop where
+installed), with timing probes wrapped around the functions a ModelInfer passes through (no serving
+code changes), drives it with perf_analyzer at each `--concurrency`, and prints per stage the
+mean / p50 / p99 in microseconds:
 
   decode      handler entry -> inputs decoded (KServe tensors -> numpy, zero-copy for raw)
-  queue       decoded -> a batcher worker takes it into a batch (waiting for a free worker)
+  submit      decoded -> queued (routing, requested outputs, inflight gauge, the batcher's input
+              checks, the queue lock and the worker's wake-up call)
+  queue       queued -> a batcher worker takes it into a batch (the worker waking, the GIL)
   hop_in      taken -> the worker starts computing the batch (the GIL, between the two)
   gather      worker start -> ORT called (np.concatenate of the batch, input checks)
   ort         ONNX Runtime session.run of the whole batch
   scatter     ORT done -> worker returns (output checks, per-request slices)
   hop_out     worker done -> the result callback runs on the event loop (call_soon_threadsafe)
   resume      callback -> the request's handler resumes (other handlers of the batch go first)
+  after       resumed -> prediction metrics called (inflight gauge, shadow mirror)
+  predictions kiln_predictions_total and kiln_prediction_confidence of the answer's rows
+  response    the response message made, up to encoding
   encode      numpy -> KServe response (raw_output_contents)
   record      statistics + Prometheus
   grpc+client the client's mean latency minus the server's mean total: HTTP/2, protobuf parse and
@@ -43,7 +49,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from benchmarks.serve_throughput import input_data, model_files  # noqa: E402
 
-STAGES = ("decode", "queue", "hop_in", "gather", "ort", "scatter", "hop_out", "resume", "encode", "record")
+STAGES = ("decode", "submit", "queue", "hop_in", "gather", "ort", "scatter", "hop_out", "resume", "after",
+          "predictions", "response", "encode", "record")  # fmt: skip
 _CURRENT: contextvars.ContextVar[tuple[int, dict[str, float]] | None] = contextvars.ContextVar(
     "probe", default=None
 )
@@ -54,12 +61,15 @@ _ORT = threading.local()
 
 def install_probes() -> None:
     """Wrap the functions on a ModelInfer's path with timestamping probes."""
-    from serving import grpc_inference as gi
+    from serving.grpc import inference as gi
+    from serving.grpc.predictions import PredictionMetrics
     from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from serving.runtime.batcher import DynamicBatcher
 
     decode, encode, record = gi.decode_inputs, gi.encode_outputs, gi.record_outcome
     take, finish, compute = DynamicBatcher._next_batch, DynamicBatcher._finish, DynamicBatcher._compute
+    enqueue, submit = DynamicBatcher._enqueue, DynamicBatcher.submit_timed
+    predict = PredictionMetrics.observe_outputs
     infer = OnnxRuntimeBackend.infer
     clock = time.perf_counter
 
@@ -70,6 +80,26 @@ def install_probes() -> None:
         _CURRENT.set((id(inputs), rec))
         _BY_INPUTS[id(inputs)] = rec
         return inputs
+
+    def stamp(key: str) -> None:
+        current = _CURRENT.get()
+        if current is not None:
+            current[1][key] = clock()
+
+    def enqueue_probe(self, *args):
+        future = enqueue(self, *args)
+        stamp("queued")
+        return future
+
+    async def submit_probe(self, *args, **kwargs):
+        served = await submit(self, *args, **kwargs)
+        stamp("resumed")
+        return served
+
+    def predict_probe(self, *args):
+        stamp("predict")
+        predict(self, *args)
+        stamp("predicted")
 
     def take_probe(self):
         batch = take(self)
@@ -124,13 +154,15 @@ def install_probes() -> None:
     gi.decode_inputs, gi.encode_outputs, gi.record_outcome = decode_probe, encode_probe, record_probe
     DynamicBatcher._next_batch, DynamicBatcher._finish = take_probe, finish_probe
     DynamicBatcher._compute = compute_probe
+    DynamicBatcher._enqueue, DynamicBatcher.submit_timed = enqueue_probe, submit_probe
+    PredictionMetrics.observe_outputs = predict_probe
     OnnxRuntimeBackend.infer = infer_probe
 
 
 def stage_table(records: list[dict[str, float]]) -> dict[str, np.ndarray]:
     """Per-stage durations (µs) of complete records."""
-    keys = ("start", "decoded", "dispatched", "worker", "ort_in", "ort_out", "worker_end",
-            "finished", "encode", "encoded", "end")  # fmt: skip
+    keys = ("start", "decoded", "queued", "dispatched", "worker", "ort_in", "ort_out", "worker_end",
+            "finished", "resumed", "predict", "predicted", "encode", "encoded", "end")  # fmt: skip
     rows = np.array([[r[k] for k in keys] for r in records if all(k in r for k in keys)])
     spans = np.diff(rows, axis=1) * 1e6
     table = {name: spans[:, i] for i, name in enumerate(STAGES)}
@@ -210,18 +242,13 @@ def report(
 
 async def amain(args: argparse.Namespace) -> None:
     """Start the probed server, measure each concurrency, print the blocks."""
-    from serving.grpc.config import ServeConfig
     from serving.grpc.server import Server
 
     install_probes()
     _, input_name, shape, _ = model_files(args.repo, args.model)
     args.work.mkdir(parents=True, exist_ok=True)
     data = input_data(args.work / f"{args.model}-input.json", input_name, shape)
-    config = ServeConfig(
-        repo=args.repo, models=(args.model,), host="127.0.0.1", port=0, metrics_port=0,
-        instances=args.instances, intra_op_threads=args.intra_op_threads,
-        intra_op_spinning=args.allow_spinning,
-    )  # fmt: skip
+    config = serve_config(args)
     server = Server(config)
     await server.start()
     try:
@@ -229,23 +256,38 @@ async def amain(args: argparse.Namespace) -> None:
             cmd = [str(args.perf_analyzer), "-i", "grpc", "-u", f"127.0.0.1:{server.port}", "-m", args.model,
                    "--input-data", str(data), "--concurrency-range", str(c), "-p", str(args.measurement_ms),
                    "--max-trials", "4", "-s", "999"]  # fmt: skip
-            _DONE.clear()
-            before, start, child, ticks = thread_cpu(), time.monotonic(), _children_cpu(), _system_ticks()
-            throughput, client_us = await drive(cmd)
-            spent = [b - a for a, b in zip(ticks, _system_ticks(), strict=True)]
-            idle = 100 * (spent[3] + spent[4]) / max(1, sum(spent))
-            seconds = time.monotonic() - start
-            after = thread_cpu()
-            cpu = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-            cpu["perf_analyzer (client)"] = _children_cpu() - child
-            load = Path("/proc/loadavg").read_text().split()[0]
-            print(
-                report(c, throughput, client_us, stage_table(_DONE), cpu, seconds)
-                + f"(load {load}, machine idle {idle:.0f} % during the run)\n",
-                flush=True,
-            )
+            print(await measure(c, cmd), flush=True)
     finally:
         await server.shutdown(1.0)
+
+
+def serve_config(args: argparse.Namespace):
+    """The server's settings: kiln serve's defaults but for the flags given (one process)."""
+    from serving.grpc.config import ServeConfig
+
+    return ServeConfig(
+        repo=args.repo, models=(args.model,), host="127.0.0.1", port=0, metrics_port=0,
+        instances=args.instances, intra_op_threads=args.intra_op_threads,
+        intra_op_spinning=args.allow_spinning, workers=1,
+    )  # fmt: skip
+
+
+async def measure(concurrency: int, cmd: list[str]) -> str:
+    """One perf_analyzer run with the probes and the CPU counters read around it."""
+    _DONE.clear()
+    before, start, child, ticks = thread_cpu(), time.monotonic(), _children_cpu(), _system_ticks()
+    throughput, client_us = await drive(cmd)
+    spent = [b - a for a, b in zip(ticks, _system_ticks(), strict=True)]
+    idle = 100 * (spent[3] + spent[4]) / max(1, sum(spent))
+    seconds = time.monotonic() - start
+    after = thread_cpu()
+    cpu = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    cpu["perf_analyzer (client)"] = _children_cpu() - child
+    load = Path("/proc/loadavg").read_text().split()[0]
+    return (
+        report(concurrency, throughput, client_us, stage_table(_DONE), cpu, seconds)
+        + f"(load {load}, machine idle {idle:.0f} % during the run)\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         "KILN_PERF_ANALYZER", ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer")))  # fmt: skip
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
-    asyncio.run(amain(args))
+    from serving.cli import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory(serve_config(args))) as runner:
+        runner.run(amain(args))
     return 0
 
 
