@@ -20,7 +20,6 @@ once per cause, at WARNING and without a traceback, and counted in kiln_client_e
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -155,6 +154,15 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _check_decoded(request)
 
 
+async def _abort(method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    """The mapping point: every error a handler raises ends the call with its status."""
+    if isinstance(exc, grpc.aio.AbortError):  # already a status (a handler aborted itself)
+        raise exc
+    code, message = status_of(exc)
+    log_failure(method, exc, code)
+    await context.abort(code, message)
+
+
 def _wrap_unary(
     method: str, behavior: Callable[..., Awaitable[Any]], streaming: bool = False
 ) -> Callable[..., Awaitable[Any]]:
@@ -162,12 +170,8 @@ def _wrap_unary(
         try:
             request = _checked_stream(request) if streaming else _check_decoded(request)
             return await behavior(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # the mapping point: every error becomes a status
-            code, message = status_of(exc)
-            log_failure(method, exc, code)
-            await context.abort(code, message)
+        except Exception as exc:  # CancelledError is a BaseException: it passes through
+            await _abort(method, exc, context)
 
     return handler
 
@@ -180,12 +184,8 @@ def _wrap_stream(
             request = _checked_stream(request) if streaming else _check_decoded(request)
             async for item in behavior(request, context):
                 yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # the mapping point: every error becomes a status
-            code, message = status_of(exc)
-            log_failure(method, exc, code)
-            await context.abort(code, message)
+        except Exception as exc:  # CancelledError is a BaseException: it passes through
+            await _abort(method, exc, context)
 
     return handler
 
