@@ -104,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         work / "model_repository",
         work / "samples",
     )
+    train_export_and_sample(run_dir, repo, samples_dir, epochs=args.epochs, samples=args.samples)
+    serve_and_classify(repo, sorted(samples_dir.glob("*.png"))[: args.samples])
+    return 0
+
+
+def train_export_and_sample(
+    run_dir: Path, repo: Path, samples_dir: Path, *, epochs: int, samples: int
+) -> None:
+    """Train (or resume, or skip a finished run), export with the parity gate, write PNG samples."""
     if not (run_dir / "run.json").exists() or "test_acc" not in (run_dir / "run.json").read_text():
         if (run_dir / "train_state.json").exists():
             step("train (resuming)", kiln("train", "--resume", str(run_dir)))
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--data",
                     "digits",
                     "--epochs",
-                    str(args.epochs),
+                    str(epochs),
                     "--runs-dir",
                     str(run_dir.parent),
                     "--name",
@@ -137,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             str(run_dir),
             str(samples_dir),
             "--count",
-            str(args.samples),
+            str(samples),
         ],
     )
+
+
+def serve_and_classify(repo: Path, images: list[Path]) -> None:
+    """Start `kiln serve` on free ports, classify `images`, show the metrics, stop it (SIGTERM)."""
     port, metrics_port = free_port(), free_port()
     command = kiln(
         "serve",
@@ -158,13 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with KilnClient(f"127.0.0.1:{port}") as client:
             wait_ready(client, server)
-            classify_samples(client, sorted(samples_dir.glob("*.png"))[: args.samples])
+            classify_samples(client, images)
         metrics_excerpt(metrics_port)
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
         console.print(f"server stopped (exit code {code})")
-    return 0
 
 
 if __name__ == "__main__":
