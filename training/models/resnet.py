@@ -35,10 +35,6 @@ class _Block(nn.Module):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def last_bn(self) -> nn.Module:
-        """The BN whose gamma `zero_init_residual` zeroes."""
-        raise NotImplementedError
-
 
 class BasicBlock(_Block):
     """Two 3x3 convolutions; out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
@@ -115,6 +111,6 @@ def build(config: ModelConfig) -> ResNet:
 
     def last_bn_weight(m: nn.Module) -> nn.Parameter | None:
         # Goyal et al. 2017: each residual branch ends in this BN; zero gamma, zero branch.
-        return m.last_bn().weight if isinstance(m, _Block) else None
+        return m.last_bn().weight if isinstance(m, BasicBlock | Bottleneck) else None
 
     return build_residual_net(ResNet, BLOCK_TYPES, config, last_bn_weight)
