@@ -52,7 +52,7 @@ from serving.grpc.model_version import (
     artefact_choice,
     backend_options,
 )
-from serving.grpc.shadow import CANDIDATE, PROMOTE, REJECTED, Candidate, ShadowPolicy
+from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts, ShadowPolicy
 from serving.grpc.statistics import ModelStats
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
@@ -97,12 +97,9 @@ class ModelManager:
         self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
         self._warned: dict[tuple[str, str, int], str] = {}  # (kind, model, version) -> reason said
         self._stopped = False
-        # shadow rollouts (serving/grpc/shadow.py): one candidate per model at most, and the
-        # artefact checksums of each rejected version (polling retries it once they change)
-        self._shadow = ShadowPolicy.from_config(config) if config.promotion == "shadow" else None
-        self._candidates: dict[str, Candidate] = {}
-        self._rejected: dict[tuple[str, int], tuple[str, ...]] = {}
-        self._verdicts: set[asyncio.Task[None]] = set()
+        # shadow rollouts (serving/grpc/shadow.py): candidates and rejections, verdicts on this table
+        shadow = ShadowPolicy.from_config(config) if config.promotion == "shadow" else None
+        self._rollouts = Rollouts(self, shadow, metrics)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -160,13 +157,11 @@ class ModelManager:
         compute_s: float,
     ) -> None:  # fmt: skip
         """Offer a request `loaded` answered to the candidate shadowing it, if any (never blocks)."""
-        candidate = self._candidates.get(loaded.model)
-        if candidate is not None and candidate.serving_version == loaded.version:
-            candidate.offer(inputs, outputs, compute_s)
+        self._rollouts.mirror(loaded, inputs, outputs, compute_s)
 
     def index(self) -> list[VersionState]:
         """Every known version with its state, plus models that could not be read at all."""
-        for candidate in self._candidates.values():  # the running numbers, as of now
+        for candidate in self._rollouts.candidates.values():  # the running numbers, as of now
             state = self._states.get((candidate.model, candidate.version))
             if state is not None and state.state == CANDIDATE:
                 state.reason = candidate.reason()
@@ -201,7 +196,7 @@ class ModelManager:
         if self._stopped:
             raise ModelUnavailableError("the server is shutting down", reason="stopped")
         self._unloaded.discard(model)
-        async with self._locks.setdefault(model, asyncio.Lock()):
+        async with self.lock(model):
             status = await asyncio.to_thread(self.repository.scan_model, model, self.policy)
             if not status.path.is_dir():
                 raise ModelNotFoundError(f"model {model!r} not found in repository {self.config.repo}")
@@ -235,11 +230,8 @@ class ModelManager:
         _check_name(model)
         if model not in self._live and not any(m == model for m, _ in self._states):
             raise ModelNotFoundError(f"model {model!r} is not loaded")
-        async with self._locks.setdefault(model, asyncio.Lock()):
-            candidate = self._candidates.pop(model, None)
-            if candidate is not None:
-                await self._close_candidate(candidate)
-            self._rejected = {k: v for k, v in self._rejected.items() if k[0] != model}
+        async with self.lock(model):
+            await self._rollouts.drop(model)
             for version in sorted(self._live.get(model, {})):
                 await self._retire(model, version)
             for key in [k for k in self._states if k[0] == model]:
@@ -256,23 +248,24 @@ class ModelManager:
         """Bring up the selected versions not yet live: at once, or the newest as a candidate."""
         live = self._live.setdefault(model, {})
         new = sorted(wanted - set(live))
-        candidate = self._candidates.get(model)
+        rollouts = self._rollouts
+        candidate = rollouts.candidates.get(model)
         if candidate is not None:
             if promote and candidate.version in wanted:
-                await self._promote(candidate, candidate.tally.summary(), result="forced")
+                await rollouts.promote(candidate, candidate.tally.summary(), result="forced")
                 return
             if candidate.version != max(new, default=None):
-                await self._reject(candidate, "superseded by a newer version or no longer selected")
+                await rollouts.reject(candidate, "superseded by a newer version or no longer selected")
             else:
                 return  # still shadowing
-        if self._shadow is not None and live and not promote:
+        if rollouts.policy is not None and live and not promote:
             if new:
                 await self._maybe_candidate(found[new[-1]], wanted, retry_failed=retry_failed)
             return
         for version in new:
             previous = self._states.get((model, version))
             if retry_failed or previous is None or previous.state != UNAVAILABLE:
-                self._rejected.pop((model, version), None)
+                rollouts.rejected.pop((model, version), None)
                 await self._load_version(found[version])
 
     async def _maybe_candidate(self, found: VersionStatus, wanted: set[int], *, retry_failed: bool) -> None:
@@ -281,93 +274,48 @@ class ModelManager:
         if not retry_failed and previous is not None:
             if previous.state == UNAVAILABLE:
                 return
-            if previous.state == REJECTED and self._rejected.get((found.model, found.version)) == _files(
-                found
-            ):
+            rejected = self._rollouts.rejected.get((found.model, found.version))
+            if previous.state == REJECTED and rejected == _files(found):
                 return
         loaded = await self._load_or_fail(found)
-        if loaded is None or self._shadow is None:
-            return
-        model, version = found.model, found.version
-        serving = max(self._live[model])
-        candidate = Candidate(
-            loaded, serving_version=serving, wanted=frozenset(wanted), fingerprint=_files(found),
-            policy=self._shadow, on_verdict=self._on_verdict, metrics=self._metrics,
-        )  # fmt: skip
-        self._candidates[model] = candidate
-        self._rejected.pop((model, version), None)
-        state = self._states[(model, version)]
-        state.state, state.reason = CANDIDATE, candidate.reason()
-        self._set_metric_state(model, version, "candidate")
-        log.info(
-            "model %s v%d is a candidate: shadowing v%d on %g of its requests, verdict after %d compared",
-            model, version, serving, self._shadow.sample, self._shadow.min_requests,
-        )  # fmt: skip
+        if loaded is not None:
+            self._rollouts.start(loaded, wanted=frozenset(wanted), fingerprint=_files(found))
 
-    def _on_verdict(self, candidate: Candidate, verdict: str, reason: str) -> None:
-        """The candidate's tally (or timer) decided: carry it out under the model's lock."""
-        task = asyncio.ensure_future(self._carry_out(candidate, verdict, reason))
-        self._verdicts.add(task)
-        task.add_done_callback(self._verdicts.discard)
+    # -- the routing table a rollout changes (serving.grpc.shadow.RoutingTable) -------------------
 
-    async def _carry_out(self, candidate: Candidate, verdict: str, reason: str) -> None:
-        async with self._locks.setdefault(candidate.model, asyncio.Lock()):
-            if self._stopped or self._candidates.get(candidate.model) is not candidate:
-                return  # unloaded, superseded or forced meanwhile
-            if verdict == PROMOTE:
-                await self._promote(candidate, reason, result="promoted")
-            else:
-                await self._reject(candidate, reason)
+    @property
+    def stopped(self) -> bool:
+        """The server is shutting down."""
+        return self._stopped
 
-    async def _promote(self, candidate: Candidate, reason: str, *, result: str) -> None:
-        """Route to the candidate, then retire what its scan did not select (today's hot swap)."""
-        candidate.stop()
-        model, version, loaded = candidate.model, candidate.version, candidate.loaded
-        del self._candidates[model]
-        live = self._live.setdefault(model, {})
-        live[version] = loaded
-        self._states[(model, version)] = VersionState(model, version, READY)
+    def lock(self, model: str) -> asyncio.Lock:
+        """The lock every load, unload and verdict of `model` holds."""
+        return self._locks.setdefault(model, asyncio.Lock())
+
+    def route(self, loaded: LoadedVersion) -> None:
+        """Make `loaded` routable and READY."""
+        self._live.setdefault(loaded.model, {})[loaded.version] = loaded
+        self._states[(loaded.model, loaded.version)] = VersionState(loaded.model, loaded.version, READY)
         self._mark_ready(loaded)
-        if self._metrics is not None:
-            self._metrics.promotions.labels(model, result).inc()
-        log.info(
-            "model %s v%d promoted (%s) over v%d: %s",
-            model,
-            version,
-            result,
-            candidate.serving_version,
-            reason,
-        )
-        for old in sorted(set(live) - candidate.wanted - {version}):
+
+    def mark(self, model: str, version: int, state: str, reason: str = "") -> None:
+        """Set the version's index entry."""
+        self._states[(model, version)] = VersionState(model, version, state, reason)
+
+    def serving(self, model: str) -> list[int]:
+        """The routable versions of `model`, ascending."""
+        return sorted(self._live.get(model, {}))
+
+    async def retire_except(self, model: str, keep: frozenset[int]) -> None:
+        """Retire the versions of `model` not in `keep`, then tell the listeners."""
+        for old in sorted(set(self._live.get(model, {})) - keep):
             await self._retire(model, old)
         await self._notify(model)
-
-    async def _reject(self, candidate: Candidate, reason: str) -> None:
-        """Close the candidate; its index entry says REJECTED and why; the serving version stays."""
-        model, version = candidate.model, candidate.version
-        del self._candidates[model]
-        self._states[(model, version)] = VersionState(model, version, REJECTED, reason)
-        self._rejected[(model, version)] = candidate.fingerprint
-        if self._metrics is not None:
-            self._metrics.promotions.labels(model, "rejected").inc()
-        serving = sorted(self._live.get(model, {}))
-        log.warning("model %s v%d rejected (still serving %s): %s", model, version, serving, reason)
-        await self._close_candidate(candidate)
-
-    async def _close_candidate(self, candidate: Candidate) -> None:
-        candidate.stop()
-        await candidate.loaded.batcher.stop(drain=False)  # only copies wait there: no client's
-        await asyncio.to_thread(candidate.loaded.handle.close)
-        if self._metrics is not None:
-            self._metrics.forget(candidate.model, str(candidate.version))
-        self._set_metric_state(candidate.model, candidate.version, "unloaded")
 
     async def _load_version(self, found: VersionStatus) -> None:
         loaded = await self._load_or_fail(found)
         if loaded is not None:
-            self._live.setdefault(found.model, {})[found.version] = loaded
-            self._states[(found.model, found.version)].state = READY
-            self._mark_ready(loaded)
+            self.route(loaded)
 
     async def _load_or_fail(self, found: VersionStatus) -> LoadedVersion | None:
         """The version loaded and warmed (state LOADING), or None with it UNAVAILABLE and said."""
@@ -528,8 +476,7 @@ class ModelManager:
     async def close(self, *, drain: bool = True) -> None:
         """Stop every batcher (draining queued work) and close every backend."""
         self._stopped = True
-        for model in list(self._candidates):
-            await self._close_candidate(self._candidates.pop(model))
+        await self._rollouts.close()
         for model in list(self._live):
             for version in sorted(self._live.get(model, {})):
                 loaded = self._live[model].pop(version)

@@ -14,7 +14,8 @@ agreement reaches `shadow_min_agreement` and the candidate's p99 batch compute t
 `shadow_max_latency_ratio` of the serving version's (the candidate's batches are usually
 smaller, so the ratio errs in its favour: it catches a much slower model, not a few percent);
 reject otherwise, when as many copies failed on the candidate, or when `shadow_timeout_s`
-passes first. The manager carries the verdict out (serving/grpc/model_manager.py).
+passes first. `Rollouts` holds each model's candidate and carries the verdict out on the model
+manager's routing table, seen through the small `RoutingTable` interface (route, mark, retire).
 
 State is per process: with workers > 1 each worker shadows, counts and decides on its own share
 of the traffic.
@@ -29,6 +30,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -242,3 +244,128 @@ def _compared_output(loaded: LoadedVersion) -> str:
         return loaded.handle.head.output
     except KilnError:
         return loaded.backend.outputs[0].name
+
+
+class RoutingTable(Protocol):
+    """What carrying out a verdict needs of the model manager (serving/grpc/model_manager.py)."""
+
+    @property
+    def stopped(self) -> bool:
+        """The server is shutting down: no verdict is carried out any more."""
+
+    def lock(self, model: str) -> asyncio.Lock:
+        """The lock every change of `model`'s routing holds."""
+
+    def route(self, loaded: LoadedVersion) -> None:
+        """Make `loaded` routable and READY (metrics and log included)."""
+
+    def mark(self, model: str, version: int, state: str, reason: str = "") -> None:
+        """Set the version's index entry (RepositoryIndex)."""
+
+    def serving(self, model: str) -> list[int]:
+        """The routable versions of `model`, ascending."""
+
+    async def retire_except(self, model: str, keep: frozenset[int]) -> None:
+        """Unroute, drain and close the versions of `model` not in `keep`; tell the listeners."""
+
+
+class Rollouts:
+    """Every model's candidate (one at most) and what happens to it: started by the manager after
+    it loaded a new version, fed by `mirror`, promoted or rejected on the routing table."""
+
+    def __init__(self, table: RoutingTable, policy: ShadowPolicy | None, metrics: KilnMetrics | None) -> None:
+        self.policy, self._table, self._metrics = policy, table, metrics
+        self.candidates: dict[str, Candidate] = {}
+        # the artefact checksums of each rejected version: polling retries it once they change
+        self.rejected: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._verdicts: set[asyncio.Task[None]] = set()
+
+    def start(self, loaded: LoadedVersion, *, wanted: frozenset[int], fingerprint: tuple[str, ...]) -> None:
+        """`loaded` (loaded and warmed, not routed) shadows the newest serving version of its model."""
+        assert self.policy is not None, "shadow rollouts are off"
+        model, version = loaded.model, loaded.version
+        serving = max(self._table.serving(model))
+        candidate = Candidate(
+            loaded, serving_version=serving, wanted=wanted, fingerprint=fingerprint, policy=self.policy,
+            on_verdict=self._on_verdict, metrics=self._metrics,
+        )  # fmt: skip
+        self.candidates[model] = candidate
+        self.rejected.pop((model, version), None)
+        self._table.mark(model, version, CANDIDATE, candidate.reason())
+        self._set_metric_state(model, version, "candidate")
+        log.info(
+            "model %s v%d is a candidate: shadowing v%d on %g of its requests, verdict after %d compared",
+            model, version, serving, self.policy.sample, self.policy.min_requests,
+        )  # fmt: skip
+
+    def mirror(
+        self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray], outputs: Outputs, compute_s: float
+    ) -> None:
+        """Offer a request `loaded` answered to the candidate shadowing it, if any (never blocks)."""
+        candidate = self.candidates.get(loaded.model)
+        if candidate is not None and candidate.serving_version == loaded.version:
+            candidate.offer(inputs, outputs, compute_s)
+
+    def _on_verdict(self, candidate: Candidate, verdict: str, reason: str) -> None:
+        """The candidate's tally (or timer) decided: carry it out under the model's lock."""
+        task = asyncio.ensure_future(self._carry_out(candidate, verdict, reason))
+        self._verdicts.add(task)
+        task.add_done_callback(self._verdicts.discard)
+
+    async def _carry_out(self, candidate: Candidate, verdict: str, reason: str) -> None:
+        async with self._table.lock(candidate.model):
+            if self._table.stopped or self.candidates.get(candidate.model) is not candidate:
+                return  # unloaded, superseded or forced meanwhile
+            if verdict == PROMOTE:
+                await self.promote(candidate, reason, result="promoted")
+            else:
+                await self.reject(candidate, reason)
+
+    async def promote(self, candidate: Candidate, reason: str, *, result: str) -> None:
+        """Route to the candidate, then retire what its scan did not select (today's hot swap)."""
+        candidate.stop()
+        del self.candidates[candidate.model]
+        self._table.route(candidate.loaded)
+        if self._metrics is not None:
+            self._metrics.promotions.labels(candidate.model, result).inc()
+        log.info(
+            "model %s v%d promoted (%s) over v%d: %s",
+            candidate.model, candidate.version, result, candidate.serving_version, reason,
+        )  # fmt: skip
+        await self._table.retire_except(candidate.model, candidate.wanted | {candidate.version})
+
+    async def reject(self, candidate: Candidate, reason: str) -> None:
+        """Close the candidate; its index entry says REJECTED and why; the serving version stays."""
+        model, version = candidate.model, candidate.version
+        del self.candidates[model]
+        self._table.mark(model, version, REJECTED, reason)
+        self.rejected[(model, version)] = candidate.fingerprint
+        if self._metrics is not None:
+            self._metrics.promotions.labels(model, "rejected").inc()
+        serving = self._table.serving(model)
+        log.warning("model %s v%d rejected (still serving %s): %s", model, version, serving, reason)
+        await self._close(candidate)
+
+    async def drop(self, model: str) -> None:
+        """`model` is unloaded: close its candidate, forget its rejections."""
+        candidate = self.candidates.pop(model, None)
+        if candidate is not None:
+            await self._close(candidate)
+        self.rejected = {k: v for k, v in self.rejected.items() if k[0] != model}
+
+    async def close(self) -> None:
+        """Close every candidate (the server stops)."""
+        for model in list(self.candidates):
+            await self._close(self.candidates.pop(model))
+
+    async def _close(self, candidate: Candidate) -> None:
+        candidate.stop()
+        await candidate.loaded.batcher.stop(drain=False)  # only copies wait there: no client's
+        await asyncio.to_thread(candidate.loaded.handle.close)
+        if self._metrics is not None:
+            self._metrics.forget(candidate.model, str(candidate.version))
+        self._set_metric_state(candidate.model, candidate.version, "unloaded")
+
+    def _set_metric_state(self, model: str, version: int, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.set_load_state(model, str(version), state)
