@@ -74,19 +74,20 @@ class PredictionMetrics:
         return self._versions[loaded]
 
     def observe_scores(self, loaded: LoadedVersion, scores: np.ndarray) -> None:
-        """Rows whose class scores the handler has (Classify)."""
+        """Rows whose class scores the handler has (Classify); rows that are not finite (garbage
+        in, or an overflow) predict nothing and are not counted."""
         version = self._of(loaded)
         if version is not None:
-            version.observe(scores)
-            self._drift.observe(loaded, scores)
+            scores = scores[np.isfinite(scores).all(axis=1)]
+            if len(scores):
+                version.observe(scores)
+                self._drift.observe(loaded, scores)
 
     def observe_outputs(self, loaded: LoadedVersion, outputs: Mapping[str, np.ndarray]) -> None:
         """Rows of raw outputs (ModelInfer): scored by the model's classification head."""
         version = self._of(loaded)
         if version is not None and version.head.output in outputs:
-            scores = version.head.scores(outputs[version.head.output])
-            version.observe(scores)
-            self._drift.observe(loaded, scores)
+            self.observe_scores(loaded, version.head.scores(outputs[version.head.output]))
 
 
 _SHARED: weakref.WeakKeyDictionary[KilnMetrics, PredictionMetrics] = weakref.WeakKeyDictionary()

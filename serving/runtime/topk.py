@@ -57,10 +57,15 @@ class ClassificationHead:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of [N, C] in float64 (stable: the row max is subtracted first)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    """Row-wise softmax of [N, C] in float64 (stable: the row max is subtracted first).
+
+    A row with inf/NaN logits (a model fed garbage, an FP16 overflow) gives NaN scores, quietly:
+    the caller decides what a non-finite row means; numpy's warning would only flood the log.
+    """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return exp / exp.sum(axis=1, keepdims=True)
 
 
 def class_scores(values: np.ndarray, kind: str) -> np.ndarray:

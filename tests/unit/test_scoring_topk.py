@@ -84,3 +84,13 @@ def test_a_model_without_a_classification_output_has_no_head() -> None:
         InvalidInputError, match=r"'m' has no classification output \(outputs \['embedding'\]\)"
     ):
         ClassificationHead.of(_manifest(other))
+
+
+def test_non_finite_logits_give_nan_scores_without_a_warning() -> None:
+    """Garbage in (perf_analyzer's random bytes decode to NaN/inf) must not raise or warn."""
+    import numpy as np
+
+    from serving.runtime.topk import softmax
+
+    scores = softmax(np.array([[np.inf, np.inf, 0.0], [np.nan, 1.0, 2.0], [0.0, 1.0, 2.0]], np.float32))
+    assert np.isnan(scores[:2]).any(axis=1).all() and np.isfinite(scores[2]).all()
