@@ -47,8 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pin(cpus: set[int]):
-    return lambda: os.sched_setaffinity(0, cpus)
+def _pin(cpus: set[int] | None):
+    """preexec_fn pinning a child to `cpus`; None: no preexec_fn at all. A preexec_fn runs between
+    fork and exec, which can deadlock a parent that has other threads (a gRPC channel's): pass
+    None when the children may use every CPU anyway."""
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
 
 
 def _ready(port: int) -> bool:
