@@ -39,7 +39,6 @@ from serving.grpc.inference import deadline_of, record_outcome, track_inflight
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_manager import ModelManager
 from serving.grpc.model_version import LoadedVersion
-from serving.grpc.predictions import prediction_metrics
 from serving.grpc.request_log import REQUEST_ID
 from serving.grpc.status_map import log_failure, status_of
 from serving.grpc.streams import serve_stream
@@ -124,7 +123,6 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
     ) -> None:
         self._manager, self._config, self._metrics = manager, config, metrics
         self._admission = admission or Admission()
-        self._predictions = prediction_metrics(metrics, config.prediction_classes, config.drift_window)
         self._limits = ImageLimits(
             max_bytes=config.max_image_bytes,
             max_pixels=config.max_image_pixels,
@@ -185,8 +183,6 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             self._manager.mirror(
                 loaded, {loaded.manifest.input.name: rows[:step]}, {head.output: scores[:step]}, compute
             )
-            if self._predictions is not None:
-                self._predictions.observe_scores(loaded, scores)
         except BaseException as exc:
             record_outcome(self._metrics, loaded, len(request.images) + len(request.signals), start, exc)
             raise

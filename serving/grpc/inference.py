@@ -25,7 +25,6 @@ from serving.grpc.metadata import model_config, model_metadata
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_manager import READY, ModelManager
 from serving.grpc.model_version import LoadedVersion
-from serving.grpc.predictions import prediction_metrics
 from serving.grpc.request_log import REQUEST_ID
 from serving.grpc.status_map import log_failure, status_of
 from serving.grpc.streams import serve_stream
@@ -107,7 +106,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version, self._is_ready, self._metrics = server_version, is_ready, metrics
         self._admission = admission or Admission()
         self._control = RepositoryControl.from_config(config)
-        self._predictions = prediction_metrics(metrics, config.prediction_classes, config.drift_window)
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -174,8 +172,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs, timing = await loaded.batcher.submit_timed(inputs, deadline=deadline, client=client)
             # a candidate version (promotion: shadow) gets a copy now, after the answer: never awaited
             self._manager.mirror(loaded, inputs, outputs, timing.compute_seconds)
-            if self._predictions is not None:
-                self._predictions.observe_outputs(loaded, outputs)
             response = pb.ModelInferResponse(
                 model_name=loaded.model, model_version=str(loaded.version), id=request.id
             )

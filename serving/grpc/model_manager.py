@@ -52,6 +52,7 @@ from serving.grpc.model_version import (
     artefact_choice,
     backend_options,
 )
+from serving.grpc.predictions import PredictionTap, prediction_metrics
 from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts, ShadowPolicy
 from serving.grpc.statistics import ModelStats
 from serving.runtime.backends.null_backend import null_timing
@@ -385,19 +386,25 @@ class ModelManager:
         model, version = handle.model, str(handle.version)
         stats = ModelStats(model, version)
         extra = self._metrics.batch_observer(model, version) if self._metrics else None
+        recorder = prediction_metrics(self._metrics, cfg.prediction_classes, cfg.drift_window)
+        tap = None if recorder is None else PredictionTap(recorder)
         batcher = DynamicBatcher(
             backend,
             max_batch_size=max_batch,
             max_queue_delay_us=cfg.max_queue_delay_us,
             latency_target_us=None if cfg.latency_target_ms is None else int(cfg.latency_target_ms * 1000),
+            outputs_tap=tap,
             preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
             max_queue_size=cfg.max_queue_size,
             max_queue_per_client=cfg.queue_per_client(),
             observer=VersionObserver(stats, extra),
             name=model,
         )
+        loaded = LoadedVersion(handle, batcher, stats)
+        if tap is not None:
+            tap.loaded = loaded
         batcher.start()
-        return LoadedVersion(handle, batcher, stats)
+        return loaded
 
     async def _retire(self, model: str, version: int) -> None:
         loaded = self._live.get(model, {}).pop(version, None)

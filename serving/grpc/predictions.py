@@ -13,6 +13,7 @@ and Classify feed one window per version.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Mapping
 
@@ -63,6 +64,7 @@ class PredictionMetrics:
         self._versions: weakref.WeakKeyDictionary[LoadedVersion, _VersionPredictions | None] = (
             weakref.WeakKeyDictionary()
         )
+        self._lock = threading.Lock()  # batches of every version and instance report from their threads
 
     def _of(self, loaded: LoadedVersion) -> _VersionPredictions | None:
         if loaded not in self._versions:
@@ -76,12 +78,13 @@ class PredictionMetrics:
     def observe_scores(self, loaded: LoadedVersion, scores: np.ndarray) -> None:
         """Rows whose class scores the handler has (Classify); rows that are not finite (garbage
         in, or an overflow) predict nothing and are not counted."""
-        version = self._of(loaded)
-        if version is not None:
-            scores = scores[np.isfinite(scores).all(axis=1)]
-            if len(scores):
-                version.observe(scores)
-                self._drift.observe(loaded, scores)
+        with self._lock:
+            version = self._of(loaded)
+            if version is not None:
+                scores = scores[np.isfinite(scores).all(axis=1)]
+                if len(scores):
+                    version.observe(scores)
+                    self._drift.observe(loaded, scores)
 
     def observe_outputs(self, loaded: LoadedVersion, outputs: Mapping[str, np.ndarray]) -> None:
         """Rows of raw outputs (ModelInfer): scored by the model's classification head."""
@@ -103,3 +106,15 @@ def prediction_metrics(
     if metrics not in _SHARED:
         _SHARED[metrics] = PredictionMetrics(metrics, most_classes, drift_window)
     return _SHARED[metrics]
+
+
+class PredictionTap:
+    """A version's batcher outputs tap: every computed batch's rows, counted once its
+    LoadedVersion exists (the batcher is built first)."""
+
+    def __init__(self, recorder: PredictionMetrics) -> None:
+        self.recorder, self.loaded = recorder, None  # type: LoadedVersion | None
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> None:
+        if self.loaded is not None:
+            self.recorder.observe_outputs(self.loaded, outputs)

@@ -101,8 +101,12 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         name: str = "model",
         latency_target_us: int | None = None,
+        outputs_tap: Callable[[Mapping[str, np.ndarray]], None] | None = None,
     ) -> None:
         self._backend, self._name, self._observer = backend, name, observer
+        # sees each computed batch's outputs in the worker thread (prediction metrics): per batch and
+        # off the event loop, where per request it cost ~17 % of served throughput at concurrency 16
+        self._outputs_tap = outputs_tap
         self._max_batch = backend.max_batch_size if max_batch_size is None else max_batch_size
         if not 1 <= self._max_batch <= backend.max_batch_size:
             raise ValueError(
@@ -351,11 +355,21 @@ class DynamicBatcher:
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise BackendError(f"output {name!r} has batch {array.shape[:1]}, expected {total} rows")
+        if self._outputs_tap is not None:
+            self._tap(outputs)
         results, offset = [], 0
         for n in rows:
             results.append({k: v[offset : offset + n] for k, v in outputs.items()})
             offset += n
         return results, seconds
+
+    def _tap(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """The outputs tap, which must never fail the batch (a fault in it is the server's: logged once)."""
+        try:
+            self._outputs_tap(outputs)  # type: ignore[misc]
+        except Exception:
+            log.error("model %r: the outputs tap failed; it is off from now on", self._name, exc_info=True)
+            self._outputs_tap = None
 
     def _post(self, callback: Callable[..., object], *args: object) -> bool:
         """Run `callback(*args)` on the event loop; False if the loop has closed."""
