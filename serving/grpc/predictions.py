@@ -5,10 +5,11 @@
 mix or a fall in confidence shows on the dashboard before anyone reports wrong answers. Label
 cardinality is bounded: classes at output index `prediction_classes` or beyond count as
 "other" (a 1000-class model would otherwise add 1000 series per version); 0 turns both off.
-Rows are counted after the answer, from the scores the handler already has (Classify) or a
-softmax of the classification output (ModelInfer); a model without one is not counted. The
-same scores feed the drift gauge (serving/grpc/drift.py); one recorder per server, so ModelInfer
-and Classify feed one window per version.
+Rows are counted per computed batch, in the batch worker (`PredictionTap`, the batcher's outputs
+tap), from a softmax of the classification output: off the event loop, where counting each
+request cost ~17 % of served ResNet-20 at concurrency 16. A model without a classification
+output is not counted; rows with non-finite scores predict nothing. The same scores feed the
+drift gauge (serving/grpc/drift.py); one recorder per server, so one window per version.
 """
 
 from __future__ import annotations
