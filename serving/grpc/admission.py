@@ -36,10 +36,6 @@ class Admission:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining.is_set()
-
     def check(self) -> None:
         """Raise UNAVAILABLE once the drain has begun (for a stream's next request)."""
         self._last_call = time.monotonic()

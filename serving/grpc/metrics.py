@@ -244,6 +244,7 @@ class KilnMetrics:
         # (model, version, code) -> (counter child, histogram child): `labels()` takes a lock and
         # builds a key on every call, and observe_request runs once per request.
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._inflight_children: dict[tuple[str, str], Gauge] = {}  # the same, for track_inflight
         self.gpu = gpu_collector() if gpu else None
         if self.gpu is not None:
             r.register(self.gpu)
@@ -263,7 +264,9 @@ class KilnMetrics:
     def track_inflight(self, model: str, version: str) -> Iterator[None]:
         """Count a request as in flight for the duration of the block (the handlers wrap each
         request's batcher submit in it)."""
-        gauge = self.inflight.labels(model, version)
+        gauge = self._inflight_children.get((model, version))
+        if gauge is None:
+            gauge = self._inflight_children[model, version] = self.inflight.labels(model, version)
         gauge.inc()
         try:
             yield
@@ -305,6 +308,7 @@ class KilnMetrics:
         """Remove every series of an unloaded model version (load state excepted: keep "unloaded")."""
         for key in [k for k in self._request_children if k[:2] == (model, version)]:
             del self._request_children[key]
+        self._inflight_children.pop((model, version), None)
         if self.multiprocess:  # the series live in files the supervisor reads: not removable
             return
         for metric in (

@@ -124,6 +124,7 @@ def choose(
         batch_sizes=batch_sizes_for(resolved.manifest.max_batch_size),
         threads=choice.threads,
         instances=choice.instances,
+        verified=True,  # every candidate, just above
     )
     return resolved, next(a for a in candidates if a.path == tuning.path), tuning
 

@@ -140,10 +140,12 @@ def _measure(
     layout: Layout,
     batch_sizes: Sequence[int],
     seconds: float,
+    *,
+    verify: bool,
 ) -> Trial:
     options = BackendOptions(device="cpu", instances=layout.instances, intra_op_threads=layout.threads)
-    # verify=True: bench and score call tune() directly; nothing unverified is ever run
-    backend = load_backend(manifest, artefact, version_dir=version_dir, options=options, verify=True)
+    # nothing unverified is ever run: `kiln bench` calls tune() without having verified
+    backend = load_backend(manifest, artefact, version_dir=version_dir, options=options, verify=verify)
     try:
         rates = {}
         for rows in batch_sizes:
@@ -230,11 +232,13 @@ def tune(
     threads: int | None = None,
     instances: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    verified: bool = False,
 ) -> TuningChoice:
     """Measure (or read from the cache) and choose; see the module docstring.
 
     `batch_sizes`: the sizes the batcher will form (e.g. 1, a middle one, max_batch_size).
     `threads`/`instances`: explicit settings win; None lets the measurement choose.
+    `verified`: the caller has checked every eligible artefact's sha256 (else each is checked here).
     """
     candidates = eligible(manifest)
     if not candidates:
@@ -249,7 +253,7 @@ def tune(
         except (KeyError, TypeError, ValueError):
             log.info("ignoring an unreadable tuning cache entry in %s", cache)
     trials = tuple(
-        _measure(manifest, version_dir, art, lay, batch_sizes, seconds_per_trial)
+        _measure(manifest, version_dir, art, lay, batch_sizes, seconds_per_trial, verify=not verified)
         for art in candidates
         for lay in tried
     )

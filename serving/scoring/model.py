@@ -51,7 +51,7 @@ def resolve_model(
     in `choice.artefact`) and verify its sha256: the handle's first steps, without loading."""
     # Every version: an explicit version need not be among the "latest" ones.
     resolved = resolve(ModelRepository(repo), model, version, policy=VersionPolicy.all())
-    on_cpu = choice.device == "cpu" or (choice.device == "auto" and backend_device("auto") == "cpu")
+    on_cpu = backend_device(choice.device) == "cpu"
     verified, artefact, _ = choose(resolved, choice, on_cpu=on_cpu)  # auto: the server's measurement
     return verified, artefact
 

@@ -138,3 +138,20 @@ def test_an_explicit_precision_is_not_measured(tmp_path: Path) -> None:
         loaded = srv.server.manager.get("convnet")
     assert loaded.artefact.precision == "int8" and loaded.handle.tuning is None
     assert not (tmp_path / tuning.CACHE_FILE).exists()
+
+
+def test_a_damaged_candidate_is_refused_before_anything_is_measured(tmp_path: Path) -> None:
+    from serving.contract.repository import ModelRepository
+    from serving.contract.version_policy import VersionPolicy
+    from serving.errors import ModelUnavailableError
+    from serving.runtime.model_handle import ArtefactChoice, choose, resolve
+
+    version_dir = publish_convnet(tmp_path)
+    damaged = version_dir / "model.int8.onnx"
+    data = bytearray(damaged.read_bytes())
+    data[-40] ^= 1  # same size: the sha256 must catch it
+    damaged.write_bytes(bytes(data))
+    resolved = resolve(ModelRepository(tmp_path), "convnet", None, policy=VersionPolicy.all())
+    with pytest.raises(ModelUnavailableError, match=r"model\.int8\.onnx: sha256 mismatch"):
+        choose(resolved, ArtefactChoice(), on_cpu=True)
+    assert not (tmp_path / tuning.CACHE_FILE).exists()  # refused before the measurement ran
