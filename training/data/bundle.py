@@ -12,10 +12,13 @@ from torch.utils.data import Dataset
 
 from training.data.arrays import channel_stats, chunks, fingerprint_tensors, stratified_split
 from training.data.datasets import TensorImageDataset
-from training.data.spec import DataSpec
+from training.data.signals import TensorSignalDataset, signal_stats
+from training.data.spec import DataError, DataSpec
 
 ImageDataset = Dataset[tuple[torch.Tensor, int]]
 _Split = TypeVar("_Split", bound=Dataset)
+IMAGE_LAYOUT, SIGNAL_LAYOUT = "NCHW", "NCL"
+IMAGE_SCALE = 1.0 / 255.0  # uint8 image values to [0, 1]; signals keep their raw values (1.0)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -41,14 +44,14 @@ class DataBundle:
     channel_order: str | None  # "L" or "RGB"; None for signals
     fingerprint: str
     augment: str
-    layout: str = "NCHW"  # "NCL" for signals
+    layout: str = IMAGE_LAYOUT  # SIGNAL_LAYOUT for signals
     signal_length: int | None = None  # samples per channel of each signal; None for images
-    input_scale: float = 1.0 / 255.0  # stored value x input_scale is what mean/std describe
+    input_scale: float = IMAGE_SCALE  # stored value x input_scale is what mean/std describe
 
     @property
     def is_signal(self) -> bool:
         """True when the samples are signals [C, L] (layout NCL)."""
-        return self.layout == "NCL"
+        return self.layout == SIGNAL_LAYOUT
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -95,31 +98,46 @@ def tensor_bundle(
     test: tuple[torch.Tensor, torch.Tensor] | None,
     class_names: tuple[str, ...],
     default_augment: str,
+    extra_params: Mapping[str, Any] | None = None,
 ) -> DataBundle:
-    """Split in-memory images (uint8 [N,C,H,W], already at `spec.image_size`) into a bundle.
+    """Split in-memory inputs into a bundle (stratified), for either kind `spec` names: uint8
+    images [N,C,H,W] already at `spec.image_size`, or (`spec.is_signal`) float32 signals [N,C,L].
 
     Without a given `test`, `pool` is split three ways; with one, only val is carved from `pool`.
+    `extra_params` (e.g. generator settings) go into the fingerprint with the split parameters.
     """
-    images = pool[0]
-    (train, val, test_set), fingerprint = split_pool(spec, pool, test, class_names, TensorImageDataset)
-    mean, std = channel_stats(chunks(train.images))
+    values, signal = pool[0], spec.is_signal
+    if test is not None and test[0].shape[1:] != values.shape[1:]:
+        kind = "signals" if signal else "images"
+        raise DataError(
+            f"test {kind} are [N, {', '.join(map(str, test[0].shape[1:]))}] but training {kind} "
+            f"are [N, {', '.join(map(str, values.shape[1:]))}]"
+        )
+    dataset = TensorSignalDataset if signal else TensorImageDataset
+    (train, val, test_set), fingerprint = _split_pool(spec, pool, test, class_names, dataset, extra_params)
+    # Both dataset classes expose `.images` (signals under that alias too).
+    mean, std = signal_stats(train.images) if signal else channel_stats(chunks(train.images))
+    channels = int(values.shape[1])
     return DataBundle(
         spec=spec,
         train=train,
         val=val,
         test=test_set,
         class_names=class_names,
-        in_channels=int(images.shape[1]),
-        image_size=spec.image_size,
+        in_channels=channels,
+        image_size=None if signal else spec.image_size,
         mean=mean,
         std=std,
-        channel_order=channel_order(int(images.shape[1])),
+        channel_order=None if signal else channel_order(channels),
         fingerprint=fingerprint,
         augment=spec.augment or default_augment,
+        layout=SIGNAL_LAYOUT if signal else IMAGE_LAYOUT,
+        signal_length=int(values.shape[2]) if signal else None,
+        input_scale=1.0 if signal else IMAGE_SCALE,
     )
 
 
-def split_pool(
+def _split_pool(
     spec: DataSpec,
     pool: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor] | None,
@@ -147,7 +165,6 @@ def split_pool(
         return dataset(values[index], labels[index])
 
     splits = (subset(train_idx), subset(val_idx), dataset(*test) if test is not None else subset(test_idx))
-    # Both dataset classes expose `.images` (signals under that alias too).
     tensors = [t for split in splits for t in (split.images, split.labels)]
     params = spec.split_params() | {"class_names": list(class_names)} | dict(extra_params or {})
     return splits, fingerprint_tensors(params, tensors)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.data.bundle import DataBundle
-from training.data.signals import check_signals, signal_bundle
+from training.data.bundle import DataBundle, tensor_bundle
+from training.data.signals import check_signals
 from training.data.spec import MNIST1D_CLASSES, DataError, DataSpec
 
 
@@ -26,7 +26,7 @@ def load_mnist1d_bundle(spec: DataSpec) -> DataBundle:
     data, args = generate_mnist1d(spec.mnist1d_samples)
     train = (torch.from_numpy(check_signals(data["x"], "mnist1d x")), _labels(data["y"]))
     test = (torch.from_numpy(check_signals(data["x_test"], "mnist1d x_test")), _labels(data["y_test"]))
-    return signal_bundle(
+    return tensor_bundle(
         spec,
         pool=train,
         test=test,

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.data.bundle import DataBundle
-from training.data.signals import check_signals, signal_bundle
+from training.data.bundle import DataBundle, tensor_bundle
+from training.data.signals import check_signals
 from training.data.spec import DataError, DataSpec
 
 
@@ -40,7 +40,7 @@ def load_signals_bundle(spec: DataSpec) -> DataBundle:
     test = None
     if arrays.x_test is not None and test_labels is not None:
         test = (torch.from_numpy(arrays.x_test), torch.from_numpy(test_labels))
-    return signal_bundle(
+    return tensor_bundle(
         spec,
         pool=(torch.from_numpy(arrays.x), torch.from_numpy(labels)),
         test=test,

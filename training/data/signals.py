@@ -1,4 +1,5 @@
-"""Fixed-length signal sets: the in-memory dataset, the split into a `DataBundle`, statistics.
+"""Fixed-length signal sets: the in-memory dataset, input checks, statistics (`bundle.py`'s
+`tensor_bundle` splits them into a `DataBundle`, as it does images).
 
 A signal sample is float32 [C, L] (C channels of L samples each), the model input layout NCL.
 Signals are kept as the float values they were read as (no uint8 quantisation), so a bundle's
@@ -7,17 +8,12 @@ Signals are kept as the float values they were read as (no uint8 quantisation), 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data.bundle import DataBundle, split_pool
 from training.data.datasets import checked_tensors
-from training.data.spec import DataError, DataSpec
-
-SIGNAL_LAYOUT = "NCL"
+from training.data.spec import DataError
 
 
 class TensorSignalDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -67,46 +63,3 @@ def check_signals(signals: np.ndarray, what: str) -> np.ndarray:
         bad = int(np.argwhere(~np.isfinite(out))[0][0])
         raise DataError(f"{what} holds a NaN or infinite value (sample {bad})")
     return out
-
-
-def signal_bundle(
-    spec: DataSpec,
-    *,
-    pool: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor] | None,
-    class_names: tuple[str, ...],
-    default_augment: str,
-    extra_params: dict[str, Any] | None = None,
-) -> DataBundle:
-    """Split float32 [N,C,L] signals into a bundle (stratified, as images are split).
-
-    Without a given `test`, `pool` is split three ways; with one, only val is carved from `pool`.
-    `extra_params` (e.g. generator settings) go into the fingerprint with the split parameters.
-    """
-    signals = pool[0]
-    if test is not None and test[0].shape[1:] != signals.shape[1:]:
-        raise DataError(
-            f"test signals are [N, {', '.join(map(str, test[0].shape[1:]))}] but training signals "
-            f"are [N, {', '.join(map(str, signals.shape[1:]))}]"
-        )
-    (train, val, test_set), fingerprint = split_pool(
-        spec, pool, test, class_names, TensorSignalDataset, extra_params
-    )
-    mean, std = signal_stats(train.signals)
-    return DataBundle(
-        spec=spec,
-        train=train,
-        val=val,
-        test=test_set,
-        class_names=class_names,
-        in_channels=int(signals.shape[1]),
-        image_size=None,
-        mean=mean,
-        std=std,
-        channel_order=None,
-        fingerprint=fingerprint,
-        augment=spec.augment or default_augment,
-        layout=SIGNAL_LAYOUT,
-        signal_length=int(signals.shape[2]),
-        input_scale=1.0,
-    )
