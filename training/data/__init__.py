@@ -7,11 +7,10 @@ float32 signals, class names, train-split normalisation statistics, a fingerprin
 augmentation driven only by a `torch.Generator`; `augment_for(bundle)` picks the right one.
 """
 
-from training.data.augment import AugmentFn, make_augment
+from training.data.augment import AugmentFn, augment_for, make_augment, make_signal_augment
 from training.data.bundle import DataBundle
 from training.data.datasets import ImageFileDataset, TensorImageDataset
 from training.data.loader import load_dataset
-from training.data.signal_augment import augment_for, make_signal_augment
 from training.data.signals import TensorSignalDataset
 from training.data.spec import (
     AUGMENT_POLICIES,

@@ -1,4 +1,6 @@
-"""Batched, vectorised augmentation on float [N,C,H,W] in [0,1], driven only by a torch.Generator.
+"""Batched, vectorised augmentation, driven only by a torch.Generator, of either kind of input:
+images float [N,C,H,W] in [0,1] (`make_augment`) or signals float [N,C,L] (`make_signal_augment`);
+`augment_for(bundle)` picks the one a bundle's kind needs.
 
 Every random number comes from the generator passed in, so a resumed run that restores the
 generator's state sees exactly the same augmentations. Random draws are made on the generator's
@@ -10,14 +12,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from training.data.spec import AUGMENT_POLICIES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataError
+from training.data.spec import (
+    AUGMENT_POLICIES,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    SIGNAL_AUGMENT_POLICIES,
+    DataError,
+)
+
+if TYPE_CHECKING:
+    from training.data.bundle import DataBundle
 
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 _REFERENCE_SIZE = 32  # magnitudes below are stated for 32x32 images and scale with image size
+SHIFT_FRACTION = 0.1  # signal "shift": up to 10 % of the length either way (4 samples at MNIST-1D's 40)
+
+
+def augment_for(bundle: DataBundle) -> AugmentFn:
+    """The augmentation `bundle.augment` names, for its kind of samples (images or signals)."""
+    if bundle.is_signal:
+        if bundle.signal_length is None:
+            raise DataError("a signal bundle needs a signal_length")
+        return make_signal_augment(bundle.augment, bundle.signal_length)
+    if bundle.image_size is None:
+        raise DataError("an image bundle needs an image_size")
+    return make_augment(bundle.augment, bundle.image_size)
 
 
 def make_augment(policy: str, image_size: int) -> AugmentFn:
@@ -35,45 +59,64 @@ def make_augment(policy: str, image_size: int) -> AugmentFn:
         raise DataError(f"image_size={image_size} is out of range [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
     scale = image_size / _REFERENCE_SIZE
     if policy == "digits":
-        return DigitsAugment(image_size=image_size, max_shift_px=2.5 * scale)
+        return DigitsAugment(size=image_size, max_shift_px=2.5 * scale)
     if policy == "cifar":
-        return CifarAugment(image_size=image_size, pad=max(1, round(4 * scale)))
+        return CifarAugment(size=image_size, pad=max(1, round(4 * scale)))
     if policy == "imagenet":
-        return ImagenetAugment(image_size=image_size)
-    return NoAugment(size=image_size)
+        return ImagenetAugment(size=image_size)
+    return Augment(size=image_size)
+
+
+def make_signal_augment(policy: str, length: int) -> AugmentFn:
+    """Return the signal augmentation `policy` for signals of `length` samples per channel.
+
+    Policies: "none" (identity); "shift" (each signal rolled circularly by a random whole number
+    of samples in [-s, s], s = max(1, round(0.1 x length)); all channels of a sample move
+    together). Circular, as MNIST-1D's own generator translates its digits.
+    """
+    if policy not in SIGNAL_AUGMENT_POLICIES:
+        raise DataError(
+            f"unknown signal augment policy {policy!r}; expected one of: {', '.join(SIGNAL_AUGMENT_POLICIES)}"
+        )
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise DataError(f"length={length!r} must be a positive int")
+    if policy == "shift":
+        return SignalShift(size=length, max_shift=max(1, round(SHIFT_FRACTION * length)))
+    return Augment(size=length, signal=True)
 
 
 @dataclass(frozen=True, kw_only=True)
-class NoAugment:
-    """Identity for either kind of input: the batch, once checked, is returned unchanged.
-    `size` is the image side, or with `signal` the signal length."""
+class Augment:
+    """The identity ("none"), and the base of every policy: a call checks that the batch is the
+    kind of input (`signal`) and the `size` (image side, or signal length) the policy was made
+    for, then `apply`s the policy to it."""
 
     size: int
     signal: bool = False
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        (check_signal_batch if self.signal else _check_batch)(x, self.size)
+        (_check_signal_batch if self.signal else _check_image_batch)(x, self.size)
+        return self.apply(x, gen)
+
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The policy on a checked batch (here: the batch unchanged)."""
         return x
 
 
 @dataclass(frozen=True, kw_only=True)
-class DigitsAugment:
+class DigitsAugment(Augment):
     """Small random affine (shift, rotation, scale) with zero fill; no flips (a flipped 2 is no 2)."""
 
-    image_size: int
     max_shift_px: float
     max_rotation_deg: float = 10.0
     scale_range: tuple[float, float] = (0.9, 1.1)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _check_batch(x, self.image_size)
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
         angle = _uniform(gen, n, -math.radians(self.max_rotation_deg), math.radians(self.max_rotation_deg))
         zoom = _uniform(gen, n, *self.scale_range)
         # affine_grid works in normalised coordinates where one pixel is 2 / size wide.
-        shift = _uniform(gen, 2 * n, -self.max_shift_px, self.max_shift_px).view(n, 2) * (
-            2.0 / self.image_size
-        )
+        shift = _uniform(gen, 2 * n, -self.max_shift_px, self.max_shift_px).view(n, 2) * (2.0 / self.size)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack(
             [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
@@ -82,14 +125,12 @@ class DigitsAugment:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CifarAugment:
+class CifarAugment(Augment):
     """Reflect-pad by `pad`, crop a random image-sized window (whole pixels), flip half the batch."""
 
-    image_size: int
     pad: int
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _check_batch(x, self.image_size)
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, c, h, w = x.shape
         padded = F.pad(x, (self.pad,) * 4, mode="reflect")
         offsets = torch.randint(0, 2 * self.pad + 1, (2, n), generator=gen, device=gen.device).to(x.device)
@@ -102,15 +143,13 @@ class CifarAugment:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImagenetAugment:
+class ImagenetAugment(Augment):
     """Random resized crop (bilinear, back to full size) plus horizontal flip, in one affine warp."""
 
-    image_size: int
     area_range: tuple[float, float] = (0.35, 1.0)
     ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _check_batch(x, self.image_size)
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
         area = _uniform(gen, n, *self.area_range)
         log_ratio = _uniform(gen, n, math.log(self.ratio_range[0]), math.log(self.ratio_range[1]))
@@ -128,6 +167,22 @@ class ImagenetAugment:
         return _warp(x, theta, padding_mode="border")
 
 
+@dataclass(frozen=True, kw_only=True)
+class SignalShift(Augment):
+    """Per-sample circular shift of signals by up to `max_shift` samples either way."""
+
+    max_shift: int
+    signal: bool = True
+
+    def apply(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, channels, length = x.shape
+        shifts = torch.randint(-self.max_shift, self.max_shift + 1, (n,), generator=gen, device=gen.device)
+        positions = torch.arange(length, device=x.device)
+        # out[i, :, t] = x[i, :, (t - shift_i) mod L]: a positive shift moves the signal right.
+        index = (positions[None, :] - shifts.to(x.device)[:, None]).remainder(length)
+        return x.gather(2, index[:, None, :].expand(n, channels, length))
+
+
 def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
     """n float32 draws in [low, high) on the generator's device."""
     return torch.rand(n, generator=gen, device=gen.device) * (high - low) + low
@@ -139,7 +194,7 @@ def _warp(x: torch.Tensor, theta: torch.Tensor, *, padding_mode: str) -> torch.T
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
 
-def _check_batch(x: torch.Tensor, image_size: int) -> None:
+def _check_image_batch(x: torch.Tensor, image_size: int) -> None:
     if x.ndim != 4 or not x.is_floating_point():
         raise DataError(f"augmentation needs a float [N,C,H,W] batch, got {x.dtype} {tuple(x.shape)}")
     if tuple(x.shape[-2:]) != (image_size, image_size):
@@ -148,8 +203,7 @@ def _check_batch(x: torch.Tensor, image_size: int) -> None:
         )
 
 
-def check_signal_batch(x: torch.Tensor, length: int) -> None:
-    """DataError unless `x` is a float [N,C,L] batch of signals of `length` samples."""
+def _check_signal_batch(x: torch.Tensor, length: int) -> None:
     if x.ndim != 3 or not x.is_floating_point():
         raise DataError(f"signal augmentation needs a float [N,C,L] batch, got {x.dtype} {tuple(x.shape)}")
     if x.shape[-1] != length:
