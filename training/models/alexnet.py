@@ -18,6 +18,7 @@ from torch import nn
 
 from training.models.classic_layouts import alexnet_width
 from training.models.config import ModelConfig
+from training.models.layers import build_from_config
 
 _POOL = 6  # side of the adaptive average pool
 
@@ -62,9 +63,4 @@ class AlexNet(nn.Module):
 
 def build(config: ModelConfig) -> AlexNet:
     """Build AlexNet from a validated config (registry entry point)."""
-    return AlexNet(
-        width=alexnet_width(config),
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        dropout=config.dropout,
-    )
+    return build_from_config(AlexNet, config, width=alexnet_width(config))

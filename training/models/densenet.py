@@ -20,6 +20,7 @@ from torch import nn
 
 from training.models.classic_layouts import DENSENET_BN_SIZE, DENSENET_COMPRESSION, densenet_layout
 from training.models.config import ModelConfig
+from training.models.layers import build_from_config
 
 
 class DenseLayer(nn.Module):
@@ -123,13 +124,11 @@ def _init(model: nn.Module) -> None:
 def build(config: ModelConfig) -> DenseNet:
     """Build a DenseNet from a validated config (registry entry point)."""
     layout = densenet_layout(config)
-    model = DenseNet(
+    return build_from_config(
+        DenseNet,
+        config,
+        init=_init,
         blocks=layout.blocks,
         growth_rate=layout.growth_rate,
         init_features=layout.init_features,
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        dropout=config.dropout,
     )
-    _init(model)
-    return model

@@ -23,6 +23,7 @@ from torch import nn
 
 from training.models.classic_layouts import REFERENCE_WIDTH, googlenet_width
 from training.models.config import ModelConfig
+from training.models.layers import build_from_config
 from training.models.outputs import AuxLogits
 
 # torchvision's Inception modules: in, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool proj.
@@ -155,12 +156,6 @@ def _init(model: nn.Module) -> None:
 
 def build(config: ModelConfig) -> GoogLeNet:
     """Build GoogLeNet from a validated config (registry entry point)."""
-    model = GoogLeNet(
-        width=googlenet_width(config),
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        dropout=config.dropout,
-        aux_heads=config.aux_heads,
+    return build_from_config(
+        GoogLeNet, config, init=_init, width=googlenet_width(config), aux_heads=config.aux_heads
     )
-    _init(model)
-    return model

@@ -6,9 +6,17 @@ each layer, so one network definition serves both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from training.models.config import ModelConfig
+
+_Net = TypeVar("_Net", bound=nn.Module)
 
 _CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}
 _BN: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -101,6 +109,23 @@ def make_shortcut(
     if norm:
         layers.append(batch_norm(out_planes, dims=dims))
     return nn.Sequential(*layers)
+
+
+def build_from_config(
+    net: Callable[..., _Net],
+    config: ModelConfig,
+    *,
+    init: Callable[[nn.Module], None] | None = None,
+    **layout: object,
+) -> _Net:
+    """`net(**layout)` given the fields every family reads from `config` (`in_channels`,
+    `num_classes`, `dropout`), then `init(model)` where given (None keeps PyTorch's defaults).
+    A family's `build` so states only its own layout and its initialisation."""
+    common = {"in_channels": config.in_channels, "num_classes": config.num_classes, "dropout": config.dropout}
+    model = net(**layout, **common)
+    if init is not None:
+        init(model)
+    return model
 
 
 def init_weights(model: nn.Module) -> None:

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.models.layers import adaptive_avg_pool, batch_norm, conv, init_weights, max_pool
+from training.models.layers import (
+    adaptive_avg_pool,
+    batch_norm,
+    build_from_config,
+    conv,
+    init_weights,
+    max_pool,
+)
 from training.models.layouts import PlainLayout, plain_layout
 
 
@@ -109,7 +116,10 @@ def _init(model: nn.Module) -> None:
 
 def build(config: ModelConfig) -> PlainCNN:
     """Build a plain CNN from a validated config (registry entry point)."""
-    model = PlainCNN(
+    return build_from_config(
+        PlainCNN,
+        config,
+        init=_init,
         layout=plain_layout(config),
         geometry=ConvGeometry(
             dims=config.spatial_dims,
@@ -119,10 +129,5 @@ def build(config: ModelConfig) -> PlainCNN:
             batch_norm=config.batch_norm,
             stage_pool=config.stage_pool == "max",
         ),
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        dropout=config.dropout,
         pool_size=config.pool_size,
     )
-    _init(model)
-    return model

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.models.layers import adaptive_avg_pool, conv, conv3x3, init_weights, make_shortcut
+from training.models.layers import (
+    adaptive_avg_pool,
+    build_from_config,
+    conv,
+    conv3x3,
+    init_weights,
+    make_shortcut,
+)
 from training.models.layouts import ResNetLayout, resnet_layout
 
 _Net = TypeVar("_Net", bound=nn.Module)
@@ -121,16 +128,15 @@ def build_residual_net(
     `zero_init_residual` the weight `residual_end(module)` names in each block zeroed (None for
     modules that are not blocks), so that every block starts as identity."""
     layout = resnet_layout(config)
-    model = net(
+    model = build_from_config(
+        net,
+        config,
+        init=init_weights,
         block=block_types[layout.block],
         layout=layout,
         style=config.style,
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        dropout=config.dropout,
         dims=config.spatial_dims,
     )
-    init_weights(model)
     if config.zero_init_residual:
         for m in model.modules():
             if (weight := residual_end(m)) is not None:
