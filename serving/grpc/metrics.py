@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -42,7 +44,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from serving.grpc.gpu_stats import gpu_collector
+from serving.grpc.gpu_stats import GpuCollector, gpu_collector
 
 __all__ = [
     "BATCH_BUCKETS",
@@ -145,109 +147,159 @@ class BatchMetrics:
         child.inc(count)
 
 
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """One metric of KilnMetrics: its type, name, help text, labels and type-specific options."""
+
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    help: str
+    labels: tuple[str, ...] = _MV
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def make(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        return self.kind(self.name, self.help, self.labels, registry=registry, **self.options)
+
+
+def _latency(name: str, help: str) -> _Spec:
+    """A per-version latency histogram (LATENCY_BUCKETS)."""
+    return _Spec(Histogram, name, help, options={"buckets": LATENCY_BUCKETS})
+
+
+# KilnMetrics attribute -> its metric (kiln_model_load_state and the client errors depend on the
+# multiprocess mode: KilnMetrics._load_state_metric).
+_METRICS: dict[str, _Spec] = {
+    "requests": _Spec(Counter, "kiln_requests", "Inference requests by final status code", (*_MV, "code")),
+    "request_duration": _latency("kiln_request_duration_seconds", "End-to-end request latency in the server"),
+    "queue_duration": _latency("kiln_queue_duration_seconds", "Time a request waited in the batching queue"),
+    "compute_duration": _latency("kiln_compute_duration_seconds", "Backend time per executed batch"),
+    "preprocess_duration": _latency(
+        "kiln_preprocess_duration_seconds", "Image decode + resize + normalise time per request"
+    ),
+    "batch_size": _Spec(
+        Histogram, "kiln_batch_size", "Rows per executed batch", options={"buckets": BATCH_BUCKETS}
+    ),
+    "queue_depth": _Spec(Gauge, "kiln_queue_depth", "Requests waiting in the batching queue"),
+    "inflight": _Spec(
+        Gauge,
+        "kiln_inflight_requests",
+        "Requests of a model version waiting for or in a batch",
+        options={"multiprocess_mode": "livesum"},
+    ),
+    "requests_dropped": _Spec(
+        Counter, "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason")
+    ),
+    # which artefact a version serves and why (precision auto measures on a CPU): an info
+    # metric, 1 for the artefact in use, so dashboards can join it on model/version
+    "artefact_info": _Spec(
+        Gauge,
+        "kiln_model_artefact_info",
+        "The artefact a model version serves (1), and how it was chosen",
+        (*_MV, "artefact", "precision", "threads", "instances", "chosen_by"),
+        {"multiprocess_mode": "max"},
+    ),
+    # shadow rollouts (serving/grpc/shadow.py): what happened to each copy sent to a candidate
+    # ("compared", "dropped": its queue was full, "failed"), its running top-1 agreement with
+    # the serving version, and each verdict ("promoted", "rejected", "forced")
+    "shadow_requests": _Spec(
+        Counter,
+        "kiln_shadow_requests",
+        "Live requests copied to a candidate version, by outcome",
+        ("model", "outcome"),
+    ),
+    "shadow_agreement": _Spec(
+        Gauge,
+        "kiln_shadow_agreement_ratio",
+        "Top-1 agreement of a candidate with the serving version",
+        options={"multiprocess_mode": "livemin"},
+    ),
+    "promotions": _Spec(
+        Counter, "kiln_model_promotions", "Verdicts on candidate versions, by result", ("model", "result")
+    ),
+    # what each version predicts (serving/grpc/predictions.py): top-1 class of each served row
+    # (classes past prediction_classes are "other") and the top-1 probability
+    "predictions": _Spec(Counter, "kiln_predictions", "Served rows by top-1 class", (*_MV, "class")),
+    "prediction_confidence": _Spec(
+        Histogram,
+        "kiln_prediction_confidence",
+        "Top-1 probability of each served row",
+        options={"buckets": CONFIDENCE_BUCKETS},
+    ),
+    # how far what a version predicts has drifted from the reference its export recorded
+    # (serving/grpc/drift.py): population stability index of the top-1 class mix and
+    # of the top-1 probability histogram over a sliding window; absent without a reference
+    "prediction_drift": _Spec(
+        Gauge,
+        "kiln_prediction_drift",
+        "Population stability index of served predictions vs the reference",
+        (*_MV, "distribution"),
+        {"multiprocess_mode": "livemax"},
+    ),
+}
+
+
 class KilnMetrics:
-    """Every metric the server exports, registered on `registry`."""
+    """Every metric the server exports, registered on `registry`: the metrics of _METRICS under
+    their attribute names, `load_state`, and the collectors (client errors, process, GPU)."""
+
+    requests: Counter
+    request_duration: Histogram
+    queue_duration: Histogram
+    compute_duration: Histogram
+    preprocess_duration: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    inflight: Gauge
+    requests_dropped: Counter
+    artefact_info: Gauge
+    shadow_requests: Counter
+    shadow_agreement: Gauge
+    promotions: Counter
+    predictions: Counter
+    prediction_confidence: Histogram
+    prediction_drift: Gauge
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
         self.registry = registry
-        r = registry
         # prometheus_client's own switch (read when it was imported); see the module docstring
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
-        self.requests = Counter(
-            "kiln_requests", "Inference requests by final status code", (*_MV, "code"), registry=r
-        )
-        self.request_duration = Histogram(
-            "kiln_request_duration_seconds", "End-to-end request latency in the server", _MV,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_duration = Histogram(
-            "kiln_queue_duration_seconds", "Time a request waited in the batching queue", _MV,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.compute_duration = Histogram(
-            "kiln_compute_duration_seconds", "Backend time per executed batch", _MV,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.preprocess_duration = Histogram(
-            "kiln_preprocess_duration_seconds", "Image decode + resize + normalise time per request", _MV,
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "kiln_batch_size", "Rows per executed batch", _MV, buckets=BATCH_BUCKETS, registry=r
-        )
-        self.queue_depth = Gauge(
-            "kiln_queue_depth", "Requests waiting in the batching queue", _MV, registry=r
-        )
-        self.inflight = Gauge(
-            "kiln_inflight_requests", "Requests of a model version waiting for or in a batch", _MV,
-            registry=r, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.load_state: Enum | Gauge
-        if self.multiprocess:
-            self.load_state = Gauge(
-                "kiln_model_load_state", "1 while every live worker holds the version in this state",
-                (*_MV, "kiln_model_load_state"), registry=r, multiprocess_mode="livemin",
-            )  # fmt: skip
+        for attr, spec in _METRICS.items():
+            setattr(self, attr, spec.make(registry))
+        self.load_state = self._load_state_metric()
+        if self.multiprocess:  # the supervisor sums this counter across workers
             CLIENT_ERRORS.mirror_to(
                 Counter("kiln_client_errors", "Errors caused by clients", ("reason",), registry=None)
             )
-        else:
-            self.load_state = Enum(
-                "kiln_model_load_state", "Load state of a model version", _MV, states=list(LOAD_STATES),
-                registry=r,
-            )  # fmt: skip
-        self.requests_dropped = Counter(
-            "kiln_requests_dropped", "Requests dropped before compute", (*_MV, "reason"), registry=r
-        )
-        # which artefact a version serves and why (precision auto measures on a CPU): an info
-        # metric, 1 for the artefact in use, so dashboards can join it on model/version
-        self.artefact_info = Gauge(
-            "kiln_model_artefact_info", "The artefact a model version serves (1), and how it was chosen",
-            (*_MV, "artefact", "precision", "threads", "instances", "chosen_by"), registry=r,
-            multiprocess_mode="max",
-        )  # fmt: skip
-        # shadow rollouts (serving/grpc/shadow.py): what happened to each copy sent to a candidate
-        # ("compared", "dropped": its queue was full, "failed"), its running top-1 agreement with
-        # the serving version, and each verdict ("promoted", "rejected", "forced")
-        self.shadow_requests = Counter(
-            "kiln_shadow_requests", "Live requests copied to a candidate version, by outcome",
-            ("model", "outcome"), registry=r,
-        )  # fmt: skip
-        self.shadow_agreement = Gauge(
-            "kiln_shadow_agreement_ratio", "Top-1 agreement of a candidate with the serving version",
-            _MV, registry=r, multiprocess_mode="livemin",
-        )  # fmt: skip
-        self.promotions = Counter(
-            "kiln_model_promotions", "Verdicts on candidate versions, by result", ("model", "result"),
-            registry=r,
-        )  # fmt: skip
-        # what each version predicts (serving/grpc/predictions.py): top-1 class of each served row
-        # (classes past prediction_classes are "other") and the top-1 probability
-        self.predictions = Counter(
-            "kiln_predictions", "Served rows by top-1 class", (*_MV, "class"), registry=r
-        )
-        self.prediction_confidence = Histogram(
-            "kiln_prediction_confidence", "Top-1 probability of each served row", _MV,
-            buckets=CONFIDENCE_BUCKETS, registry=r,
-        )  # fmt: skip
-        # how far what a version predicts has drifted from the reference its export recorded
-        # (serving/grpc/drift.py): population stability index of the top-1 class mix and
-        # of the top-1 probability histogram over a sliding window; absent without a reference
-        self.prediction_drift = Gauge(
-            "kiln_prediction_drift", "Population stability index of served predictions vs the reference",
-            (*_MV, "distribution"), registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
-        r.register(_ClientErrorCollector())
-        if process:
-            ProcessCollector(registry=r)
-            PlatformCollector(registry=r)
         # (model, version, code) -> (counter child, histogram child): `labels()` takes a lock and
         # builds a key on every call, and observe_request runs once per request.
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._inflight_children: dict[tuple[str, str], Gauge] = {}  # the same, for track_inflight
-        self.gpu = gpu_collector() if gpu else None
-        if self.gpu is not None:
-            r.register(self.gpu)
+        self.gpu = self._register_collectors(process=process, gpu=gpu)
+
+    def _load_state_metric(self) -> Enum | Gauge:
+        """kiln_model_load_state: a stateset, or in multiprocess mode a gauge per state (see the
+        module docstring)."""
+        if not self.multiprocess:
+            return Enum(
+                "kiln_model_load_state", "Load state of a model version", _MV, states=list(LOAD_STATES),
+                registry=self.registry,
+            )  # fmt: skip
+        return Gauge(
+            "kiln_model_load_state", "1 while every live worker holds the version in this state",
+            (*_MV, "kiln_model_load_state"), registry=self.registry, multiprocess_mode="livemin",
+        )  # fmt: skip
+
+    def _register_collectors(self, *, process: bool, gpu: bool) -> GpuCollector | None:
+        """The client-error tally, the process collectors if `process`; the GPU collector if `gpu`
+        and a GPU is found (returned)."""
+        self.registry.register(_ClientErrorCollector())
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        collector = gpu_collector() if gpu else None
+        if collector is not None:
+            self.registry.register(collector)
+        return collector
 
     def observe_request(self, model: str, version: str, code: str, seconds: float | None = None) -> None:
         """Count one finished request by status code name ("OK", "INVALID_ARGUMENT", ...) and its latency."""
@@ -311,22 +363,22 @@ class KilnMetrics:
         self._inflight_children.pop((model, version), None)
         if self.multiprocess:  # the series live in files the supervisor reads: not removable
             return
-        for metric in (
-            self.request_duration, self.queue_duration, self.compute_duration, self.preprocess_duration,
-            self.batch_size, self.queue_depth, self.inflight, self.shadow_agreement,
-            self.prediction_confidence,
-        ):  # fmt: skip
-            _remove(metric, model, version)
-        for code in _STATUS_CODES:
-            _remove(self.requests, model, version, code)
-        for reason in _DROP_REASONS:
-            _remove(self.requests_dropped, model, version, reason)
-        for distribution in DRIFT_DISTRIBUTIONS:
-            _remove(self.prediction_drift, model, version, distribution)
-        for metric in (self.artefact_info, self.predictions):
-            for labels in [s.labels for m in metric.collect() for s in m.samples]:
-                if (labels["model"], labels["version"]) == (model, version):
-                    _remove(metric, *labels.values())
+        for attr, spec in _METRICS.items():
+            if spec.labels[:2] == _MV:
+                _remove_version(getattr(self, attr), spec.labels, model, version)
+
+
+def _remove_version(
+    metric: Counter | Gauge | Histogram, labelnames: tuple[str, ...], model: str, version: str
+) -> None:
+    """Remove every series of `metric` labelled with this model version."""
+    if len(labelnames) == 2:
+        _remove(metric, model, version)
+        return
+    series = {tuple(s.labels[n] for n in labelnames) for m in metric.collect() for s in m.samples}
+    for labels in series:
+        if labels[:2] == (model, version):
+            _remove(metric, *labels)
 
 
 def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
