@@ -2,6 +2,10 @@
 
     kiln score --repo models --model resnet20[:3] --input 'photos/**/*.jpg' --output scores/
 
+A complete job also writes scores/_predictions.json: its top-1 class counts, top-1 confidence
+histogram and drift score against kiln.json's reference, as the server's prediction metrics
+count them (serving/scoring/distribution.py), and prints them as a short table.
+
 Exit status: 0 when every shard is committed (inputs that could not be scored are error rows,
 not failures), 2 for a bad request (no inputs, unknown model, bad manifest columns, an output
 folder that is a file or belongs to another job) with one line on stderr, 1 when scoring itself
@@ -12,6 +16,7 @@ failed (committed shards are kept: rerun the same command to resume). Without py
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -48,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--actor-cpus", type=float, default=1.0, help="ray engine: CPUs per actor (default %(default)s)"
+    )
+    parser.add_argument(
+        "--prediction-classes",
+        type=int,
+        help="classes named in _predictions.json, the rest 'other' (default 20, as kiln serve)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -87,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             ray_address=args.ray_address, actors=args.actors, actor_cpus=args.actor_cpus,
             progress=not args.no_progress and sys.stderr.isatty(),
         )  # fmt: skip
+        if args.prediction_classes is not None:
+            config = dataclasses.replace(config, prediction_classes=args.prediction_classes)
         job = prepare_job(config)
     except (ValueError, KilnError) as exc:
         print(f"kiln score: {_message(exc)}", file=sys.stderr)
@@ -105,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         job.close()
     print(summary.line())
+    if job.predictions is not None:
+        print(job.predictions.table())
     return 0 if summary.complete else 1
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from serving.contract import serving_defaults
 from serving.contract.version_policy import VersionPolicy, VersionPolicyError
+from serving.runtime.distribution import DEFAULT_PREDICTION_CLASSES
 
 ENV_PREFIX = "KILN_"
 DEVICES_HINT = "'cpu', 'cuda', 'cuda:N' or 'auto'"
@@ -81,7 +82,7 @@ class ServeConfig:
     shadow_queue_size: int = 16  # copies outstanding at the candidate; more are dropped (counted)
     # kiln_predictions_total labels the first N classes by name, the rest "other"; 0: no
     # prediction metrics (serving/grpc/predictions.py)
-    prediction_classes: int = 20
+    prediction_classes: int = DEFAULT_PREDICTION_CLASSES  # kiln score's too
     # rows per version in the sliding window kiln_prediction_drift scores; 0: no drift gauge
     drift_window: int = 1000
     # execution

@@ -9,6 +9,8 @@ each against the reference, sum((live - ref) * ln(live / ref)) over the bins. Th
 under 0.1 stable, 0.1 to 0.2 a moderate shift, over 0.2 a shift worth a look (the alert's
 threshold). The gauge appears once the window holds MIN_ROWS rows (the PSI of a handful of rows
 is noise) and never for a version without a reference (exports made before it): absent, not 0.
+The binning and the PSI are serving/runtime/distribution.py's, which `kiln score` uses too, so
+a scoring job's `_predictions.json` scores its rows exactly as this gauge would.
 """
 
 from __future__ import annotations
@@ -17,37 +19,26 @@ import weakref
 
 import numpy as np
 
-from serving.contract.manifest import Manifest
 from serving.contract.manifest_types import PredictionDistribution
 from serving.grpc.metrics import DRIFT_DISTRIBUTIONS as DRIFT
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import LoadedVersion
+from serving.runtime.distribution import class_psi, confidence_bins, confidence_psi, reference_for
 
-PSI_FLOOR = 1e-4  # a share of 0 on either side would make the PSI infinite
 MIN_ROWS = 100  # fewer rows in the window (or the whole window if smaller): no score yet
-
-
-def psi(reference: np.ndarray, live: np.ndarray) -> float:
-    """Population stability index of the `live` shares against the `reference` shares."""
-    ref, now = np.maximum(reference, PSI_FLOOR), np.maximum(live, PSI_FLOOR)
-    return float(np.sum((now - ref) * np.log(now / ref)))
-
-
-def reference_of(manifest: Manifest) -> PredictionDistribution | None:
-    """The reference export recorded (on the FP32 ONNX artefact), None for older exports."""
-    reports = (a.parity for a in manifest.artefacts if a.parity is not None)
-    return next((r.distribution for r in reports if r.distribution is not None), None)
 
 
 class DriftWindow:
     """The top-1 class and confidence bin of the last `size` rows, as running counts over a ring."""
 
     def __init__(self, reference: PredictionDistribution, size: int) -> None:
-        self._ref_classes = np.asarray(reference.class_frequencies)
-        self._ref_bins = np.asarray(reference.confidence_frequencies)
-        self._edges = np.asarray(reference.confidence_edges)
+        self.reference = reference
+        self._edges = reference.confidence_edges
         self._ring = np.zeros((2, size), np.int64)  # [class, bin] of each row kept
-        self._counts = (np.zeros(len(self._ref_classes), np.int64), np.zeros(len(self._edges), np.int64))
+        self._counts = (
+            np.zeros(len(reference.class_frequencies), np.int64),
+            np.zeros(len(self._edges), np.int64),
+        )
         self._next = self.rows = 0
         self.min_rows = min(size, MIN_ROWS)
         self.published = False  # its gauges read it (DriftMetrics)
@@ -55,8 +46,7 @@ class DriftWindow:
     def add(self, best: np.ndarray, confidence: np.ndarray) -> None:
         """Rows' top-1 class indices and top-1 probabilities; the oldest rows leave the window."""
         size = self._ring.shape[1]
-        bins = np.searchsorted(self._edges, confidence[-size:], side="left").clip(max=len(self._edges) - 1)
-        new = np.stack([best[-size:], bins])
+        new = np.stack([best[-size:], confidence_bins(confidence[-size:], self._edges)])
         slots = (self._next + np.arange(new.shape[1])) % size
         old = self._ring[:, slots[slots < self.rows]]  # the slots still holding a row leave
         for counts, kind in zip(self._counts, range(2), strict=True):
@@ -67,12 +57,13 @@ class DriftWindow:
         self._next = (self._next + new.shape[1]) % size
 
     def class_psi(self) -> float:
-        """PSI of the window's top-1 class shares against the reference's."""
-        return psi(self._ref_classes, self._counts[0] / max(self.rows, 1))
+        """PSI of the window's top-1 class shares against the reference's (the same function
+        `kiln score` scores a job's rows with)."""
+        return class_psi(self.reference, self._counts[0])
 
     def confidence_psi(self) -> float:
         """PSI of the window's top-1 probability histogram against the reference's."""
-        return psi(self._ref_bins, self._counts[1] / max(self.rows, 1))
+        return confidence_psi(self.reference, self._counts[1])
 
 
 class DriftMetrics:
@@ -88,9 +79,9 @@ class DriftMetrics:
     def observe(self, loaded: LoadedVersion, scores: np.ndarray) -> None:
         """Rows of [N, C] class scores a version served."""
         if loaded not in self._versions:
-            reference = reference_of(loaded.manifest)
-            usable = reference is not None and len(reference.class_frequencies) == scores.shape[1]
-            self._versions[loaded] = DriftWindow(reference, self._window) if usable and self._window else None
+            reference = reference_for(loaded.manifest, scores.shape[1])
+            usable = reference is not None and self._window > 0
+            self._versions[loaded] = DriftWindow(reference, self._window) if usable else None
         window = self._versions[loaded]
         if window is None:
             return

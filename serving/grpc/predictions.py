@@ -25,9 +25,10 @@ from serving.errors import KilnError
 from serving.grpc.drift import DriftMetrics
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import LoadedVersion
+from serving.runtime.distribution import OTHER, named_classes
 from serving.runtime.topk import ClassificationHead
 
-OTHER = "other"
+__all__ = ["OTHER", "PredictionMetrics", "PredictionTap", "prediction_metrics"]
 
 
 class _VersionPredictions:
@@ -38,9 +39,11 @@ class _VersionPredictions:
     ) -> None:
         model, version = loaded.model, str(loaded.version)
         self.head = head
-        named = [label if i < most else OTHER for i, label in enumerate(head.labels)]
         children: dict[str, Counter] = {}
-        self._classes = [children.setdefault(n, metrics.predictions.labels(model, version, n)) for n in named]
+        self._classes = [
+            children.setdefault(n, metrics.predictions.labels(model, version, n))
+            for n in named_classes(head.labels, most)
+        ]
         self._confidence: Histogram = metrics.prediction_confidence.labels(model, version)
 
     def observe(self, scores: np.ndarray) -> None:

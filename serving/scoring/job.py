@@ -1,5 +1,8 @@
 """One scoring job end to end: inputs -> verified model -> ledger -> engine -> shards -> summary.
 
+A complete job also writes what it predicted (`_predictions.json`, serving/scoring/distribution.py):
+the server's class counts, confidence histogram and drift score of the same rows.
+
 `prepare_job` does everything that can fail because of what the user asked for (no inputs, no
 model, a bad manifest, an output folder of another job, a missing optional dependency): those
 raise ValueError subclasses (or a KilnError when the artefact cannot load) before any work.
@@ -9,6 +12,7 @@ committed shards in place, and rerunning resumes.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -17,9 +21,12 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from serving.contract.fileio import atomic_write_text
 from serving.contract.manifest import Artefact, Manifest
 from serving.runtime.backends import BackendOptions
+from serving.runtime.distribution import DEFAULT_PREDICTION_CLASSES
 from serving.runtime.model_handle import ArtefactChoice, ModelHandle
+from serving.scoring.distribution import PREDICTIONS_FILE, PredictionSummary, summarise_shards
 from serving.scoring.inputs import InputList, list_inputs
 from serving.scoring.ledger import JobIdentity, Ledger, LedgerError, ShardPlan, ShardRecord
 from serving.scoring.local_engine import LocalEngine, LocalOptions
@@ -54,11 +61,13 @@ class ScoreConfig:
     actors: int = 1  # ray engine: backend actors
     actor_cpus: float = 1.0
     progress: bool = True
+    # _predictions.json names the first N classes, the rest "other" (kiln serve's prediction_classes)
+    prediction_classes: int = DEFAULT_PREDICTION_CLASSES
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        for name in ("top_k", "workers", "shard_size", "actors"):
+        for name in ("top_k", "workers", "shard_size", "actors", "prediction_classes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -84,6 +93,8 @@ class ScoreJob:
     ledger: Ledger
     engine: Engine
     model: ScoringModel | None  # the local engine's backend holder (None for Ray)
+    manifest: Manifest
+    predictions: PredictionSummary | None = None  # set by `run` once the job is complete
 
     def run(self) -> ScoreSummary:
         """Compute the pending shards and return the summary (also written when complete)."""
@@ -125,7 +136,15 @@ class ScoreJob:
         )
         if summary.complete:
             self.ledger.write_summary({**summary.to_dict(), "job": self.ledger.identity.to_dict()})
+            self._write_predictions(records)
         return summary
+
+    def _write_predictions(self, records: dict[int, ShardRecord]) -> None:
+        """Summarise what the whole job predicted into `_predictions.json` (see module doc)."""
+        out = self.ledger.out_dir
+        files = [out / records[i].file for i in sorted(records)]
+        self.predictions = summarise_shards(files, self.manifest, self.config.prediction_classes)
+        atomic_write_text(out / PREDICTIONS_FILE, json.dumps(self.predictions.to_dict(), indent=2) + "\n")
 
     def close(self) -> None:
         """Release the backend and the output folder lock."""
@@ -179,7 +198,9 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
         if model is not None:
             model.close()
         raise
-    return ScoreJob(config=config, inputs=inputs, ledger=ledger, engine=engine, model=model)
+    return ScoreJob(
+        config=config, inputs=inputs, ledger=ledger, engine=engine, model=model, manifest=manifest
+    )
 
 
 def _ray_engine(

@@ -7,6 +7,7 @@ Layout of an output folder::
     OUT/part-00000.parquet     shard 0 = sorted inputs [0, S), shard i = [i*S, (i+1)*S)
     OUT/_ledger/part-00000.json  the commit record of shard 0 (rows, errors, size, sha256)
     OUT/_summary.json          written when every shard is committed
+    OUT/_predictions.json      then too: what the job predicted (serving/scoring/distribution.py)
 
 A shard is committed when its record exists and its file has the recorded size. The order is:
 write the shard to a temp file, fsync, rename (serving.scoring.writer), then write the record

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+from serving.contract.manifest_types import ParityReport
 from serving.contract.repository import publish_version
 
 LABELS = ("ant", "bee", "cat", "dog", "eel")
@@ -46,8 +47,16 @@ def build_onnx(path: Path, seed: int) -> None:
     path.write_bytes(model.SerializeToString())
 
 
-def publish_model(repo: Path, name: str = "tiny", *, seed: int = 0, max_batch_size: int = 16) -> Path:
-    """Publish one version of the tiny classifier (real sha256s); returns the version folder."""
+def publish_model(
+    repo: Path,
+    name: str = "tiny",
+    *,
+    seed: int = 0,
+    max_batch_size: int = 16,
+    parity: ParityReport | None = None,
+) -> Path:
+    """Publish one version of the tiny classifier (real sha256s), its artefact carrying `parity`
+    if given; returns the version folder."""
 
     def populate(tmp: Path, version: int) -> Manifest:
         build_onnx(tmp / "model.onnx", seed)
@@ -64,7 +73,9 @@ def publish_model(repo: Path, name: str = "tiny", *, seed: int = 0, max_batch_si
                 preprocessing=Preprocessing(resize=SIZE, crop=SIZE, mean=MEAN, std=STD),
             ),
             outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, len(LABELS))),),
-            artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),
+            artefacts=(
+                Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32", parity=parity),
+            ),
             max_batch_size=max_batch_size,
             provenance=Provenance(
                 run_id=f"scoring-test-{seed}",

@@ -10,7 +10,8 @@ import pytest
 from export.distribution import CONFIDENCE_EDGES, prediction_distribution
 from serving.contract.manifest import ManifestError
 from serving.contract.manifest_types import ParityReport, PredictionDistribution
-from serving.grpc.drift import DriftWindow, psi
+from serving.grpc.drift import DriftWindow
+from serving.runtime.distribution import psi
 from serving.runtime.topk import softmax
 
 LOGITS = np.random.default_rng(3).normal(scale=3.0, size=(500, 5))
