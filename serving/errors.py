@@ -12,7 +12,7 @@ the same to a client (neither is retriable as-is; the client must send less).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "BackendError",
@@ -33,9 +33,18 @@ __all__ = [
 
 
 class KilnError(Exception):
-    """Base of every serving error; `code` names the grpc.StatusCode member it maps to."""
+    """Base of every serving error; `code` names the grpc.StatusCode member it maps to.
+
+    A subclass names its code in its class line, `class QueueFullError(KilnError,
+    code="RESOURCE_EXHAUSTED")`, or inherits its base's.
+    """
 
     code: ClassVar[str] = "UNKNOWN"
+
+    def __init_subclass__(cls, *, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
     @property
     def message(self) -> str:
@@ -43,81 +52,57 @@ class KilnError(Exception):
         return str(self.args[0]) if self.args else type(self).__name__
 
 
-class InvalidInputError(KilnError):
+class InvalidInputError(KilnError, code="INVALID_ARGUMENT"):
     """The request is malformed: wrong tensor name, datatype, shape, byte count, undecodable image."""
 
-    code = "INVALID_ARGUMENT"
 
-
-class PayloadTooLargeError(KilnError):
+class PayloadTooLargeError(KilnError, code="RESOURCE_EXHAUSTED"):
     """Too many bytes or decoded pixels (RESOURCE_EXHAUSTED, like gRPC's own size limit)."""
 
-    code = "RESOURCE_EXHAUSTED"
 
-
-class ModelNotFoundError(KilnError):
+class ModelNotFoundError(KilnError, code="NOT_FOUND"):
     """No such model, or no such version of it, in the repository."""
 
-    code = "NOT_FOUND"
 
-
-class ModelUnavailableError(KilnError):
+class ModelUnavailableError(KilnError, code="UNAVAILABLE"):
     """The model exists but cannot serve now (loading, unloading, failed to load, shutting down)."""
-
-    code = "UNAVAILABLE"
 
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason  # short machine-friendly state, e.g. "loading", "failed", "stopped"
 
 
-class QueueFullError(KilnError):
+class QueueFullError(KilnError, code="RESOURCE_EXHAUSTED"):
     """The model's batching queue is full: shed load now rather than queue without bound."""
 
-    code = "RESOURCE_EXHAUSTED"
 
-
-class DeadlineExceededError(KilnError):
+class DeadlineExceededError(KilnError, code="DEADLINE_EXCEEDED"):
     """The request's deadline passed before it could be computed; it never reached the backend."""
 
-    code = "DEADLINE_EXCEEDED"
 
-
-class RequestCancelledError(KilnError):
+class RequestCancelledError(KilnError, code="CANCELLED"):
     """The client cancelled the request."""
 
-    code = "CANCELLED"
 
-
-class BackendError(KilnError):
+class BackendError(KilnError, code="INTERNAL"):
     """The backend failed while computing a batch; every request of that batch gets this."""
 
-    code = "INTERNAL"
 
-
-class FailedPreconditionError(KilnError):
+class FailedPreconditionError(KilnError, code="FAILED_PRECONDITION"):
     """The system is not in the state the operation needs (e.g. an engine built for another GPU)."""
-
-    code = "FAILED_PRECONDITION"
 
 
 class ModelLoadError(FailedPreconditionError):
     """An artefact could not be loaded; the message is the reason the model is UNAVAILABLE."""
 
 
-class UnauthenticatedError(KilnError):
+class UnauthenticatedError(KilnError, code="UNAUTHENTICATED"):
     """Missing or wrong bearer token / client certificate."""
 
-    code = "UNAUTHENTICATED"
 
-
-class PermissionDeniedError(KilnError):
+class PermissionDeniedError(KilnError, code="PERMISSION_DENIED"):
     """The caller is known but may not do this (e.g. Load/Unload without the admin token)."""
 
-    code = "PERMISSION_DENIED"
 
-
-class UnimplementedError(KilnError):
+class UnimplementedError(KilnError, code="UNIMPLEMENTED"):
     """The RPC exists in the protocol but this server does not offer it (or has it switched off)."""
-
-    code = "UNIMPLEMENTED"
