@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from serving.errors import PermissionDeniedError, UnimplementedError
+from serving.errors import InvalidInputError, PermissionDeniedError, UnimplementedError
 from serving.grpc.config import ServeConfig
 
 ADMIN_HEADER = "x-kiln-admin-token"
@@ -53,6 +54,14 @@ class RepositoryControl:
         """The policy `config` asks for (reads admin_token_file once, at server start)."""
         admin = config.admin_secret()
         return cls(config.repository_control, digest(admin) if admin is not None else None)
+
+    def model_to_change(self, rpc: str, request: Any, context: grpc.aio.ServicerContext) -> str:
+        """The Load/Unload request's model name, once this call may run `rpc` (see `check`) and
+        the name is not empty (InvalidInputError)."""
+        self.check(rpc, context)
+        if not request.model_name:
+            raise InvalidInputError("model_name is empty")
+        return request.model_name
 
     def check(self, rpc: str, context: grpc.aio.ServicerContext) -> None:
         """Raise UnimplementedError / PermissionDeniedError unless this call may run `rpc`."""

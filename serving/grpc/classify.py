@@ -287,8 +287,8 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         answers = serve_stream(
             request_iterator,
             lambda request: self._stream_one(request, deadline_of(context), client),
-            window=self._config.stream_max_inflight,
-            admission=self._admission,
+            self._config,
+            self._admission,
             ordered=True,
         )
         async for item in answers:

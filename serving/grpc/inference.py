@@ -201,14 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(error_message=str(exc), infer_response=echo)
             return pb.ModelStreamInferResponse(infer_response=response)
 
-        answers = serve_stream(
-            request_iterator,
-            one,
-            window=self._config.stream_max_inflight,
-            admission=self._admission,
-            ordered=False,
-        )
-        async for item in answers:
+        async for item in serve_stream(request_iterator, one, self._config, self._admission, ordered=False):
             yield item
 
     # -- repository --------------------------------------------------------------------------
@@ -231,21 +224,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        self._control.check("RepositoryModelLoad", context)  # switched off, or the admin token (admin.py)
-        if not request.model_name:
-            raise InvalidInputError("model_name is empty")
+        model = self._control.model_to_change("RepositoryModelLoad", request, context)  # admin.py
         # parameter promote=true: a candidate (promotion: shadow) is promoted now, unshadowed
         promote = "promote" in request.parameters and request.parameters["promote"].bool_param
-        await self._manager.load(request.model_name, promote=promote)
+        await self._manager.load(model, promote=promote)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        self._control.check("RepositoryModelUnload", context)  # switched off, or the admin token (admin.py)
-        if not request.model_name:
-            raise InvalidInputError("model_name is empty")
-        await self._manager.unload(request.model_name)
+        await self._manager.unload(self._control.model_to_change("RepositoryModelUnload", request, context))
         return pb.RepositoryModelUnloadResponse()
 
     # -- Triton extensions Kiln does not offer: methods of the class, answered through the error map

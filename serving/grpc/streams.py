@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 from serving.grpc.admission import Admission
+from serving.grpc.config import ServeConfig
 
 __all__ = ["BoundedStream", "serve_stream"]
 
@@ -99,12 +100,14 @@ class BoundedStream(Generic[Req, Resp]):
 async def serve_stream(
     requests: AsyncIterator[Req],
     handle: Callable[[Req], Awaitable[Resp]],
-    *,
-    window: int,
+    config: ServeConfig,
     admission: Admission,
+    *,
     ordered: bool,
 ) -> AsyncIterator[Resp]:
-    """A streaming RPC's answers: the whole stream holds one admission slot (see serving.grpc.admission)."""
+    """A streaming RPC's answers, within the stream limits of `config` (stream_max_inflight); the
+    whole stream holds one admission slot (see serving.grpc.admission)."""
+    window = config.stream_max_inflight
     with admission.admit():
         stream = BoundedStream(requests, handle, window=window, admission=admission, ordered=ordered)
         async for item in stream.run():
