@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from serving.runtime.backends.base import BackendOptions, TensorSpec
-from serving.runtime.backends.pool import InstancePool, PooledBackend
+from serving.runtime.backends.pool import PooledBackend
 
 __all__ = ["MAX_BASE_US", "MAX_PER_ROW_US", "NullBackend", "NullTiming", "null_timing"]
 
@@ -91,16 +91,11 @@ class NullBackend(PooledBackend):
         from serving.runtime.backends.ort_runners import graph_buckets  # light: numpy only at import
 
         options = options or BackendOptions()
-        self._inputs, self._outputs = tuple(inputs), tuple(outputs)
-        self._max_batch_size, self.timing = max_batch_size, timing
+        self.inputs, self.outputs = tuple(inputs), tuple(outputs)
+        self.max_batch_size, self.timing = max_batch_size, timing
         self.buckets = tuple(graph_buckets(max_batch_size)) if options.pad_to_buckets else ()
-        self._pool = InstancePool(
-            [_TimingRunner(self._outputs, timing, self.buckets) for _ in range(options.instances)],
-            engine="null",
-            inputs=self._inputs,
-            outputs=self._outputs,
-            max_batch_size=max_batch_size,
-        )
+        runners = [_TimingRunner(self.outputs, timing, self.buckets) for _ in range(options.instances)]
+        self._pool_runners(runners, engine="null")
 
     @property
     def provider(self) -> str:

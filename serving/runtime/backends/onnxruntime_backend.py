@@ -15,7 +15,7 @@ from typing import Any
 from serving.errors import ModelLoadError
 from serving.runtime.backends.base import BackendOptions, TensorSpec
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
-from serving.runtime.backends.pool import InstancePool, PooledBackend
+from serving.runtime.backends.pool import PooledBackend
 
 __all__ = ["ORT_DATATYPES", "OnnxRuntimeBackend", "cuda_ep_options", "session_specs"]
 
@@ -73,7 +73,7 @@ class OnnxRuntimeBackend(PooledBackend):
         import onnxruntime as ort  # imported here: keeps `import serving.runtime.backends` cheap
 
         self._options = options or BackendOptions()
-        self._max_batch_size, self._precision = max_batch_size, precision
+        self.max_batch_size, self._precision = max_batch_size, precision
         kind = _provider_kind(self._options)
         available = ort.get_available_providers()
         if _PROVIDER_NAMES[kind] not in available:
@@ -81,15 +81,9 @@ class OnnxRuntimeBackend(PooledBackend):
                 f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})"
             )
         sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
-        self._inputs, self._outputs = session_specs(sessions[0])
+        self.inputs, self.outputs = session_specs(sessions[0])
         self._provider = kind
-        self._pool = InstancePool(
-            [self._runner(s, kind) for s in sessions],
-            engine="onnxruntime",
-            inputs=self._inputs,
-            outputs=self._outputs,
-            max_batch_size=max_batch_size,
-        )
+        self._pool_runners([self._runner(s, kind) for s in sessions], engine="onnxruntime")
 
     def _session(self, ort: Any, path: Path, kind: str) -> Any:
         opts = self._options
@@ -141,8 +135,8 @@ class OnnxRuntimeBackend(PooledBackend):
             "trt_int8_enable": self._precision == "int8",  # the artefact's QDQ scales, no calibration
             "trt_max_workspace_size": opts.trt_workspace_bytes,
             "trt_profile_min_shapes": profile(1),
-            "trt_profile_opt_shapes": profile(self._max_batch_size),
-            "trt_profile_max_shapes": profile(self._max_batch_size),
+            "trt_profile_opt_shapes": profile(self.max_batch_size),
+            "trt_profile_max_shapes": profile(self.max_batch_size),
         }
         if opts.trt_engine_cache_dir:
             cache = str(opts.trt_engine_cache_dir)
@@ -153,10 +147,8 @@ class OnnxRuntimeBackend(PooledBackend):
     def _runner(self, session: Any, kind: str) -> Any:
         if kind == "cpu" or not self._options.iobinding:
             return SessionRunner(session)
-        device_id = self._options.device_id or 0
-        if self._options.cuda_graphs:
-            return CudaGraphRunner(session, self._inputs, self._outputs, self._max_batch_size, device_id)
-        return BindingRunner(session, self._inputs, self._outputs, self._max_batch_size, self._options)
+        runner = CudaGraphRunner if self._options.cuda_graphs else BindingRunner
+        return runner(session, self.inputs, self.outputs, self.max_batch_size, self._options)
 
     @property
     def provider(self) -> str:

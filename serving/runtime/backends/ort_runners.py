@@ -34,14 +34,9 @@ class SessionRunner:
         self.session = None
 
 
-class BindingRunner:
-    """CUDA/TensorRT EP through IOBinding; host copies use pinned buffers when cuda-python is present.
-
-    With every input and output staged in a pinned buffer (fixed rows per tensor), each bucket's
-    binding is made once and reused: a batch is one copy into the staging rows, one
-    `run_with_iobinding` (which releases the GIL) and one copy out. Binding per call instead cost
-    an `io_binding()` object and a bind per tensor under the GIL on every batch.
-    """
+class _DeviceRunner:
+    """What the GPU runners share: built from the session, the model's specs, the batch limit and
+    the backend's options (`_build` does the runner's own part); `outputs` are kept for `run`."""
 
     def __init__(
         self,
@@ -52,6 +47,22 @@ class BindingRunner:
         options: BackendOptions,
     ) -> None:
         self.session, self.outputs = session, tuple(outputs)
+        self._build(tuple(inputs), max_batch, options)
+
+    def _build(self, inputs: tuple[TensorSpec, ...], max_batch: int, options: BackendOptions) -> None:
+        raise NotImplementedError
+
+
+class BindingRunner(_DeviceRunner):
+    """CUDA/TensorRT EP through IOBinding; host copies use pinned buffers when cuda-python is present.
+
+    With every input and output staged in a pinned buffer (fixed rows per tensor), each bucket's
+    binding is made once and reused: a batch is one copy into the staging rows, one
+    `run_with_iobinding` (which releases the GIL) and one copy out. Binding per call instead cost
+    an `io_binding()` object and a bind per tensor under the GIL on every batch.
+    """
+
+    def _build(self, inputs: tuple[TensorSpec, ...], max_batch: int, options: BackendOptions) -> None:
         self.pin_in: dict[str, Any] = {}
         self.pin_out: dict[str, Any] = {}
         self._bound: dict[int, Any] = {}  # bucket size -> its IOBinding over the pinned buffers
@@ -60,7 +71,7 @@ class BindingRunner:
         # Padding up to a few buckets, each run once here, avoids it.
         self.buckets = graph_buckets(max_batch) if options.pad_to_buckets else []
         if options.pinned_memory:
-            self._allocate_pinned(inputs, outputs, max_batch)
+            self._allocate_pinned(inputs, self.outputs, max_batch)
         for size in self.buckets:  # warm every bucket of this session (the batcher may not reach it)
             dims = {s.name: tuple(d if d > 0 else 1 for d in s.shape[1:]) for s in inputs}
             self.run({s.name: np.zeros((size, *dims[s.name]), s.dtype) for s in inputs}, size)
@@ -122,7 +133,7 @@ class BindingRunner:
         self.pin_in, self.pin_out, self.session = {}, {}, None
 
 
-class CudaGraphRunner:
+class CudaGraphRunner(_DeviceRunner):
     """ORT CUDA EP with CUDA graphs: one captured graph per batch bucket, inputs padded up to it.
 
     A graph replays fixed device addresses, so each bucket owns device OrtValues bound once; a
@@ -130,17 +141,10 @@ class CudaGraphRunner:
     computed independently and the extra rows are dropped).
     """
 
-    def __init__(
-        self,
-        session: Any,
-        inputs: Sequence[TensorSpec],
-        outputs: Sequence[TensorSpec],
-        max_batch: int,
-        device_id: int,
-    ) -> None:
+    def _build(self, inputs: tuple[TensorSpec, ...], max_batch: int, options: BackendOptions) -> None:
         import onnxruntime as ort
 
-        self.session, self.outputs = session, tuple(outputs)
+        session, device_id = self.session, options.device_id or 0
         self.buckets: list[tuple[int, dict[str, Any], dict[str, Any], dict[str, np.ndarray], Any, Any]] = []
         for graph_id, size in enumerate(graph_buckets(max_batch)):
             host = {s.name: np.zeros((size, *s.shape[1:]), s.dtype) for s in inputs}
@@ -149,7 +153,7 @@ class CudaGraphRunner:
                 s.name: ort.OrtValue.ortvalue_from_shape_and_type(
                     (size, *s.shape[1:]), s.dtype.type, "cuda", device_id
                 )
-                for s in outputs
+                for s in self.outputs
             }
             io = session.io_binding()
             for name, value in dev_in.items():

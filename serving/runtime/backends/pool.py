@@ -122,29 +122,24 @@ class InstancePool:
 
 
 class PooledBackend:
-    """What every engine's Backend shares once its runners are in an InstancePool: the specs, the
-    batch limit, `infer`, the busy counters and `close`. A subclass sets `_inputs`, `_outputs`,
-    `_max_batch_size` and `_pool` in its constructor."""
+    """What every engine's Backend shares once its runners are in an InstancePool: the specs and
+    the batch limit (plain attributes), `infer`, the busy counters and `close`. A subclass sets
+    `inputs`, `outputs` and `max_batch_size` in its constructor, then calls `_pool_runners`."""
 
-    _inputs: tuple[TensorSpec, ...]
-    _outputs: tuple[TensorSpec, ...]
-    _max_batch_size: int
+    inputs: tuple[TensorSpec, ...]  # as the engine reports them (fp16 models report FP16)
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int  # largest batch `infer` accepts
     _pool: InstancePool
 
-    @property
-    def inputs(self) -> tuple[TensorSpec, ...]:
-        """Input specs as the engine reports them (fp16 models report FP16)."""
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[TensorSpec, ...]:
-        """Output specs as the engine reports them."""
-        return self._outputs
-
-    @property
-    def max_batch_size(self) -> int:
-        """Largest batch `infer` accepts."""
-        return self._max_batch_size
+    def _pool_runners(self, runners: Sequence[Runner], engine: str) -> None:
+        """Put the runners (one per instance) in the pool that `infer` runs on."""
+        self._pool = InstancePool(
+            runners,
+            engine=engine,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            max_batch_size=self.max_batch_size,
+        )
 
     @property
     def instances(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 from serving.contract.manifest_types import TensorRTInfo
 from serving.errors import ModelLoadError
 from serving.runtime.backends.base import BackendOptions, TensorSpec, datatype_of
-from serving.runtime.backends.pool import InstancePool, PooledBackend
+from serving.runtime.backends.pool import PooledBackend
 
 __all__ = ["RuntimeTarget", "TensorRTBackend", "check_plan_compatible", "plan_incompatibility"]
 
@@ -113,15 +113,11 @@ class TensorRTBackend(PooledBackend):
         self._engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self._engine is None:
             raise ModelLoadError(f"TensorRT could not deserialise {path} (see the TensorRT log above)")
-        self._inputs, self._outputs = _engine_specs(trt, self._engine)
-        profile_max = self._engine.get_tensor_profile_shape(self._inputs[0].name, 0)[2][0]
-        self._max_batch_size = min(max_batch_size, int(profile_max))
-        self._pool = InstancePool(
-            [self._instance(i, options.device_id) for i in range(options.instances)],
-            engine="TensorRT",
-            inputs=self._inputs,
-            outputs=self._outputs,
-            max_batch_size=self._max_batch_size,
+        self.inputs, self.outputs = _engine_specs(trt, self._engine)
+        profile_max = self._engine.get_tensor_profile_shape(self.inputs[0].name, 0)[2][0]
+        self.max_batch_size = min(max_batch_size, int(profile_max))
+        self._pool_runners(
+            [self._instance(i, options.device_id) for i in range(options.instances)], "TensorRT"
         )
 
     def _instance(self, index: int, device_id: int) -> _Instance:
@@ -129,9 +125,9 @@ class TensorRTBackend(PooledBackend):
         return _Instance(
             self._engine,
             self._cuda,
-            self._inputs,
-            self._outputs,
-            self._max_batch_size,
+            self.inputs,
+            self.outputs,
+            self.max_batch_size,
             profile=index % profiles,
             device_id=device_id,
         )
