@@ -1,8 +1,10 @@
-"""Shared pieces of the engine benchmarks (export_engines.py, zoo_engines.py): a random-weight
-model, ONNX Runtime CPU sessions, and timing (one engine at a time, or interleaved)."""
+"""Shared pieces of the engine benchmarks (export_engines.py, zoo_engines.py, and the served and
+scoring ones): a random-weight model, one published as `kiln export` would, ONNX Runtime CPU
+sessions, and timing (one engine at a time, or interleaved)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import resource
 import statistics
@@ -10,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def random_model(name: str, **overrides: Any) -> Any:
@@ -30,6 +34,44 @@ def random_model(name: str, **overrides: Any) -> Any:
             bn.running_mean.normal_(0, 0.1, generator=gen)
             bn.running_var.uniform_(0.5, 1.5, generator=gen)
     return model
+
+
+def publish_random(repo: Path, name: str, *, size: int, classes: int, resize: int, max_batch: int) -> None:
+    """Preset `name` with random weights (seed 0; fresh BN statistics, so folding is an identity),
+    BN folded, exported to FP32 ONNX ([N, 3, size, size] in, logits out) and published into `repo`
+    as `kiln export` would, with ImageNet normalisation after a resize to `resize` and a centre
+    crop of `size`."""
+    import torch
+
+    from export.fold import fold_batchnorms
+    from export.onnx_export import export_onnx, save_onnx
+    from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
+    from serving.contract.repository import publish_version
+    from training.models import build_model, preset
+
+    torch.manual_seed(0)
+    model = build_model(preset(name, num_classes=classes)).eval()
+    proto = export_onnx(fold_batchnorms(model)[0], (3, size, size))
+
+    def populate(tmp: Path, version: int) -> Manifest:
+        save_onnx(proto, tmp / "model.onnx")
+        return Manifest(
+            name=name, version=version, architecture={"preset": name},
+            labels=tuple(f"class{i}" for i in range(classes)),
+            input=InputSpec(
+                name="input", datatype="FP32", layout="NCHW", shape=(-1, 3, size, size),
+                preprocessing=Preprocessing(resize=resize, crop=size, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            ),
+            outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, classes)),),
+            artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),
+            max_batch_size=max_batch,
+            provenance=Provenance(
+                run_id="benchmark", dataset_fingerprint="0" * 64, git_commit=None,
+                created_at=dt.datetime.now(dt.UTC).isoformat(), kiln_version="benchmark",
+            ),
+        )  # fmt: skip
+
+    publish_version(repo, name, populate)
 
 
 def ort_session(path: Path, threads: int, optimize: bool = True) -> Any:

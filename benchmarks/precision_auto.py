@@ -23,8 +23,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.serve_bench_lib import Measure, cpu_summary, free_port, load_average, measure_pa, running
-from benchmarks.serve_throughput import DEFAULT_PA, PYTHON, ROOT, input_data, model_files
+from benchmarks.serve_bench_lib import (
+    DEFAULT_PA,
+    PYTHON,
+    ROOT,
+    Measure,
+    cpu_summary,
+    free_port,
+    load_average,
+    measure_pa,
+    running,
+    serve_command,
+)
+from benchmarks.serve_throughput import input_data, model_files
 
 RECIPES = {
     "resnet20": ["--model", "resnet20", "--data", "digits", "--image-size", "32", "--epochs", "1"],
@@ -63,9 +74,9 @@ def accuracy_delta(repo: Path, name: str) -> str:
 
 
 def serve_cmd(repo: Path, name: str, port: int, *extra: str) -> list[str]:
-    return [PYTHON, "-m", "serving.dispatch", "serve", "--repo", str(repo), "--models", name, "--host",
-            "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()), "--log-level", "warning",
-            *extra]  # fmt: skip
+    return serve_command(
+        port, "--repo", str(repo), "--models", name, "--metrics-port", str(free_port()), *extra
+    )
 
 
 def sweep(args: argparse.Namespace, name: str, modes: dict[str, list[str]], cpus: set[int]) -> dict:

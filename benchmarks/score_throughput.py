@@ -35,49 +35,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from benchmarks.engine_lib import publish_random
 from benchmarks.machine import describe_cpu
 
 MODELS = {  # name: (input size, resize, image width x height, classes)
     "resnet20": (32, 32, (40, 32), 10),
     "resnet50": (224, 256, (400, 300), 1000),
 }
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def publish(name: str, repo: Path, max_batch: int) -> None:
-    """Random-weight `name`, BN folded, exported to ONNX and published into `repo`."""
-    import torch
-
-    from export.fold import fold_batchnorms
-    from export.onnx_export import export_onnx, save_onnx
-    from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
-    from serving.contract.repository import publish_version
-    from training.models import build_model, preset
-
-    size, resize, _, classes = MODELS[name]
-    torch.manual_seed(0)
-    model = build_model(preset(name, num_classes=classes)).eval()
-    proto = export_onnx(fold_batchnorms(model)[0], (3, size, size))
-
-    def populate(tmp: Path, version: int) -> Manifest:
-        save_onnx(proto, tmp / "model.onnx")
-        return Manifest(
-            name=name, version=version, architecture={"preset": name},
-            labels=tuple(f"class{i}" for i in range(classes)),
-            input=InputSpec(
-                name="input", datatype="FP32", layout="NCHW", shape=(-1, 3, size, size),
-                preprocessing=Preprocessing(resize=resize, crop=size, mean=MEAN, std=STD),
-            ),
-            outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, classes)),),
-            artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),
-            max_batch_size=max_batch,
-            provenance=Provenance(
-                run_id="benchmark", dataset_fingerprint="0" * 64, git_commit=None,
-                created_at=dt.datetime.now(dt.UTC).isoformat(), kiln_version="benchmark",
-            ),
-        )  # fmt: skip
-
-    publish_version(repo, name, populate)
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
@@ -194,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-score-bench-") as tmp:
         work = Path(tmp)
         for name in names:
-            size, _, image_size, _ = MODELS[name]
+            size, resize, image_size, classes = MODELS[name]
             count = args.images or (2048 if name == "resnet20" else 256)
             batch = args.batch_size or (64 if name == "resnet20" else 16)
-            publish(name, work / "repo", max_batch=max(batch, 64))
+            max_batch = max(batch, 64)
+            publish_random(
+                work / "repo", name, size=size, classes=classes, resize=resize, max_batch=max_batch
+            )
             paths = make_images(work / f"images-{name}", count, image_size)
             bare = bare_backend(work / "repo", name, paths, batch, args.repeat)
             engine = local_engine(

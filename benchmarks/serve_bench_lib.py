@@ -1,5 +1,6 @@
-"""Helpers of benchmarks/serve_throughput.py: processes pinned to CPUs, perf_analyzer runs and
-their CSV, the in-process ONNX Runtime reference figures, and the machine/version summary.
+"""Helpers of the served benchmarks (serve_throughput.py and its kin): `kiln serve` commands and
+server processes pinned to CPUs, perf_analyzer runs and their CSV, the in-process ONNX Runtime
+reference figures, and the machine/version summary.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+DEFAULT_PA = ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer"
 FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni")
 
 
@@ -68,27 +71,42 @@ def _ready(port: int) -> bool:
             return False
 
 
+def serve_command(port: int, *flags: str) -> list[str]:
+    """The argv of `kiln serve FLAGS` on 127.0.0.1:`port`, logging warnings only."""
+    return [PYTHON, "-m", "serving.dispatch", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", *flags]  # fmt: skip
+
+
+@contextlib.contextmanager
+def serving_process(
+    cmd: Sequence[str], port: int, log: Path, *, cpus: set[int] | None = None, timeout_s: float = 300.0
+) -> Iterator[subprocess.Popen]:
+    """Run a server (pinned to `cpus` where given; output to `log`) until the block ends; yields
+    the process once its ServerReady answers true. At the end: SIGTERM, a minute to drain, kill."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pin(cpus))
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not _ready(port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not become ready: {' '.join(cmd)} (log {log.name})")
+                time.sleep(0.5)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @contextlib.contextmanager
 def running(
-    cmd: Sequence[str], port: int, cpus: set[int], log_dir: Path, timeout_s: float = 300.0
+    cmd: Sequence[str], port: int, cpus: set[int] | None, log_dir: Path, timeout_s: float = 300.0
 ) -> Iterator[None]:
-    """Run a server (pinned to `cpus`) until the block ends; waits for ServerReady first."""
-    log = open(log_dir / f"server-{port}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pin(cpus))
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _ready(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become ready: {' '.join(cmd)} (log {log.name})")
-            time.sleep(0.5)
+    """`serving_process` logging to `log_dir`/server-PORT.log, for blocks that need only the port."""
+    with serving_process(cmd, port, log_dir / f"server-{port}.log", cpus=cpus, timeout_s=timeout_s):
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def measure_pa(

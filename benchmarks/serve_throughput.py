@@ -41,7 +41,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from benchmarks.engine_lib import publish_random  # noqa: E402
 from benchmarks.serve_bench_lib import (  # noqa: E402
+    DEFAULT_PA,
+    PYTHON,
     Engine,
     Measure,
     bracket,
@@ -49,11 +52,9 @@ from benchmarks.serve_bench_lib import (  # noqa: E402
     free_port,
     measure_pa,
     running,
+    serve_command,
     versions,
 )
-
-PYTHON = sys.executable
-DEFAULT_PA = ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,44 +88,10 @@ def prepare(spec: ModelSpec, repo: Path, work: Path) -> list[str]:
         for cmd in cmds:
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=1800)
         return [" ".join(c) for c in cmds]
-    publish_random(spec, repo, max_batch=64)
-    return [f"publish_random({spec.name!r}) (benchmarks/serve_throughput.py)"]
-
-
-def publish_random(spec: ModelSpec, repo: Path, *, max_batch: int) -> None:
-    """Random-weight ImageNet-style model, BN folded, ONNX, published as `kiln export` would."""
-    import torch
-
-    from export.fold import fold_batchnorms
-    from export.onnx_export import export_onnx, save_onnx
-    from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Preprocessing, Provenance
-    from serving.contract.repository import publish_version
-    from training.models import build_model, preset
-
-    torch.manual_seed(0)
-    model = build_model(preset(spec.name, num_classes=spec.classes)).eval()
-    proto = export_onnx(fold_batchnorms(model)[0], (3, spec.size, spec.size))
-
-    def populate(tmp: Path, version: int) -> Manifest:
-        save_onnx(proto, tmp / "model.onnx")
-        return Manifest(
-            name=spec.name, version=version, architecture={"preset": spec.name},
-            labels=tuple(f"class{i}" for i in range(spec.classes)),
-            input=InputSpec(
-                name="input", datatype="FP32", layout="NCHW", shape=(-1, 3, spec.size, spec.size),
-                preprocessing=Preprocessing(resize=spec.size * 8 // 7, crop=spec.size,
-                                            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-            ),
-            outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, spec.classes)),),
-            artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),
-            max_batch_size=max_batch,
-            provenance=Provenance(
-                run_id="benchmark", dataset_fingerprint="0" * 64, git_commit=None,
-                created_at=dt.datetime.now(dt.UTC).isoformat(), kiln_version="benchmark",
-            ),
-        )  # fmt: skip
-
-    publish_version(repo, spec.name, populate)
+    publish_random(
+        repo, spec.name, size=spec.size, classes=spec.classes, resize=spec.size * 8 // 7, max_batch=64
+    )
+    return [f"publish_random({spec.name!r}) (benchmarks/engine_lib.py)"]
 
 
 def model_files(repo: Path, name: str) -> tuple[Path, str, tuple[int, ...], int]:
@@ -164,9 +131,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, cpus: set[int]) -> di
     cmds = {"null": [PYTHON, str(ROOT / "benchmarks" / "null_server.py"), "--port", str(ports["null"]),
                      "--input-shape", ",".join(map(str, shape)), "--classes", str(classes)]}  # fmt: skip
     for mode, extra in served.items():
-        cmds[mode] = [PYTHON, "-m", "serving.dispatch", "serve", "--repo", str(args.repo), "--models",
-                      spec.name, "--host", "127.0.0.1", "--port", str(ports[mode]),
-                      "--metrics-port", str(free_port()), "--log-level", "warning", *extra]  # fmt: skip
+        cmds[mode] = serve_command(ports[mode], "--repo", str(args.repo), "--models", spec.name,
+                                   "--metrics-port", str(free_port()), *extra)  # fmt: skip
     result: dict = {"model": spec.name, "shape": shape, "classes": classes, "engines": [], "blocks": [],
                     "modes": list(served)}  # fmt: skip
     result["commands"] = [" ".join(c) for c in cmds.values()] + [

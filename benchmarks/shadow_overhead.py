@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from benchmarks import serve_bench_lib as lib  # noqa: E402
-from benchmarks.serve_throughput import DEFAULT_PA, PYTHON, input_data, model_files  # noqa: E402
+from benchmarks.serve_throughput import input_data, model_files  # noqa: E402
 
 
 def publish_copy(source: Path, repo: Path, model: str, version: int) -> None:
@@ -90,11 +90,10 @@ def run(args: argparse.Namespace, work: Path) -> tuple[Measures, dict[str, float
     _, input_name, shape, _ = model_files(repo, args.model)
     data = input_data(work / "input.json", input_name, shape)
     port, metrics_port = lib.free_port(), lib.free_port()
-    serve = [PYTHON, "-m", "serving.dispatch", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-             "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", "warning",
-             "--poll-interval-s", "0.5", "--promotion", "shadow", "--shadow-sample", str(args.sample),
-             "--shadow-min-requests", "10000000", "--shadow-timeout-s", "86400",
-             "--repository-control"]  # fmt: skip
+    serve = lib.serve_command(
+        port, "--repo", str(repo), "--metrics-port", str(metrics_port), "--poll-interval-s", "0.5",
+        "--promotion", "shadow", "--shadow-sample", str(args.sample), "--shadow-min-requests", "10000000",
+        "--shadow-timeout-s", "86400", "--repository-control")  # fmt: skip
     pa = [str(args.perf_analyzer), "-i", "grpc", "-m", "{model}", "--input-data", str(data),
           "--max-trials", "6", "-s", "10"]  # fmt: skip
     cpus = os.sched_getaffinity(0)
@@ -160,7 +159,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--sample", type=float, default=0.25, help="shadow_sample during the second measure")
     p.add_argument("--window-ms", type=int, default=5000, help="perf_analyzer measurement window")
-    p.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PA)
+    p.add_argument("--perf-analyzer", type=Path, default=lib.DEFAULT_PA)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-rollouts.md")
     args = p.parse_args()
     args.load_before = lib.load_average()

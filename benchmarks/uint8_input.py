@@ -33,22 +33,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from benchmarks import serve_bench_lib as lib  # noqa: E402
 from benchmarks.engine_lib import interleaved_latencies, ort_session, random_model  # noqa: E402
-from benchmarks.serve_bench_lib import (  # noqa: E402
-    Measure,
-    cpu_summary,
-    free_port,
-    load_average,
-    measure_pa,
-    running,
-    versions,
-)
 
-PYTHON = sys.executable
 SIZE, CLASSES = 224, 1000
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MODELS = {"r50_uint8": True, "r50_fp32": False}  # name -> preprocessing in the graph
-DEFAULT_PA = ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer"
 
 
 def host_preprocess() -> object:
@@ -150,17 +140,15 @@ def input_data(work: Path, batch: dict[str, np.ndarray], samples: int = 4) -> di
 
 def served(args: argparse.Namespace, data: dict[str, Path], cpus: set[int]) -> tuple[list[dict], list[str]]:
     """perf_analyzer against one `kiln serve` holding both models, alternating at each concurrency."""
-    port = free_port()
-    serve = [PYTHON, "-m", "serving.dispatch", "serve", "--repo", str(args.repo), "--models", *MODELS,
-             "--host", "127.0.0.1", "--port", str(port), "--no-metrics", "--log-level", "warning",
-             ]  # fmt: skip
+    port = lib.free_port()
+    serve = lib.serve_command(port, "--repo", str(args.repo), "--models", *MODELS, "--no-metrics")
     pa = [str(args.perf_analyzer), "-i", "grpc", "-m", "{model}", "--max-trials", "3", "-s", "999"]
     templates = {name: [*pa, "--input-data", str(path)] for name, path in data.items()}
     rows = []
-    with running(serve, port, cpus, args.work):
+    with lib.running(serve, port, cpus, args.work):
         for c in args.concurrency:
             for name in MODELS:
-                m: Measure = measure_pa(
+                m: lib.Measure = lib.measure_pa(
                     templates[name], port, name, c, args.work, cpus, window_ms=args.window_ms
                 )
                 rows.append({"c": c, "model": name, **m.__dict__})
@@ -208,7 +196,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8])
     parser.add_argument("--window-ms", type=int, default=4000, help="perf_analyzer measurement window")
     parser.add_argument("--engine-iters", type=int, default=5)
-    parser.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PA)
+    parser.add_argument("--perf-analyzer", type=Path, default=lib.DEFAULT_PA)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-uint8-input.md")
     return parser.parse_args(argv)
 
@@ -221,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if not all((args.repo / name).is_dir() for name in MODELS):
         publish_both(args.repo)
     batch = feeds(pixels(8))
-    res = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_summary(), "cpus": cpus,
-           "versions": versions(args.perf_analyzer), "bytes": wire_bytes(batch),
+    res = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "cpu": lib.cpu_summary(),
+           "cpus": cpus, "versions": lib.versions(args.perf_analyzer), "bytes": wire_bytes(batch),
            "command": "python benchmarks/uint8_input.py " + " ".join(argv or sys.argv[1:])}  # fmt: skip
     res["engine"] = check_and_engine(args.repo, batch, args.engine_iters)
     if res["engine"]["top1_agree"] < 1.0 or res["engine"]["rel_diff"] > 1e-4:
@@ -231,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     res["served"], res["commands"] = served(args, input_data(args.work, batch), cpus)
     text = render(args, res)
     print(text)
-    print(f"(took {time.perf_counter() - started:.0f} s; load now {load_average()})", file=sys.stderr)
+    print(f"(took {time.perf_counter() - started:.0f} s; load now {lib.load_average()})", file=sys.stderr)
     with args.results.open("a", encoding="utf-8") as fh:
         fh.write("\n" + text)
     return 0

@@ -9,17 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.serve_bench_lib import free_port, measure_pa
-from serving.clients.client import KilnClient
+from benchmarks.serve_bench_lib import free_port, measure_pa, serve_command, serving_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PA_TEMPLATE = ["{pa}", "-i", "grpc", "-m", "{model}", "-b", "1", "--max-trials", "3", "-s", "10"]
@@ -30,31 +27,8 @@ SPY_AT = 16  # the concurrency at which py-spy and nvidia-smi dmon look
 def server(args: list[str], log: Path, timeout_s: float = 240.0) -> Iterator[tuple[int, int]]:
     """`kiln serve ARGS` on a free port until the block ends; yields (port, pid) once ready."""
     port = free_port()
-    cmd = [sys.executable, "-m", "serving.dispatch", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--no-metrics", "--log-level", "warning", *args]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while not _ready(port):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server not ready: {' '.join(args)} (see {log.name})")
-                time.sleep(0.3)
-            yield port, proc.pid
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _ready(port: int) -> bool:
-    try:
-        with KilnClient(f"127.0.0.1:{port}") as client:
-            return client.server_ready()
-    except Exception:  # not listening yet
-        return False
+    with serving_process(serve_command(port, "--no-metrics", *args), port, log, timeout_s=timeout_s) as proc:
+        yield port, proc.pid
 
 
 @contextlib.contextmanager
