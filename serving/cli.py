@@ -67,6 +67,11 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--shadow-max-latency-ratio", float, "shadow: most candidate/serving p99 compute time (default 2)"),
     ("--shadow-timeout-s", float, "shadow: reject a candidate with no verdict after N s (default 600)"),
     ("--shadow-queue-size", int, "shadow: copies outstanding at the candidate before drops (default 16)"),
+    (
+        "--model-overrides",
+        str,
+        "per-model promotion/shadow_*/latency_target_ms as YAML, e.g. '{resnet50: {promotion: shadow}}'",
+    ),
     ("--prediction-classes", int, "classes named in kiln_predictions_total, the rest 'other' (default 20)"),
     ("--drift-window", int, "rows per version kiln_prediction_drift is scored over; 0 = off (default 1000)"),
     ("--grace-period-s", float, "SIGTERM drain budget in seconds (default 20)"),

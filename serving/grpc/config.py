@@ -5,6 +5,17 @@ Every field is settable from each source under the same name (`max_batch_size` i
 `KILN_MAX_BATCH_SIZE` in the environment, `--max-batch-size` on the command line). Secrets are
 the exception: the bearer token comes from a file (`auth_token_file`) or the `KILN_AUTH_TOKEN`
 environment variable only, never from a flag (flags are visible in `ps`).
+
+A few settings (MODEL_SETTINGS: the promotion policy and the latency target) can also differ per
+model, under `model_overrides`, a mapping of model name to settings; a model not named there, and
+a setting a model does not name, takes the server-wide value. In the environment and on the
+command line the mapping is YAML (or JSON) text, and it replaces the file's mapping as a whole:
+
+    model_overrides:
+      resnet50: {promotion: shadow, shadow_min_agreement: 0.995, latency_target_ms: 25}
+
+`ServeConfig.for_model(name)` is the config a model runs with (the overrides applied, validated
+at start like the rest).
 """
 
 from __future__ import annotations
@@ -33,6 +44,17 @@ LOG_FORMATS = ("text", "json")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROMOTIONS = ("immediate", "shadow")
+# the settings model_overrides may set for one model (the rest are server-wide)
+MODEL_SETTINGS = (
+    "promotion",
+    "shadow_sample",
+    "shadow_min_requests",
+    "shadow_min_agreement",
+    "shadow_max_latency_ratio",
+    "shadow_timeout_s",
+    "shadow_queue_size",
+    "latency_target_ms",
+)
 _SECRET_FIELDS = frozenset({"auth_token", "admin_token"})
 # ServeConfig fields that BackendOptions takes under the same name (serving/grpc/model_version.py)
 BACKEND_FIELDS = (
@@ -70,7 +92,7 @@ class ServeConfig:
     # "latest", "latest:N", "all" or "specific:1,3"; parsed once into .policy
     version_policy: str = str(serving_defaults.VERSION_POLICY)
     poll_interval_s: float = 0.0  # > 0: rescan the repository and hot-swap new versions
-    # how a new version of a serving model takes over (every model alike; serving/grpc/shadow.py):
+    # how a new version of a serving model takes over (serving/grpc/shadow.py; per model too):
     # "immediate" once warm, or "shadow": it first answers a sampled copy of live traffic after
     # the serving version did, and is promoted only if its top-1 agrees and it is fast enough
     promotion: str = "immediate"
@@ -80,6 +102,8 @@ class ServeConfig:
     shadow_max_latency_ratio: float = 2.0  # candidate p99 compute time per batch / the serving one's
     shadow_timeout_s: float = 600.0  # no verdict by then: rejected
     shadow_queue_size: int = 16  # copies outstanding at the candidate; more are dropped (counted)
+    # per-model values of MODEL_SETTINGS, {model: {setting: value}} (see the module docstring)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # kiln_predictions_total labels the first N classes by name, the rest "other"; 0: no
     # prediction metrics (serving/grpc/predictions.py)
     prediction_classes: int = DEFAULT_PREDICTION_CLASSES  # kiln score's too
@@ -207,6 +231,21 @@ class ServeConfig:
             result[f.name] = value
         return result
 
+    def for_model(self, model: str) -> ServeConfig:
+        """The settings `model` runs with: these, with its model_overrides applied."""
+        return self._model_configs.get(model, self)
+
+    @functools.cached_property
+    def _model_configs(self) -> dict[str, ServeConfig]:
+        """One validated config per model named in model_overrides (built once, by validation)."""
+        resolved = {}
+        for model, settings in self.model_overrides.items():
+            try:
+                resolved[model] = dataclasses.replace(self, model_overrides={}, **settings)
+            except ConfigError as exc:
+                raise ConfigError(f"model_overrides.{model}.{exc}") from None
+        return resolved
+
     @functools.cached_property
     def policy(self) -> VersionPolicy:
         """version_policy parsed (once, by validation): what the model manager and ModelConfig use."""
@@ -309,6 +348,7 @@ def _validate(cfg: ServeConfig) -> None:
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
     _check_shadow(cfg)
     _check_range(cfg, "latency_target_ms", 0.1, 60_000)
+    _check_model_overrides(cfg)
     _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
     _check_range(cfg, "max_preprocessed_bytes", 1024)
     _check_range(cfg, "gil_switch_interval_us", 1, 100_000)
@@ -380,6 +420,22 @@ def _check_shadow(cfg: ServeConfig) -> None:
     _check_range(cfg, "shadow_queue_size", 1, 65536)
     _check_range(cfg, "prediction_classes", 0, 1000)
     _check_range(cfg, "drift_window", 0, 1_000_000)
+
+
+def _check_model_overrides(cfg: ServeConfig) -> None:
+    """Each model's overrides name MODEL_SETTINGS only, and give values that validate."""
+    if not isinstance(cfg.model_overrides, Mapping):
+        _fail("model_overrides", f"expected a mapping of model name to settings, got {cfg.model_overrides!r}")
+    for model, settings in cfg.model_overrides.items():
+        if not isinstance(settings, Mapping):
+            _fail(f"model_overrides.{model}", f"expected a mapping of settings, got {settings!r}")
+        for key in settings:
+            if key not in MODEL_SETTINGS:
+                _fail(
+                    f"model_overrides.{model}.{key}",
+                    f"not a per-model setting (those are {', '.join(MODEL_SETTINGS)})",
+                )
+    _ = cfg._model_configs  # each validated now; cached on cfg
 
 
 def _check_version_policy(cfg: ServeConfig) -> None:
@@ -472,6 +528,8 @@ def _from_env(env: Mapping[str, str], hints: dict[str, Any]) -> dict[str, Any]:
 def _coerce(raw: Any, hint: Any, source: str) -> Any:
     """Convert a YAML value or a string (env/flag) to the field's type; ConfigError if impossible."""
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is dict:
+        return _model_overrides(raw, source)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
             return None
@@ -487,6 +545,34 @@ def _coerce(raw: Any, hint: Any, source: str) -> Any:
     except (TypeError, ValueError):
         kind = {int: "an integer", float: "a number", bool: "true/false"}.get(hint, hint.__name__)
         raise ConfigError(f"{source}: expected {kind}, got {raw!r}") from None
+
+
+def _model_overrides(raw: Any, source: str) -> dict[str, dict[str, Any]]:
+    """model_overrides from YAML, or from YAML/JSON text (environment, flag), values coerced."""
+    if isinstance(raw, str):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML ({exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of model name to settings, got {raw!r}")
+    hints = typing.get_type_hints(ServeConfig)
+    result: dict[str, dict[str, Any]] = {}
+    for model, settings in raw.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{source}: {model}: expected a mapping of settings, got {settings!r}")
+        result[str(model)] = {
+            # an unknown name stays as given: validation names it with the settings that exist
+            name: _coerce(value, hints[name], f"{source}: {model}.{name}")
+            if name in MODEL_SETTINGS
+            else value
+            for name, value in ((str(k).replace("-", "_"), v) for k, v in settings.items())
+        }
+    return result
 
 
 def _scalar(raw: Any, hint: type) -> Any:

@@ -53,7 +53,7 @@ from serving.grpc.model_version import (
     backend_options,
 )
 from serving.grpc.predictions import PredictionTap, prediction_metrics
-from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts, ShadowPolicy
+from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts
 from serving.grpc.statistics import ModelStats
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
@@ -98,9 +98,9 @@ class ModelManager:
         self._unloaded: set[str] = set()  # explicitly unloaded: polling leaves them alone
         self._warned: dict[tuple[str, str, int], str] = {}  # (kind, model, version) -> reason said
         self._stopped = False
-        # shadow rollouts (serving/grpc/shadow.py): candidates and rejections, verdicts on this table
-        shadow = ShadowPolicy.from_config(config) if config.promotion == "shadow" else None
-        self._rollouts = Rollouts(self, shadow, metrics)
+        # shadow rollouts (serving/grpc/shadow.py): candidates and rejections, verdicts on this
+        # table; each model's promotion policy from config.for_model
+        self._rollouts = Rollouts(self, config, metrics)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class ModelManager:
                 await rollouts.reject(candidate, "superseded by a newer version or no longer selected")
             else:
                 return  # still shadowing
-        if rollouts.policy is not None and live and not promote:
+        if rollouts.policy(model) is not None and live and not promote:
             if new:
                 await self._maybe_candidate(found[new[-1]], wanted, retry_failed=retry_failed)
             return
@@ -387,12 +387,13 @@ class ModelManager:
         stats = ModelStats(model, version)
         extra = self._metrics.batch_observer(model, version) if self._metrics else None
         recorder = prediction_metrics(self._metrics, cfg.prediction_classes, cfg.drift_window)
+        target_ms = cfg.for_model(model).latency_target_ms  # per model (model_overrides)
         tap = None if recorder is None else PredictionTap(recorder)
         batcher = DynamicBatcher(
             backend,
             max_batch_size=max_batch,
             max_queue_delay_us=cfg.max_queue_delay_us,
-            latency_target_us=None if cfg.latency_target_ms is None else int(cfg.latency_target_ms * 1000),
+            latency_target_us=None if target_ms is None else int(target_ms * 1000),
             outputs_tap=tap,
             preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
             max_queue_size=cfg.max_queue_size,

@@ -17,6 +17,10 @@ reject otherwise, when as many copies failed on the candidate, or when `shadow_t
 passes first. `Rollouts` holds each model's candidate and carries the verdict out on the model
 manager's routing table, seen through the small `RoutingTable` interface (route, mark, retire).
 
+The policy is per model: `promotion` and the `shadow_*` settings are server-wide defaults that a
+model's entry in `model_overrides` replaces (ServeConfig.for_model), so one model can shadow its
+new versions while another swaps at once.
+
 State is per process: with workers > 1 each worker shadows, counts and decides on its own share
 of the traffic.
 """
@@ -273,20 +277,26 @@ class Rollouts:
     """Every model's candidate (one at most) and what happens to it: started by the manager after
     it loaded a new version, fed by `mirror`, promoted or rejected on the routing table."""
 
-    def __init__(self, table: RoutingTable, policy: ShadowPolicy | None, metrics: KilnMetrics | None) -> None:
-        self.policy, self._table, self._metrics = policy, table, metrics
+    def __init__(self, table: RoutingTable, config: ServeConfig, metrics: KilnMetrics | None) -> None:
+        self._config, self._table, self._metrics = config, table, metrics
         self.candidates: dict[str, Candidate] = {}
         # the artefact checksums of each rejected version: polling retries it once they change
         self.rejected: dict[tuple[str, int], tuple[str, ...]] = {}
         self._verdicts: set[asyncio.Task[None]] = set()
 
+    def policy(self, model: str) -> ShadowPolicy | None:
+        """`model`'s shadow policy; None where its promotion is immediate."""
+        config = self._config.for_model(model)
+        return ShadowPolicy.from_config(config) if config.promotion == "shadow" else None
+
     def start(self, loaded: LoadedVersion, *, wanted: frozenset[int], fingerprint: tuple[str, ...]) -> None:
         """`loaded` (loaded and warmed, not routed) shadows the newest serving version of its model."""
-        assert self.policy is not None, "shadow rollouts are off"
         model, version = loaded.model, loaded.version
+        policy = self.policy(model)
+        assert policy is not None, f"model {model} promotes immediately"
         serving = max(self._table.serving(model))
         candidate = Candidate(
-            loaded, serving_version=serving, wanted=wanted, fingerprint=fingerprint, policy=self.policy,
+            loaded, serving_version=serving, wanted=wanted, fingerprint=fingerprint, policy=policy,
             on_verdict=self._on_verdict, metrics=self._metrics,
         )  # fmt: skip
         self.candidates[model] = candidate
@@ -295,7 +305,7 @@ class Rollouts:
         self._set_metric_state(model, version, "candidate")
         log.info(
             "model %s v%d is a candidate: shadowing v%d on %g of its requests, verdict after %d compared",
-            model, version, serving, self.policy.sample, self.policy.min_requests,
+            model, version, serving, policy.sample, policy.min_requests,
         )  # fmt: skip
 
     def mirror(

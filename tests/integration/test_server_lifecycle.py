@@ -30,8 +30,10 @@ BATCH = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
 class Hammer:
     """Client threads sending requests until stopped; records versions seen and every failure."""
 
-    def __init__(self, address: str, threads: int = 4, stop_on_unavailable: bool = False) -> None:
-        self.address, self.stop_on_unavailable = address, stop_on_unavailable
+    def __init__(
+        self, address: str, threads: int = 4, stop_on_unavailable: bool = False, model: str = "tiny"
+    ) -> None:
+        self.address, self.stop_on_unavailable, self.model = address, stop_on_unavailable, model
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.versions: dict[str, int] = {}
@@ -58,7 +60,7 @@ class Hammer:
         with KilnClient(self.address, timeout=30) as client:
             while not self.stop.is_set():
                 try:
-                    response = client.inference.ModelInfer(_request(), timeout=30)
+                    response = client.inference.ModelInfer(_request(self.model), timeout=30)
                 except grpc.RpcError as exc:
                     with self.lock:
                         # After SIGTERM the drain refuses new calls with UNAVAILABLE (retryable);
@@ -73,10 +75,10 @@ class Hammer:
                     self.versions[response.model_version] = self.versions.get(response.model_version, 0) + 1
 
 
-def _request():  # type: ignore[no-untyped-def]
+def _request(model: str = "tiny"):  # type: ignore[no-untyped-def]
     from serving.clients.client import build_infer_request
 
-    return build_infer_request("tiny", {"input": BATCH})
+    return build_infer_request(model, {"input": BATCH})
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

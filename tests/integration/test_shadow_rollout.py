@@ -11,7 +11,7 @@ from typing import Any
 
 from protos.inference import grpc_service_pb2 as pb
 from serving.clients.client import KilnClient
-from serving.grpc.config import ServeConfig
+from serving.grpc.config import ServeConfig, load_config
 from tests.integration.server_fixtures import ServerThread, publish_tiny_model, running_server
 from tests.integration.test_server_lifecycle import BATCH, Hammer, _wait_until
 
@@ -36,8 +36,8 @@ def _config(repo: Path, **shadow: Any) -> ServeConfig:
     )
 
 
-def _states(client: KilnClient) -> dict[str, tuple[str, str]]:
-    return {m.version: (m.state, m.reason) for m in client.repository_index().models}
+def _states(client: KilnClient, model: str = "tiny") -> dict[str, tuple[str, str]]:
+    return {m.version: (m.state, m.reason) for m in client.repository_index().models if m.name == model}
 
 
 def _metric(srv: ServerThread, name: str, **labels: str) -> float:
@@ -125,3 +125,53 @@ def _infer_request() -> pb.ModelInferRequest:
     from serving.clients.client import build_infer_request
 
     return build_infer_request("tiny", {"input": BATCH})
+
+
+def test_the_promotion_policy_is_per_model(tmp_path: Path) -> None:
+    """One server, two models: "guarded" shadows its new versions (model_overrides in the config
+    file), "tiny" takes the server-wide immediate swap; both get a disagreeing v2 under load."""
+    for model in ("tiny", "guarded"):
+        publish_tiny_model(tmp_path, model, seed=1)
+    config_file = tmp_path / "kiln.yaml"
+    config_file.write_text(
+        "promotion: immediate\n"
+        "poll_interval_s: 0.05\n"
+        "model_overrides:\n"
+        "  guarded: {promotion: shadow, shadow_sample: 1.0, shadow_min_requests: 20,\n"
+        "            shadow_max_latency_ratio: 1000}\n",
+        encoding="utf-8",
+    )
+    config = load_config(
+        config_file=config_file, env={},
+        overrides={"repo": str(tmp_path), "host": "127.0.0.1", "port": 0, "metrics_port": "none"},
+    )  # fmt: skip
+    assert (
+        config.for_model("guarded").promotion == "shadow"
+        and config.for_model("tiny").promotion == "immediate"
+    )
+    with (
+        running_server(config) as srv,
+        KilnClient(srv.address) as client,
+        Hammer(srv.address, threads=2) as tiny,
+        Hammer(srv.address, threads=2, model="guarded") as guarded,
+    ):
+        _wait_until(lambda: tiny.successes >= 10 and guarded.successes >= 10)
+        for model in ("tiny", "guarded"):
+            publish_tiny_model(tmp_path, model, seed=2)  # v2 disagrees with v1
+        _wait_until(lambda: _states(client, "guarded").get("2", ("", ""))[0] == "REJECTED")
+        _wait_until(lambda: tiny.versions.get("2", 0) >= 20)
+        served = guarded.successes
+        _wait_until(lambda: guarded.successes >= served + 20)
+        states = {model: _states(client, model) for model in ("tiny", "guarded")}
+        registry = srv.server.registry
+        verdicts = {
+            model: registry.get_sample_value(
+                "kiln_model_promotions_total", {"model": model, "result": "rejected"}
+            )
+            for model in ("tiny", "guarded")
+        }
+    assert tiny.failures == [] and guarded.failures == []
+    assert list(states["tiny"]) == ["2"] and states["tiny"]["2"][0] == "READY"  # swapped at once
+    assert set(guarded.versions) == {"1"} and states["guarded"]["1"][0] == "READY"
+    assert "agreement" in states["guarded"]["2"][1]
+    assert verdicts == {"tiny": None, "guarded": 1.0}  # tiny never had a candidate
