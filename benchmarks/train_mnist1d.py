@@ -52,9 +52,9 @@ class Recipe:
     reference: str  # what the literature reports for this model
 
 
-# The chapter notebook's settings: plain SGD (lr 0.05, momentum 0.9), no weight decay, batch 100,
-# 100 epochs, no augmentation. The notebook halves the step size at fixed epochs; Kiln has no step
-# schedule, so cosine decay stands in for it.
+# The chapter notebook's settings (`_chapter_recipe`): plain SGD (lr 0.05, momentum 0.9), no weight
+# decay, batch 100, 100 epochs, no augmentation. The notebook halves the step size at fixed epochs;
+# Kiln has no step schedule, so cosine decay stands in for it.
 _CHAPTER_OPTIM = OptimConfig(
     optimizer="sgd",
     lr=0.05,
@@ -85,6 +85,21 @@ FC_MODEL: dict[str, Any] = {
 BEST_MODEL: dict[str, Any] = {"arch": "resnet", "spatial_dims": 1, "depth": 14, "width": 64}
 
 
+def _chapter_recipe(*, key: str, label: str, model: dict[str, Any], reference: str) -> Recipe:
+    """`model` trained as the chapter notebook trains its models (`_CHAPTER_OPTIM`, FP32)."""
+    return Recipe(
+        key=key,
+        label=label,
+        model=model,
+        optim=_CHAPTER_OPTIM,
+        epochs=100,
+        batch_size=100,
+        augment="none",
+        amp=False,
+        reference=reference,
+    )
+
+
 def recipes() -> list[Recipe]:
     """The table's trained rows, in order."""
     from training.models import preset
@@ -93,26 +108,16 @@ def recipes() -> list[Recipe]:
     for derived in ("num_classes", "in_channels"):
         cnn.pop(derived)
     return [
-        Recipe(
+        _chapter_recipe(
             key="chapter-cnn",
             label="chapter CNN: preset `mnist1d_cnn` (3 x Conv1d 15ch k3 s2 valid + linear)",
             model=cnn,
-            optim=_CHAPTER_OPTIM,
-            epochs=100,
-            batch_size=100,
-            augment="none",
-            amp=False,
             reference="chapter figure: ~17 % test error (~83 % accuracy)",
         ),
-        Recipe(
+        _chapter_recipe(
             key="chapter-fc",
             label="chapter FC baseline: 40-285-135-60-10 (plain_cnn, kernel-40 conv = dense)",
             model=FC_MODEL,
-            optim=_CHAPTER_OPTIM,
-            epochs=100,
-            batch_size=100,
-            augment="none",
-            amp=False,
             reference="chapter figure: ~40 % test error (~60 % accuracy)",
         ),
         Recipe(
@@ -238,13 +243,26 @@ def markdown_section(
     loads: tuple[float, float],
     command: str,
 ) -> str:
-    """The dated section appended to the results file."""
+    """The dated section appended to the results file: the setting, the accuracy table (with the
+    published figures), the recipes, and one row per run."""
+    lines = [
+        *_setting_lines(results, machine=machine, loads=loads, command=command),
+        *_accuracy_table(results, seeds),
+        *_recipe_lines(results),
+        *_run_table(results),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _setting_lines(
+    results: Sequence[RecipeResult], *, machine: str, loads: tuple[float, float], command: str
+) -> list[str]:
+    """The section's heading and what was run where, on which data."""
     import torch
 
-    seed_heads = " | ".join(f"seed {s}" for s in seeds)
     train, val, test = results[0].runs[0].split
     samples = "" if train + val + test == DEFAULT_SAMPLES else f", except {train + val + test:,} samples"
-    lines = [
+    return [
         f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"- Command: `{command}`",
@@ -258,6 +276,13 @@ def markdown_section(
         "- Wall time: the whole in-process job per seed (data generation, training, per-epoch validation and "
         "checkpoints, test, plots). Seeds change weight init, batch order and augmentation, not the data.",
         "",
+    ]
+
+
+def _accuracy_table(results: Sequence[RecipeResult], seeds: Sequence[int]) -> list[str]:
+    """Test accuracy per recipe and seed, then the dataset authors' published figures."""
+    seed_heads = " | ".join(f"seed {s}" for s in seeds)
+    lines = [
         f"| model | params | epochs | {seed_heads} | mean | wall s per seed | reference |",
         "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---|---|",
     ]
@@ -273,7 +298,12 @@ def markdown_section(
         lines.append(
             f"| {name} (published, not run here) | — | — | {blanks} | {acc:.0f} % | — | Greydanus 2020 |"
         )
-    lines += ["", "Recipes (Kiln `TrainConfig`, CPU, FP32 unless bf16 is stated):", ""]
+    return lines
+
+
+def _recipe_lines(results: Sequence[RecipeResult]) -> list[str]:
+    """How each recipe trains."""
+    lines = ["", "Recipes (Kiln `TrainConfig`, CPU, FP32 unless bf16 is stated):", ""]
     for res in results:
         r = res.recipe
         o = r.optim
@@ -282,7 +312,13 @@ def markdown_section(
             f"{o.momentum:g}{' Nesterov' if o.nesterov else ''}, weight decay {o.weight_decay:g}, batch "
             f"{r.batch_size}, augment `{r.augment}`, {'bf16 autocast' if r.amp else 'FP32'}."
         )
-    lines += [
+    return lines
+
+
+def _run_table(results: Sequence[RecipeResult]) -> list[str]:
+    """One row per run: the kept checkpoint's test figures beside the last epoch's, and the times."""
+    val = results[0].runs[0].split[1]
+    lines = [
         "",
         "Per run: the test figures above are the kept checkpoint's (the best-val epoch, ties to the later; "
         f"what `kiln export` takes). The last epoch's test accuracy is a diagnostic beside it: with {val:,} "
@@ -301,7 +337,7 @@ def markdown_section(
                 f"{r.fit_s:.1f} | "
                 f"{r.load_before:.2f} → {r.load_after:.2f} |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _compact(model: dict[str, Any]) -> str:
