@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 import numpy as np
@@ -28,6 +28,15 @@ from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.protocol.codec import DATATYPES, decode_bytes_elements, to_raw
 
 ImageLike = bytes | np.ndarray | Path
+
+
+class ClassifyOptions(TypedDict, total=False):
+    """The keyword options of KilnClient.classify and classify_signals (all optional)."""
+
+    top_k: int  # classes per item; 0 (the default) = the server's default_top_k
+    version: str  # "" = the version the server routes to
+    request_id: str  # echoed in the response; "" = the server makes one
+    timeout: float | None  # seconds; None = the client's timeout
 
 
 def image_message(image: ImageLike) -> cpb.Image:
@@ -210,47 +219,22 @@ class KilnClient:
         return decode_outputs(self._call(self.inference.ModelInfer, request, timeout))
 
     def classify(
-        self,
-        model: str,
-        images: Sequence[ImageLike],
-        *,
-        top_k: int = 0,
-        version: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
+        self, model: str, images: Sequence[ImageLike], **options: Unpack[ClassifyOptions]
     ) -> cpb.ClassifyResponse:
-        """Classify images (encoded bytes, paths or uint8 arrays); top_k 0 = the server default."""
-        items = {"images": [image_message(i) for i in images]}
-        return self._classify(model, items, top_k, version, request_id, timeout)
+        """Classify images (encoded bytes, paths or uint8 arrays); `options`: ClassifyOptions."""
+        return self._classify(model, {"images": [image_message(i) for i in images]}, options)
 
     def classify_signals(
-        self,
-        model: str,
-        signals: Sequence[np.ndarray] | np.ndarray,
-        *,
-        top_k: int = 0,
-        version: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
+        self, model: str, signals: Sequence[np.ndarray] | np.ndarray, **options: Unpack[ClassifyOptions]
     ) -> cpb.ClassifyResponse:
         """Classify raw signals ([L] or [C, L] each, or one [N, C, L] array) with a 1-D model."""
-        items = {"signals": [signal_message(s) for s in signals]}
-        return self._classify(model, items, top_k, version, request_id, timeout)
+        return self._classify(model, {"signals": [signal_message(s) for s in signals]}, options)
 
-    def _classify(
-        self,
-        model: str,
-        items: dict[str, Any],
-        top_k: int,
-        version: str,
-        request_id: str,
-        timeout: float | None,
-    ) -> cpb.ClassifyResponse:
+    def _classify(self, model: str, items: dict[str, Any], options: ClassifyOptions) -> cpb.ClassifyResponse:
         """One Classify call; `items` holds the request's `images` or its `signals`."""
-        request = cpb.ClassifyRequest(
-            model=model, version=version, top_k=top_k, request_id=request_id, **items
-        )
-        return self._call(self.classifier.Classify, request, timeout)
+        fields = {name: value for name, value in options.items() if name != "timeout"}
+        request = cpb.ClassifyRequest(model=model, **fields, **items)
+        return self._call(self.classifier.Classify, request, options.get("timeout"))
 
     def classify_stream(
         self, requests: Iterable[cpb.ClassifyRequest], *, timeout: float | None = None
