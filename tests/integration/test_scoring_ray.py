@@ -48,3 +48,7 @@ def test_ray_engine_equals_local_engine(tmp_path: Path) -> None:
     assert theirs.num_rows == 200 + len(BAD_NAMES) + 1
     assert theirs.equals(ours)  # every column, every row, bit for bit
     assert sorted(p.name for p in ray_out.glob("part-*")) == sorted(p.name for p in local.glob("part-*"))
+    # and the same summary of what the job predicted
+    summary = (ray_out / "_predictions.json").read_text(encoding="utf-8")
+    assert summary == (local / "_predictions.json").read_text(encoding="utf-8")
+    assert '"rows": 201' in summary

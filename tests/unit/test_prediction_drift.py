@@ -79,3 +79,18 @@ def test_the_window_counts_exactly_the_last_rows() -> None:
     assert window.class_psi() == exact.class_psi() and window.confidence_psi() == exact.confidence_psi()
     expected = psi(np.asarray(reference.class_frequencies), np.bincount(best[kept], minlength=5) / 64)
     assert window.class_psi() == pytest.approx(expected)
+
+
+def test_bins_follow_prometheus_le_and_classes_past_the_bound_are_other() -> None:
+    from serving.runtime.distribution import confidence_bins, named_classes
+
+    # a value on a bound belongs to that bound's bin (le), past 1.0 (rounding) to the last
+    assert confidence_bins(np.array([0.05, 0.1, 0.1000001, 0.99, 1.0, 1.0000001])).tolist() == [
+        0,
+        0,
+        1,
+        10,
+        11,
+        11,
+    ]
+    assert named_classes(["a", "b", "c", "d"], 2) == ["a", "b", "other", "other"]
