@@ -40,13 +40,16 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
+from benchmarks.serve_bench_lib import DEFAULT_PA  # noqa: E402
 from benchmarks.serve_throughput import input_data, model_files  # noqa: E402
 
 STAGES = ("decode", "submit", "queue", "hop_in", "gather", "ort", "scatter", "hop_out", "resume", "after",
@@ -57,90 +60,69 @@ _CURRENT: contextvars.ContextVar[tuple[int, dict[str, float]] | None] = contextv
 _BY_INPUTS: dict[int, dict[str, float]] = {}  # id(decoded inputs) -> the request's record
 _DONE: list[dict[str, float]] = []
 _ORT = threading.local()
+_clock = time.perf_counter
 
 
 def install_probes() -> None:
-    """Wrap the functions on a ModelInfer's path with timestamping probes."""
+    """Wrap the functions on a ModelInfer's path with timestamping probes: those the request's
+    handler runs on the event loop, and those the batcher's worker runs."""
+    _probe_handler()
+    _probe_batcher()
+
+
+def _stamp(key: str) -> None:
+    """Time `key` in the record of the request whose handler is running (none outside one)."""
+    current = _CURRENT.get()
+    if current is not None:
+        current[1][key] = _clock()
+
+
+def _stamp_requests(batch: Iterable[Any] | None, key: str) -> None:
+    """Time `key`, once, in the record of every request of a batch (None: no batch)."""
+    now = _clock()
+    for req in batch or ():
+        rec = _BY_INPUTS.get(id(req.inputs))
+        if rec is not None:
+            rec[key] = now
+
+
+def _probe_handler() -> None:
+    """Probes of the handler's stages: decode, queued, resumed, prediction metrics, encode, record."""
     from serving.grpc import inference as gi
     from serving.grpc.predictions import PredictionMetrics
-    from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from serving.runtime.batcher import DynamicBatcher
 
     decode, encode, record = gi.decode_inputs, gi.encode_outputs, gi.record_outcome
-    take, finish, compute = DynamicBatcher._next_batch, DynamicBatcher._finish, DynamicBatcher._compute
     enqueue, submit = DynamicBatcher._enqueue, DynamicBatcher.submit_timed
     predict = PredictionMetrics.observe_outputs
-    infer = OnnxRuntimeBackend.infer
-    clock = time.perf_counter
 
     def decode_probe(request):
-        rec = {"start": clock()}
+        rec = {"start": _clock()}
         inputs = decode(request)
-        rec["decoded"] = clock()
+        rec["decoded"] = _clock()
         _CURRENT.set((id(inputs), rec))
         _BY_INPUTS[id(inputs)] = rec
         return inputs
 
-    def stamp(key: str) -> None:
-        current = _CURRENT.get()
-        if current is not None:
-            current[1][key] = clock()
-
     def enqueue_probe(self, *args):
         future = enqueue(self, *args)
-        stamp("queued")
+        _stamp("queued")
         return future
 
     async def submit_probe(self, *args, **kwargs):
         served = await submit(self, *args, **kwargs)
-        stamp("resumed")
+        _stamp("resumed")
         return served
 
     def predict_probe(self, *args):
-        stamp("predict")
+        _stamp("predict")
         predict(self, *args)
-        stamp("predicted")
-
-    def take_probe(self):
-        batch = take(self)
-        now = clock()
-        for req in batch or ():
-            rec = _BY_INPUTS.get(id(req.inputs))
-            if rec is not None:
-                rec["dispatched"] = now
-        return batch
-
-    def compute_probe(self, inputs, rows, *rest):
-        start = clock()
-        result = compute(self, inputs, rows, *rest)
-        end = clock()
-        for item in inputs:
-            rec = _BY_INPUTS.get(id(item))
-            if rec is not None:
-                rec.update(worker=start, ort_in=_ORT.span[0], ort_out=_ORT.span[1], worker_end=end)
-        return result
-
-    def infer_probe(self, inputs):
-        start = clock()
-        out = infer(self, inputs)
-        _ORT.span = (start, clock())
-        return out
-
-    def finish_probe(self, batch, *rest):
-        now = clock()
-        for req in batch:
-            rec = _BY_INPUTS.get(id(req.inputs))
-            if rec is not None:
-                rec["finished"] = now
-        return finish(self, batch, *rest)
+        _stamp("predicted")
 
     def encode_probe(response, outputs, wanted, labels=()):
-        current = _CURRENT.get()
-        if current is not None:
-            current[1]["encode"] = clock()
+        _stamp("encode")
         encode(response, outputs, wanted, labels)
-        if current is not None:
-            current[1]["encoded"] = clock()
+        _stamp("encoded")
 
     def record_probe(metrics, loaded, rows, start, exc):
         record(metrics, loaded, rows, start, exc)
@@ -148,14 +130,49 @@ def install_probes() -> None:
         if current is not None:
             _BY_INPUTS.pop(current[0], None)
             if exc is None:
-                current[1]["end"] = clock()
+                current[1]["end"] = _clock()
                 _DONE.append(current[1])
 
     gi.decode_inputs, gi.encode_outputs, gi.record_outcome = decode_probe, encode_probe, record_probe
-    DynamicBatcher._next_batch, DynamicBatcher._finish = take_probe, finish_probe
-    DynamicBatcher._compute = compute_probe
     DynamicBatcher._enqueue, DynamicBatcher.submit_timed = enqueue_probe, submit_probe
     PredictionMetrics.observe_outputs = predict_probe
+
+
+def _probe_batcher() -> None:
+    """Probes of the batcher worker's stages: batch taken, computed (ONNX Runtime's span inside), finished."""
+    from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from serving.runtime.batcher import DynamicBatcher
+
+    take, finish, compute = DynamicBatcher._next_batch, DynamicBatcher._finish, DynamicBatcher._compute
+    infer = OnnxRuntimeBackend.infer
+
+    def take_probe(self):
+        batch = take(self)
+        _stamp_requests(batch, "dispatched")
+        return batch
+
+    def compute_probe(self, inputs, rows, *rest):
+        start = _clock()
+        result = compute(self, inputs, rows, *rest)
+        end = _clock()
+        for item in inputs:
+            rec = _BY_INPUTS.get(id(item))
+            if rec is not None:
+                rec.update(worker=start, ort_in=_ORT.span[0], ort_out=_ORT.span[1], worker_end=end)
+        return result
+
+    def infer_probe(self, inputs):
+        start = _clock()
+        out = infer(self, inputs)
+        _ORT.span = (start, _clock())
+        return out
+
+    def finish_probe(self, batch, *rest):
+        _stamp_requests(batch, "finished")
+        return finish(self, batch, *rest)
+
+    DynamicBatcher._next_batch, DynamicBatcher._finish = take_probe, finish_probe
+    DynamicBatcher._compute = compute_probe
     OnnxRuntimeBackend.infer = infer_probe
 
 
@@ -301,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-spinning", action="store_true", help="ORT intra-op spinning on")
     p.add_argument("--intra-op-threads", type=int, default=None, help="kiln serve --intra-op-threads")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "serve-work")
-    p.add_argument("--perf-analyzer", type=Path, default=Path(os.environ.get(
-        "KILN_PERF_ANALYZER", ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer")))  # fmt: skip
+    pa = Path(os.environ.get("KILN_PERF_ANALYZER", DEFAULT_PA))
+    p.add_argument("--perf-analyzer", type=Path, default=pa)
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     from serving.cli import loop_factory
