@@ -8,6 +8,7 @@ that is a file, bad precision name, existing version). Heavy imports happen insi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -112,24 +113,10 @@ def _request(args: argparse.Namespace) -> Any:
         raise ValueError(f"run directory {args.run_dir} does not exist")
     if args.repo.exists() and not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo} is a file, not a directory")
-    return ExportRequest(
-        run_dir=args.run_dir,
-        repo=args.repo,
-        name=args.name,
-        version=args.version,
-        precisions=_precisions(args.precision),
-        preprocess_in_graph=args.preprocess_in_graph,
-        probabilities=args.probabilities,
-        max_batch=args.max_batch,
-        calibration_samples=args.calibration_samples,
-        parity_samples=args.parity_samples,
-        tensorrt=args.tensorrt,
-        timing_cache=args.timing_cache,
-        ort_optimized=args.ort_optimized,
-        force=args.force,
-        fp16_range_margin=args.fp16_range_margin,
-        which=args.which,
-    )
+    # Every option is named as the request field it sets; --precision is parsed into `precisions`.
+    fields = {f.name for f in dataclasses.fields(ExportRequest)}
+    options = {key: value for key, value in vars(args).items() if key in fields}
+    return ExportRequest(**options, precisions=_precisions(args.precision))
 
 
 def parity_table(results: Any, title: str) -> Table:

@@ -1,11 +1,13 @@
 """The samples export needs (held-out split for parity, train samples for INT8 calibration) and
 the host preprocessing that turns them into the model's input, as run.json describes it.
 
-Images are uint8 [N,C,H,W]; host preprocessing is serving/contract/normalisation.py `normalise`,
-the exact arithmetic the in-graph preprocessing performs: Cast → ·scale → −mean → ÷std, all in
-float32. Signals are float32 [N,C,L] (layout NCL); their normalisation (·scale when not 1,
-−mean, ÷std per channel) is always put in the exported graph, so a signal model takes the raw
-values; `SignalPreprocess` is the same arithmetic on the host, for the PyTorch reference.
+Both kinds carry kiln.json's one normalisation record (`normalisation`, serving's
+`Normalisation`: scale, mean, std), which also validates them, and describe their kiln.json input
+(`input_spec`). Images are uint8 [N,C,H,W]; host preprocessing is serving/contract/normalisation.py
+`normalise`, the exact arithmetic the in-graph preprocessing performs: Cast → ·scale → −mean →
+÷std, all in float32. Signals are float32 [N,C,L] (layout NCL); their normalisation (·scale when
+not 1, −mean, ÷std per channel) is always put in the exported graph, so a signal model takes the
+raw values; `SignalPreprocess` is the same arithmetic on the host, for the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from export.onnx_export import INPUT_NAME
+from serving.contract.manifest import InputSpec, Normalisation, Preprocessing
 from serving.contract.normalisation import normalise
 
 __all__ = [
@@ -39,7 +43,7 @@ def _parsed(
     shape: Callable[[Mapping[str, Any]], dict[str, Any]],
 ) -> _Pre:
     """`cls` from run.json's "input" record: the normalisation every kind carries plus the fields
-    `shape(record)` reads; a missing or unparsable key is a ValueError naming it."""
+    `shape(record)` reads; a missing, unparsable or invalid key is a ValueError naming it."""
     try:
         return cls(
             mean=tuple(float(m) for m in record["mean"]),
@@ -49,12 +53,17 @@ def _parsed(
             **shape(record),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc!r}") from exc
+        raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc}") from exc
 
 
-def _check_mean_std(pre: HostPreprocess | SignalPreprocess) -> None:
-    if len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0:
-        raise ValueError(f"run.json 'input': mean/std must have {pre.channels} values, std > 0")
+def _validate(pre: HostPreprocess | SignalPreprocess) -> None:
+    """Every dimension >= 1 and one mean/std per channel; building kiln.json's record checks the
+    values (finite, std and scale > 0: a ManifestError naming the field), so export refuses what
+    serving would."""
+    if min(pre.input_shape) < 1:
+        raise ValueError(f"every dimension must be >= 1, got {list(pre.input_shape)}")
+    if pre.normalisation.channels != pre.channels:
+        raise ValueError(f"mean/std must have {pre.channels} values, one per channel")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +78,9 @@ class HostPreprocess:
     width: int = 32
     channel_order: str = "RGB"
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
     @classmethod
     def from_run_input(cls, record: Mapping[str, Any]) -> HostPreprocess:
         """Build from run.json's "input" dict; ValueError names a missing or bad key."""
@@ -77,9 +89,7 @@ class HostPreprocess:
             channel_order = str(r.get("channel_order", "RGB"))
             return {"height": int(r["height"]), "width": int(r["width"]), "channel_order": channel_order}
 
-        pre = _parsed(cls, record, 1.0 / 255.0, geometry)
-        _check_mean_std(pre)
-        return pre
+        return _parsed(cls, record, 1.0 / 255.0, geometry)
 
     @property
     def chw(self) -> tuple[int, int, int]:
@@ -95,6 +105,29 @@ class HostPreprocess:
     def is_signal(self) -> bool:
         """False: images."""
         return False
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """kiln.json's normalisation record of these pixels (its validation included)."""
+        return Normalisation(mean=self.mean, std=self.std, scale=self.scale)
+
+    def input_spec(self, in_graph: bool) -> InputSpec:
+        """kiln.json's input: uint8 NHWC pixels normalised in the graph, or float32 NCHW rows the
+        host normalised; the same record either way."""
+        c, h, w = self.chw
+        pre = Preprocessing(
+            resize=min(h, w),
+            crop=min(h, w) if h == w else None,
+            mean=self.mean,
+            std=self.std,
+            scale=self.scale,
+            channel_order=self.channel_order,
+            in_graph=in_graph,
+        )
+        layout, datatype, shape = (
+            ("NHWC", "UINT8", (-1, h, w, c)) if in_graph else ("NCHW", "FP32", (-1, c, h, w))
+        )
+        return InputSpec(name=INPUT_NAME, datatype=datatype, layout=layout, shape=shape, preprocessing=pre)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Normalise uint8 [N,C,H,W] to float32 [N,C,H,W]."""
@@ -112,18 +145,15 @@ class SignalPreprocess:
     channels: int = 1
     length: int = 40
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
     @classmethod
     def from_run_input(cls, record: Mapping[str, Any]) -> SignalPreprocess:
         """Build from run.json's "input" dict; ValueError names a missing or bad key."""
-        pre = _parsed(cls, record, 1.0, lambda r: {"length": int(r["length"])})
         if record.get("layout", "NCL") != "NCL":
             raise ValueError(f"run.json 'input': a signal needs layout NCL, got {record.get('layout')!r}")
-        if pre.channels < 1 or pre.length < 1:
-            raise ValueError(f"run.json 'input': channels/length must be >= 1, got {pre.input_shape}")
-        _check_mean_std(pre)
-        if not np.isfinite([*pre.mean, *pre.std, pre.scale]).all() or pre.scale <= 0:
-            raise ValueError("run.json 'input': mean/std/scale must be finite and scale > 0")
-        return pre
+        return _parsed(cls, record, 1.0, lambda r: {"length": int(r["length"])})
 
     @property
     def input_shape(self) -> tuple[int, int]:
@@ -134,6 +164,25 @@ class SignalPreprocess:
     def is_signal(self) -> bool:
         """True: signals."""
         return True
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """kiln.json's normalisation record of these signals, always run in the graph."""
+        return Normalisation(mean=self.mean, std=self.std, scale=self.scale, in_graph=True)
+
+    def input_spec(self, in_graph: bool = True) -> InputSpec:
+        """kiln.json's input: raw float32 [N, C, L] signals, normalised in the graph."""
+        if not in_graph:
+            raise ValueError("a signal model always normalises in the graph (it takes raw float32)")
+        c, length = self.input_shape
+        return InputSpec(
+            name=INPUT_NAME,
+            datatype="FP32",
+            layout="NCL",
+            kind="signal",
+            shape=(-1, c, length),
+            preprocessing=self.normalisation,
+        )
 
     def __call__(self, signals: np.ndarray) -> np.ndarray:
         """Normalise raw float32 [N,C,L] to the float32 [N,C,L] the PyTorch model takes."""
@@ -147,7 +196,7 @@ def _normalised(pre: Preprocess, values: np.ndarray, dtype: type, expected: str)
     """Check the samples' dtype and shape, then apply the contract's one host normalisation."""
     if values.dtype != dtype or values.shape[1:] != pre.input_shape:
         raise ValueError(f"expected {np.dtype(dtype)} {expected}, got {values.dtype} {values.shape}")
-    return normalise(values, scale=pre.scale, mean=pre.mean, std=pre.std)
+    return normalise(values, pre.normalisation)
 
 
 def preprocess_from_run_input(record: Mapping[str, Any]) -> Preprocess:

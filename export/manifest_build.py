@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -9,19 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from export.inputs import Preprocess
-from export.onnx_export import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME
+from export.onnx_export import LOGITS_NAME, PROBABILITIES_NAME
 from export.parity import ParityResult
 from export.variants import Candidate
 from serving.contract.manifest import (
     MODEL_NAME_RE,
     Artefact,
-    InputSpec,
     Manifest,
     OutputSpec,
     ParityReport,
-    Preprocessing,
     Provenance,
-    TensorRTInfo,
 )
 from serving.contract.manifest_types import Fp16Range
 
@@ -40,23 +38,21 @@ def model_name_from(text: str) -> str:
     return name
 
 
+# ParityReport's fields that parity_report sets itself; every other one is what the ParityResult
+# measured, under the same name.
+_REPORT_ONLY = {"reference", "tolerances", "passed", "forced", "note"}
+_MEASURED = tuple(f.name for f in dataclasses.fields(ParityReport) if f.name not in _REPORT_ONLY)
+
+
 def parity_report(result: ParityResult, *, reference: str, forced: bool) -> ParityReport:
     """serving's ParityReport from a measured result (`forced` only matters when it failed)."""
-    note = "; ".join(x for x in (result.note, *result.failures) if x)
     return ParityReport(
+        **{name: getattr(result, name) for name in _MEASURED},
         reference=reference,
-        samples=result.samples,
-        max_abs_err=result.max_abs_err,
-        max_rel_err=result.max_rel_err,
-        top1_agreement=result.top1_agreement,
-        accuracy=result.accuracy,
-        reference_accuracy=result.reference_accuracy,
         tolerances=result.tolerance.to_dict(),
         passed=result.passed,
         forced=forced and not result.passed,
-        runtime=result.runtime,
-        note=note,
-        distribution=result.distribution,
+        note="; ".join(x for x in (result.note, *result.failures) if x),
     )
 
 
@@ -78,49 +74,14 @@ def fp16_range(candidate: Candidate) -> Fp16Range | None:
 
 def artefact_entry(version_dir: Path, candidate: Candidate, parity: ParityReport) -> Artefact:
     """The Artefact for a candidate already copied into `version_dir` (sha256 computed here)."""
-    trt = None
-    if candidate.tensorrt is not None:
-        info = candidate.tensorrt
-        trt = TensorRTInfo(
-            version=info.version,
-            gpu_name=info.gpu_name,
-            compute_capability=info.compute_capability,
-            tf32=info.tf32,
-            batch_profile=info.batch_profile,
-        )
     return Artefact.from_file(
         version_dir,
         candidate.filename,
         format=candidate.format,
         precision=candidate.precision,
-        tensorrt=trt,
+        tensorrt=candidate.tensorrt,
         parity=parity,
         fp16_range=fp16_range(candidate),
-    )
-
-
-def _input_spec(pre: Preprocess, in_graph: bool) -> InputSpec:
-    if pre.is_signal:
-        # Raw float32 signals; their normalisation is in the graph (see signal_normalisation in
-        # the manifest's extra section), so there is no host preprocessing to describe.
-        c, length = pre.input_shape
-        return InputSpec(name=INPUT_NAME, datatype="FP32", layout="NCL", kind="signal", shape=(-1, c, length))
-    c, h, w = pre.chw
-    preprocessing = Preprocessing(
-        resize=min(h, w),
-        crop=min(h, w) if h == w else None,
-        mean=pre.mean,
-        std=pre.std,
-        scale=pre.scale,
-        channel_order=pre.channel_order,
-        in_graph=in_graph,
-    )
-    if in_graph:
-        return InputSpec(
-            name=INPUT_NAME, datatype="UINT8", layout="NHWC", shape=(-1, h, w, c), preprocessing=preprocessing
-        )
-    return InputSpec(
-        name=INPUT_NAME, datatype="FP32", layout="NCHW", shape=(-1, c, h, w), preprocessing=preprocessing
     )
 
 
@@ -166,7 +127,7 @@ def build_manifest(
         version=version,
         architecture=json.loads(json.dumps(run.model_config.to_dict())),
         labels=tuple(run.class_names),
-        input=_input_spec(pre, in_graph),
+        input=pre.input_spec(in_graph),
         outputs=tuple(outputs),
         artefacts=tuple(artefacts),
         max_batch_size=max_batch,

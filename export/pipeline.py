@@ -316,17 +316,6 @@ def _model_name(request: ExportRequest, loaded: _Loaded) -> str:
     return request.name or model_name_from(loaded.run.run_id)
 
 
-def _signal_normalisation(pre: Any) -> dict[str, Any]:
-    """What the graph does to a raw signal before the network (kiln.json's extra section)."""
-    return {
-        "in_graph": True,
-        "formula": "(x * scale - mean[c]) / std[c] per channel c, float32",
-        "scale": pre.scale,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-    }
-
-
 def export_run(request: ExportRequest, progress: Progress | None = None) -> ExportResult:
     """Export, prove and publish one run. Raises ExportError (bad input) or ParityGateError."""
     say = progress or (lambda _step: None)
@@ -362,8 +351,6 @@ def export_run(request: ExportRequest, progress: Progress | None = None) -> Expo
             "artefact_details": {c.filename: c.details for c in candidates},
             "held_out_split": loaded.split,
         }
-        if loaded.pre.is_signal:
-            extra["signal_normalisation"] = _signal_normalisation(loaded.pre)
         name, published = _publish(request, loaded, candidates, results, extra)
     return ExportResult(
         name=name,

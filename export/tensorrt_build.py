@@ -16,28 +16,18 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EngineInfo", "TensorRTError", "build_engine", "gpu_identity", "plan_runner", "tensorrt_missing"]
+from serving.contract.manifest import TensorRTInfo
+
+__all__ = ["TensorRTError", "build_engine", "gpu_identity", "plan_runner", "tensorrt_missing"]
 
 
 class TensorRTError(RuntimeError):
     """TensorRT is missing, or the ONNX graph did not parse/build."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineInfo:
-    """What an engine was built for (mirrors serving.contract.manifest.TensorRTInfo)."""
-
-    version: str
-    gpu_name: str
-    compute_capability: str
-    tf32: bool
-    batch_profile: tuple[int, int, int]
 
 
 def tensorrt_missing() -> str | None:
@@ -114,8 +104,9 @@ def build_engine(
     tf32: bool = False,
     workspace_bytes: int = 1 << 30,
     input_name: str = "input",
-) -> EngineInfo:
-    """Build and write a serialized engine for `onnx_path` (batch profile 1..max_batch).
+) -> TensorRTInfo:
+    """Build and write a serialized engine for `onnx_path` (batch profile 1..max_batch); returns
+    kiln.json's record of what it was built for.
 
     The timing cache file is read if present and rewritten after the build.
     """
@@ -146,7 +137,7 @@ def build_engine(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
     name, capability = gpu_identity()
-    return EngineInfo(
+    return TensorRTInfo(
         version=trt.__version__,
         gpu_name=name,
         compute_capability=capability,

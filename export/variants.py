@@ -29,6 +29,7 @@ from export.onnx_export import (
     ort_optimize,
     save_onnx,
 )
+from serving.contract.manifest import TensorRTInfo
 
 __all__ = [
     "ONNX_FILENAMES",
@@ -66,7 +67,7 @@ class Candidate:
     format: Literal["onnx", "tensorrt_plan"]
     precision: str
     details: dict[str, Any] = field(default_factory=dict)
-    tensorrt: Any = None  # export.tensorrt_build.EngineInfo for plans
+    tensorrt: TensorRTInfo | None = None  # plans: what export.tensorrt_build built them for
     fp16: Fp16Report | None = None  # FP16 artefacts: what was kept in FP32 and the range proof
 
 

@@ -10,6 +10,11 @@ Export writes it, the server validates it and refuses what does not match. Desig
   default may be omitted.
 - The parity report lives on its artefact (``Artefact.parity``): one entry per file, nothing to
   keep in sync.
+- ``InputSpec.preprocessing`` is the one normalisation record, for images and signals alike:
+  ``Normalisation`` (scale, mean, std, in_graph) for a signal, ``Preprocessing`` (the same plus
+  resize, crop, channel order, interpolation) for an image; layout and kind are the InputSpec's.
+  A kiln.json written before signals had it (``preprocessing`` null and the record in
+  ``extra.signal_normalisation``) is read as if it had been written today (``_upgraded``).
 - ``Artefact.io_datatypes`` overrides a tensor's datatype for that file only (an FP16 model
   asked to keep FP16 inputs/outputs); ``Manifest.datatype_of`` resolves it.
 
@@ -34,6 +39,7 @@ from serving.contract.manifest_types import (
     Artefact,
     InputSpec,
     JsonMixin,
+    Normalisation,
     OutputSpec,
     ParityReport,
     Preprocessing,
@@ -65,6 +71,7 @@ __all__ = [
     "InputSpec",
     "Manifest",
     "ManifestError",
+    "Normalisation",
     "OutputSpec",
     "ParityReport",
     "Preprocessing",
@@ -173,12 +180,28 @@ class Manifest(JsonMixin):
                 "schema_version", f"unsupported schema_version {version!r} (this Kiln reads {SCHEMA_VERSION})"
             )
         check_keys(data, cls, extra=("schema_version",))
+        data = _upgraded(data)
         parsed = {k: v for k, v in data.items() if k != "schema_version"}
         parsed["outputs"] = parse_list(data, "outputs", OutputSpec)
         parsed["artefacts"] = parse_list(data, "artefacts", Artefact)
         parsed["input"] = parse_nested(data, "input", InputSpec)
         parsed["provenance"] = parse_nested(data, "provenance", Provenance)
         return cls(**parsed)
+
+
+def _upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A kiln.json from before signal inputs carried their normalisation record: exports then
+    wrote `preprocessing: null` and the record (with a prose "formula") in
+    extra.signal_normalisation. Move it to input.preprocessing; anything else is returned as is."""
+    spec, extra = data.get("input"), data.get("extra")
+    if not (isinstance(spec, dict) and isinstance(extra, dict)) or spec.get("kind") != "signal":
+        return data
+    legacy = extra.get("signal_normalisation")
+    if spec.get("preprocessing") is not None or not isinstance(legacy, dict):
+        return data
+    record = {k: legacy[k] for k in ("mean", "std", "scale", "in_graph") if k in legacy}
+    rest = {k: v for k, v in extra.items() if k != "signal_normalisation"}
+    return data | {"input": spec | {"preprocessing": record}, "extra": rest}
 
 
 def _instance(value: Any, field_name: str, *, cls: type) -> Any:

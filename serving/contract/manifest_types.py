@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 from serving.contract.fileio import sha256_file
 from serving.contract.schema_checks import (
@@ -119,7 +119,10 @@ def parse_list(data: dict[str, Any], key: str, cls: type) -> tuple[Any, ...]:
 
 
 class JsonMixin:
-    """Mixin: to_dict / strict from_dict for flat dataclasses (nested ones override)."""
+    """Mixin: to_dict / strict from_dict for dataclasses whose nested records are optional fields
+    named in `_nested` (field name -> dataclass; None when absent)."""
+
+    _nested: ClassVar[dict[str, type]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -129,35 +132,84 @@ class JsonMixin:
     def from_dict(cls, data: Any) -> Any:
         """Strictly parse a dict produced by to_dict (or read from kiln.json)."""
         check_keys(data, cls)
-        return cls(**data)
+        nested = cls._nested_types(data)
+        return cls(**data | {key: parse_nested(data, key, t, optional=True) for key, t in nested.items()})
+
+    @classmethod
+    def _nested_types(cls, data: dict[str, Any]) -> dict[str, type]:
+        """The nested records `from_dict` parses (a class whose types depend on data overrides)."""
+        return cls._nested
+
+    def _check_nested(self) -> None:
+        """Each nested record is None or an instance of its `_nested` type."""
+        for key, kind in self._nested.items():
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, kind):
+                fail(key, f"expected {kind.__name__}, got {type(value).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Preprocessing(JsonMixin):
-    """How raw pixels become the model input (host side, or in-graph when `in_graph`)."""
+class Normalisation(JsonMixin):
+    """kiln.json's one normalisation record, for images and signals alike: (x·scale − mean[c]) ÷
+    std[c] per channel c, in float32. The channel axis is the "C" of the InputSpec's layout.
+
+    `in_graph`: the model does it (the client sends raw values: uint8 pixels, raw signals);
+    otherwise the host does it (serving/contract/normalisation.py `normalise`) before the model.
+    A signal input's `preprocessing` is this record; an image input's is `Preprocessing`, this
+    record plus the image steps before it.
+    """
+
+    mean: tuple[float, ...]  # per channel, on the scaled range
+    std: tuple[float, ...]
+    scale: float = 1.0  # applied before mean/std
+    in_graph: bool = False
+
+    def __post_init__(self) -> None:
+        mean = as_tuple(self.mean, "mean", as_float)
+        std = as_tuple(self.std, "std", as_float, minimum=1e-12)
+        if not mean:
+            fail("mean", "expected one value per channel, got none")
+        expected, why = self._expected_channels(mean)
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) != expected:
+                fail(name, f"expected {expected} values {why}, got {len(values)}")
+        setattrs(self, mean=mean, std=std, scale=as_float(self.scale, "scale", minimum=1e-12))
+        as_bool(self.in_graph, "in_graph")
+
+    def _expected_channels(self, mean: tuple[float, ...]) -> tuple[int, str]:
+        """How many mean/std values there must be, and why (for the error message)."""
+        return len(mean), "(as many as mean)"
+
+    @property
+    def channels(self) -> int:
+        """The number of channels normalised."""
+        return len(self.mean)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocessing(Normalisation):
+    """An image input's preprocessing: decode, `channel_order`, shorter side resized to `resize`,
+    centre crop to `crop`, then the normalisation of the uint8 pixels (scale 1/255 by default)."""
 
     resize: int | None  # shorter side before the crop; None = no resize
     crop: int | None  # centre crop size (square); None = no crop
-    mean: tuple[float, ...]  # per channel, on the scaled ([0,1]) range
-    std: tuple[float, ...]
-    scale: float = 1.0 / 255.0  # applied to uint8 pixels before mean/std
+    scale: float = 1.0 / 255.0  # applied to uint8 pixels before mean/std ([0, 1] range)
     channel_order: str = "RGB"
     interpolation: str = "bilinear"
-    in_graph: bool = False  # True: the model takes raw uint8 pixels and normalises itself
 
     def __post_init__(self) -> None:
-        order = as_choice(self.channel_order, "channel_order", CHANNEL_ORDERS)
-        mean = as_tuple(self.mean, "mean", as_float)
-        std = as_tuple(self.std, "std", as_float, minimum=1e-12)
-        for name, values in (("mean", mean), ("std", std)):
-            if len(values) != CHANNEL_ORDERS[order]:
-                fail(name, f"expected {CHANNEL_ORDERS[order]} values for {order}, got {len(values)}")
-        setattrs(self, mean=mean, std=std)
+        super().__post_init__()
         as_optional(self.resize, "resize", as_int, minimum=1)
         as_optional(self.crop, "crop", as_int, minimum=1)
-        setattrs(self, scale=as_float(self.scale, "scale", minimum=1e-12))
         as_choice(self.interpolation, "interpolation", INTERPOLATIONS)
-        as_bool(self.in_graph, "in_graph")
+
+    def _expected_channels(self, mean: tuple[float, ...]) -> tuple[int, str]:
+        order = as_choice(self.channel_order, "channel_order", CHANNEL_ORDERS)
+        return CHANNEL_ORDERS[order], f"for {order}"
+
+
+# The preprocessing record each input kind carries (InputSpec.preprocessing).
+PREPROCESSING_TYPES: dict[str, type[Normalisation]] = {"image": Preprocessing, "signal": Normalisation}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,7 +221,9 @@ class InputSpec(JsonMixin):
     layout: str  # "NCHW" | "NHWC" | "NCL"
     shape: tuple[int, ...]  # batch first, -1
     kind: str = "image"  # "image" | "signal"
-    preprocessing: Preprocessing | None = None
+    # How raw input becomes this tensor: Preprocessing for an image, Normalisation for a signal
+    # (None: the client sends the tensor as it is).
+    preprocessing: Normalisation | None = None
 
     def __post_init__(self) -> None:
         as_str(self.name, "name")
@@ -179,19 +233,32 @@ class InputSpec(JsonMixin):
         if len(shape) != LAYOUTS[layout]:
             fail("shape", f"layout {layout} needs {LAYOUTS[layout]} dims, got {list(shape)}")
         setattrs(self, shape=shape)
-        as_choice(self.kind, "kind", ("image", "signal"))
-        if self.kind == "image" and layout == "NCL":
+        kind = as_choice(self.kind, "kind", PREPROCESSING_TYPES)
+        if kind == "image" and layout == "NCL":
             fail("layout", "an image input needs NCHW or NHWC, got NCL")
-        if self.preprocessing is not None:
-            if not isinstance(self.preprocessing, Preprocessing):
-                fail("preprocessing", f"expected Preprocessing, got {type(self.preprocessing).__name__}")
-            expected = CHANNEL_ORDERS[self.preprocessing.channel_order]
-            if self.channels != expected:
+        pre = self.preprocessing
+        if pre is None:
+            return
+        if type(pre) is not PREPROCESSING_TYPES[kind]:
+            fail(
+                "preprocessing",
+                f"{kind} inputs need {PREPROCESSING_TYPES[kind].__name__}, got {type(pre).__name__}",
+            )
+        if self.channels != pre.channels:
+            if isinstance(pre, Preprocessing):
                 fail(
                     "preprocessing.channel_order",
-                    f"{self.preprocessing.channel_order} needs "
-                    f"{expected} channel(s) but the shape has {self.channels}",
+                    f"{pre.channel_order} needs {pre.channels} channel(s) but the shape has {self.channels}",
                 )
+            fail(
+                "preprocessing.mean",
+                f"mean/std have {pre.channels} value(s) but the shape has {self.channels} channel(s)",
+            )
+
+    @property
+    def normalisation(self) -> Normalisation | None:
+        """The normalisation record of either kind (an image's Preprocessing is one)."""
+        return self.preprocessing
 
     @property
     def channels(self) -> int:
@@ -214,11 +281,9 @@ class InputSpec(JsonMixin):
         return self.shape[self.layout.index("L")] if "L" in self.layout else None
 
     @classmethod
-    def from_dict(cls, data: Any) -> InputSpec:
-        """Strict parse (see module docstring)."""
-        check_keys(data, cls)
-        pre = parse_nested(data, "preprocessing", Preprocessing, optional=True)
-        return cls(**{**data, "preprocessing": pre})
+    def _nested_types(cls, data: dict[str, Any]) -> dict[str, type]:
+        """The preprocessing record's type follows `kind` (a bad kind fails in __post_init__)."""
+        return {"preprocessing": PREPROCESSING_TYPES.get(data.get("kind", "image"), Preprocessing)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,6 +367,8 @@ class ParityReport(JsonMixin):
     note: str = ""
     distribution: PredictionDistribution | None = None  # absent in exports made before drift
 
+    _nested: ClassVar[dict[str, type]] = {"distribution": PredictionDistribution}
+
     def __post_init__(self) -> None:
         as_str(self.reference, "reference")
         as_int(self.samples, "samples", minimum=1)
@@ -323,15 +390,7 @@ class ParityReport(JsonMixin):
         as_str(self.note, "note", empty_ok=True)
         if self.forced and self.passed:
             fail("forced", "only a report that did not pass can be forced")
-        if self.distribution is not None and not isinstance(self.distribution, PredictionDistribution):
-            fail("distribution", f"expected PredictionDistribution, got {type(self.distribution).__name__}")
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ParityReport:
-        """Strict parse (see module docstring)."""
-        check_keys(data, cls)
-        distribution = parse_nested(data, "distribution", PredictionDistribution, optional=True)
-        return cls(**{**data, "distribution": distribution})
+        self._check_nested()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -373,6 +432,12 @@ class Artefact(JsonMixin):
     io_datatypes: dict[str, str] = field(default_factory=dict)  # tensor name -> datatype override
     fp16_range: Fp16Range | None = None  # FP16 artefacts exported with the range proof
 
+    _nested: ClassVar[dict[str, type]] = {
+        "tensorrt": TensorRTInfo,
+        "parity": ParityReport,
+        "fp16_range": Fp16Range,
+    }
+
     def __post_init__(self) -> None:
         _check_relpath(self.path, "path")
         as_choice(self.format, "format", FORMATS)
@@ -381,10 +446,7 @@ class Artefact(JsonMixin):
         as_int(self.size_bytes, "size_bytes", minimum=0)
         if (self.format == "tensorrt_plan") != (self.tensorrt is not None):
             fail("tensorrt", f"must be set exactly for tensorrt_plan artefacts (format is {self.format})")
-        for key, cls in (("tensorrt", TensorRTInfo), ("parity", ParityReport), ("fp16_range", Fp16Range)):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, cls):
-                fail(key, f"expected {cls.__name__}, got {type(value).__name__}")
+        self._check_nested()
         types = as_json_dict(self.io_datatypes, "io_datatypes")
         for name, dtype in types.items():
             as_choice(dtype, f"io_datatypes.{name}", DATATYPES)
@@ -414,15 +476,6 @@ class Artefact(JsonMixin):
             size_bytes=full.stat().st_size,
             **extra,
         )
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Artefact:
-        """Strict parse (see module docstring)."""
-        check_keys(data, cls)
-        trt = parse_nested(data, "tensorrt", TensorRTInfo, optional=True)
-        parity = parse_nested(data, "parity", ParityReport, optional=True)
-        fp16_range = parse_nested(data, "fp16_range", Fp16Range, optional=True)
-        return cls(**{**data, "tensorrt": trt, "parity": parity, "fp16_range": fp16_range})
 
 
 @dataclass(frozen=True, kw_only=True)

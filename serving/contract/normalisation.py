@@ -1,7 +1,8 @@
 """The one host normalisation: (x·scale − mean) ÷ std per channel, in float32.
 
-kiln.json's `Preprocessing` record (scale, mean, std) is applied by this function wherever it runs
-on the host: export's reference inputs (export/inputs.py) and serving's host-preprocessed images
+kiln.json's normalisation record (`Normalisation`: scale, mean, std; an image's `Preprocessing` is
+one) is applied by this function wherever it runs on the host: export's reference inputs, images
+and signals alike (export/inputs.py), and serving's host-preprocessed images
 (runtime/preprocess.py). It keeps the order and float32 arithmetic of the in-graph emitter
 (export/onnx_export.py `_normalisation_nodes`: Mul → Sub → Div), so host and graph agree to the
 bit. Training keeps its own torch copy (training/evaluate.py `Normalizer`): it runs on the training
@@ -10,32 +11,32 @@ device inside autograd-free batches, and training may not import serving (the im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
+
+from serving.contract.manifest_types import Normalisation
 
 __all__ = ["normalise"]
 
 
 def normalise(
     values: np.ndarray,
+    record: Normalisation,
     *,
-    scale: float,
-    mean: Sequence[float],
-    std: Sequence[float],
     channel_axis: int = 1,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(values·scale − mean) ÷ std with mean/std per channel along `channel_axis`, as float32.
+    """(values·scale − mean) ÷ std with `record`'s mean/std per channel along `channel_axis`, as
+    float32 (whatever `record.in_graph` says: the caller has decided the host runs it).
 
     `values` may be uint8 pixels or float32 signals; `out` (float32, values' shape) avoids an
     allocation on the serving path.
     """
+    scale, mean, std = record.scale, record.mean, record.std
     shape = [1] * values.ndim
     shape[channel_axis] = len(mean)
-    if values.shape[channel_axis] != len(mean) or len(std) != len(mean):
+    if values.shape[channel_axis] != len(mean):
         raise ValueError(
-            f"mean/std have {len(mean)}/{len(std)} values for {values.shape[channel_axis]} channels "
+            f"mean/std have {len(mean)} values for {values.shape[channel_axis]} channels "
             f"(axis {channel_axis} of shape {values.shape})"
         )
     if out is None:

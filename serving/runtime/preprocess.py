@@ -1,10 +1,11 @@
 """Image preprocessing for Classify and offline scoring: bytes / raw pixels -> one model input row.
 
-Steps follow the manifest's `Preprocessing`, and mirror training's image-folder reader: decode
-(Pillow, only the allowed formats), EXIF orientation, convert to L/RGB, shorter side resized to
-`resize` (same rounding, same filter), centre crop to `crop`, then either normalise
-(contract/normalisation.py: (x * scale - mean) / std, float32, model layout) or, for a model
-that preprocesses in-graph, hand over the uint8 pixels in its layout.
+Steps follow the manifest's `Preprocessing` (an image's normalisation record plus its geometry),
+and mirror training's image-folder reader: decode (Pillow, only the allowed formats), EXIF
+orientation, convert to L/RGB, shorter side resized to `resize` (same rounding, same filter),
+centre crop to `crop`, then either normalise (contract/normalisation.py: (x * scale - mean) /
+std, float32, model layout) or, for a model that preprocesses in-graph, hand over the uint8
+pixels in its layout.
 
 Limits are checked before the expensive part: encoded size first, then, from the header (Pillow
 reads sizes lazily in `Image.open`), the pixel count and the size the resize will produce, then
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.contract.manifest_types import InputSpec
+from serving.contract.manifest_types import InputSpec, Preprocessing
 from serving.contract.normalisation import normalise
 from serving.errors import InvalidInputError, KilnError, PayloadTooLargeError
 from serving.runtime.backends.base import numpy_dtype
@@ -88,7 +89,7 @@ class Preprocessor:
                 f"input {spec.name!r} is not an image input: it takes a signal of length "
                 f"{spec.length} ({spec.channels} channel(s)), so images cannot be preprocessed for it"
             )
-        if spec.kind != "image" or pre is None or spec.height is None or spec.width is None:
+        if not isinstance(pre, Preprocessing) or spec.height is None or spec.width is None:
             raise ValueError(
                 f"input {spec.name!r} is not an image input with preprocessing; cannot preprocess images"
             )
@@ -102,7 +103,7 @@ class Preprocessor:
         self.dtype = np.dtype(dtype) if dtype is not None else numpy_dtype(spec.datatype)
         self.sample_shape = tuple(spec.shape[1:])
         self.row_bytes = math.prod(self.sample_shape) * self.dtype.itemsize  # one preprocessed image
-        self._normalisation = {"scale": pre.scale, "mean": pre.mean, "std": pre.std}
+        self._normalisation = pre
 
     def preprocess(self, image: ImageInput, out: np.ndarray | None = None) -> np.ndarray:
         """One image (encoded bytes or uint8 HWC / HW array) -> one row of shape `sample_shape`."""
@@ -119,7 +120,7 @@ class Preprocessor:
             # The contract's one normalisation, in float32 as export's parity reference ran it.
             target = out if out.dtype == np.float32 else None
             normalised = normalise(
-                pixels, channel_axis=0 if self.channels_first else -1, out=target, **self._normalisation
+                pixels, self._normalisation, channel_axis=0 if self.channels_first else -1, out=target
             )
             if target is None:
                 np.copyto(out, normalised, casting="unsafe")

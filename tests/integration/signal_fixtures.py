@@ -3,7 +3,8 @@
 The model is a torch Conv1d network exported with `torch.onnx.export` (dynamo, dynamic batch):
 input "input" FP32 [N, 1, 40] of RAW values (the normalisation is inside the graph) -> three
 Conv1d layers (MNIST-1D seed style: kernel 3, stride 2, valid padding) -> Linear -> "logits"
-[N, 10]. kiln.json describes the input as a signal: layout NCL, kind "signal", no preprocessing.
+[N, 10]. kiln.json describes the input as a signal: layout NCL, kind "signal", and its
+normalisation record (in the graph).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance
+from serving.contract.manifest import Artefact, InputSpec, Manifest, Normalisation, OutputSpec, Provenance
 from serving.contract.repository import publish_version
 
 SIGNAL_LABELS = tuple(f"digit{i}" for i in range(10))
@@ -100,7 +101,9 @@ def signal_manifest(tmp: Path, name: str, version: int, *, max_batch_size: int) 
             layout="NCL",
             shape=(-1, SIGNAL_CHANNELS, SIGNAL_LENGTH),
             kind="signal",
-            preprocessing=None,
+            preprocessing=Normalisation(
+                mean=(SIGNAL_MEAN,) * SIGNAL_CHANNELS, std=(SIGNAL_STD,) * SIGNAL_CHANNELS, in_graph=True
+            ),
         ),
         outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, len(SIGNAL_LABELS))),),
         artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),

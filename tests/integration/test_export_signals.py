@@ -78,17 +78,16 @@ def test_run_json_describes_a_signal(run_dir: Path) -> None:
 def test_kiln_json_input_is_the_raw_signal(version_dir: Path, run_dir: Path) -> None:
     manifest = read_manifest(version_dir / MANIFEST_FILENAME)  # serving's strict reader
     verify_artefacts(manifest, version_dir)
+    run_input = json.loads((run_dir / "run.json").read_text())["input"]
     assert manifest.input.to_dict() == {
         "name": "input",
         "datatype": "FP32",
         "layout": "NCL",
         "shape": [-1, 1, 40],
         "kind": "signal",
-        "preprocessing": None,
+        "preprocessing": {"mean": run_input["mean"], "std": run_input["std"], "scale": 1.0, "in_graph": True},
     }
-    run_input = json.loads((run_dir / "run.json").read_text())["input"]
-    norm = manifest.extra["signal_normalisation"]
-    assert norm["in_graph"] and norm["mean"] == run_input["mean"] and norm["std"] == run_input["std"]
+    assert "signal_normalisation" not in manifest.extra  # the record lives in the input, once
     assert manifest.extra["fold"]["family"] == "plain_cnn"
     assert "no BatchNorm" in manifest.extra["fold"]["summary"]
     assert {(a.path, a.precision) for a in manifest.artefacts} == {

@@ -13,9 +13,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.inputs import HostPreprocess, SignalPreprocess, preprocess_from_run_input
-from export.manifest_build import _input_spec
 from export.onnx_export import OnnxExportError, add_signal_normalisation, check_onnx, save_onnx
-from serving.contract.manifest import InputSpec
+from serving.contract.manifest import InputSpec, Normalisation
 from training.run_record import input_record, signal_input_record
 
 BUNDLE = SimpleNamespace(in_channels=2, signal_length=5, input_scale=1.0, mean=(1.5, -2.0), std=(0.5, 4.0))
@@ -47,10 +46,12 @@ def test_signal_record_becomes_signal_preprocessing() -> None:
     [
         ({"kind": "audio"}, "unknown kind 'audio'"),
         ({"length": None}, "incomplete or invalid"),
-        ({"std": [0.5, 0.0]}, "std > 0"),
-        ({"mean": [1.0]}, "mean/std must have 2 values"),
+        ({"std": [0.5, 0.0]}, r"std\[1\]: must be >= 1e-12"),
+        ({"mean": [1.0]}, "std: expected 1 values"),
+        ({"mean": [1.0], "std": [1.0]}, "mean/std must have 2 values"),
+        ({"scale": 0.0}, "scale: must be >= 1e-12"),
         ({"layout": "NCHW"}, "layout NCL"),
-        ({"channels": 0, "mean": [], "std": []}, "channels/length must be >= 1"),
+        ({"channels": 0, "mean": [], "std": []}, "every dimension must be >= 1"),
     ],
 )
 def test_bad_signal_records_are_named(change: dict, message: str) -> None:
@@ -110,16 +111,31 @@ def test_graph_normalisation_refuses_bad_statistics() -> None:
 
 def test_kiln_json_input_record_for_a_signal() -> None:
     pre = SignalPreprocess(mean=(0.1, 0.2), std=(1.0, 2.0), channels=2, length=40)
-    spec = _input_spec(pre, in_graph=True)
+    spec = pre.input_spec(in_graph=True)
     assert spec.to_dict() == {
         "name": "input",
         "datatype": "FP32",
         "layout": "NCL",
         "shape": [-1, 2, 40],
         "kind": "signal",
-        "preprocessing": None,
+        "preprocessing": {"mean": [0.1, 0.2], "std": [1.0, 2.0], "scale": 1.0, "in_graph": True},
     }
     assert InputSpec.from_dict(spec.to_dict()) == spec  # serving's own strict parser accepts it
+    assert isinstance(spec.normalisation, Normalisation) and spec.normalisation == pre.normalisation
+    with pytest.raises(ValueError, match="always normalises in the graph"):
+        pre.input_spec(in_graph=False)
+
+
+def test_kiln_json_input_record_for_an_image_is_the_same_record_plus_geometry() -> None:
+    pre = HostPreprocess(mean=(0.5,), std=(0.25,), channels=1, height=8, width=8, channel_order="L")
+    uint8, fp32 = pre.input_spec(in_graph=True), pre.input_spec(in_graph=False)
+    assert (uint8.datatype, uint8.layout, uint8.shape) == ("UINT8", "NHWC", (-1, 8, 8, 1))
+    assert (fp32.datatype, fp32.layout, fp32.shape) == ("FP32", "NCHW", (-1, 1, 8, 8))
+    for spec in (uint8, fp32):
+        record = spec.normalisation
+        assert record is not None and record.in_graph == (spec is uint8)
+        assert (record.mean, record.std, record.scale) == (pre.mean, pre.std, pre.scale)
+        assert InputSpec.from_dict(spec.to_dict()) == spec
 
 
 def test_int8_calibrated_on_normalised_signals_follows_pytorch_on_raw_input(tmp_path: Path) -> None:

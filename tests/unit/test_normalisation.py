@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from export.inputs import HostPreprocess
 from export.onnx_export import add_preprocessing, check_onnx, save_onnx
-from serving.contract.manifest_types import InputSpec, Preprocessing
+from serving.contract.manifest_types import InputSpec, Normalisation, Preprocessing
 from serving.contract.normalisation import normalise
 from serving.runtime.preprocess import Preprocessor
 
@@ -61,12 +61,12 @@ def test_served_rows_are_exports_reference_and_the_graphs_to_the_bit(tmp_path: P
 
 def test_fp16_rows_are_the_float32_values_rounded_once() -> None:
     nhwc = _pixels(3)
-    want = normalise(nhwc, scale=1.0 / 255.0, mean=MEAN, std=STD, channel_axis=-1).astype(np.float16)
+    want = normalise(nhwc, _spec("NHWC").preprocessing, channel_axis=-1).astype(np.float16)
     got = Preprocessor(_spec("NHWC", "FP16")).preprocess_batch(list(nhwc))
     assert got.dtype == np.float16
     np.testing.assert_array_equal(got, want)
 
 
 def test_mismatched_statistics_are_named() -> None:
-    with pytest.raises(ValueError, match="mean/std have 2/2 values for 3 channels"):
-        normalise(np.zeros((1, 3, 2, 2), np.uint8), scale=1.0, mean=(0.0, 0.0), std=(1.0, 1.0))
+    with pytest.raises(ValueError, match="mean/std have 2 values for 3 channels"):
+        normalise(np.zeros((1, 3, 2, 2), np.uint8), Normalisation(mean=(0.0, 0.0), std=(1.0, 1.0)))
