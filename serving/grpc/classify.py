@@ -178,11 +178,6 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
             head = loaded.handle.head  # InvalidInputError if the model has no classification output
             with track_inflight(self._metrics, loaded):
                 scores, compute = await self._run(loaded, head, rows, deadline, client)
-            # a candidate version (promotion: shadow) gets a copy now, after the answer: never awaited
-            step = loaded.batcher.max_batch_size  # the first batch's worth is a fair sample
-            self._manager.mirror(
-                loaded, {loaded.manifest.input.name: rows[:step]}, {head.output: scores[:step]}, compute
-            )
         except BaseException as exc:
             record_outcome(self._metrics, loaded, len(request.images) + len(request.signals), start, exc)
             raise

@@ -169,9 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             loaded = self._manager.get(request.model_name, request.model_version)
             wanted = requested_outputs(request, [s.name for s in loaded.backend.outputs])
             with track_inflight(self._metrics, loaded):
-                outputs, timing = await loaded.batcher.submit_timed(inputs, deadline=deadline, client=client)
-            # a candidate version (promotion: shadow) gets a copy now, after the answer: never awaited
-            self._manager.mirror(loaded, inputs, outputs, timing.compute_seconds)
+                outputs = await loaded.batcher.submit(inputs, deadline=deadline, client=client)
             response = pb.ModelInferResponse(
                 model_name=loaded.model, model_version=str(loaded.version), id=request.id
             )

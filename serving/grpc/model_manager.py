@@ -28,8 +28,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from serving.contract.repository import (
     ModelRepository,
     RepositoryError,
@@ -152,13 +150,6 @@ class ModelManager:
     def loaded(self) -> list[LoadedVersion]:
         """Every READY version."""
         return [lv for versions in self._live.values() for lv in versions.values()]
-
-    def mirror(
-        self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
-        compute_s: float,
-    ) -> None:  # fmt: skip
-        """Offer a request `loaded` answered to the candidate shadowing it, if any (never blocks)."""
-        self._rollouts.mirror(loaded, inputs, outputs, compute_s)
 
     def index(self) -> list[VersionState]:
         """Every known version with its state, plus models that could not be read at all."""
@@ -389,12 +380,13 @@ class ModelManager:
         recorder = prediction_metrics(self._metrics, cfg.prediction_classes, cfg.drift_window)
         target_ms = cfg.for_model(model).latency_target_ms  # per model (model_overrides)
         tap = None if recorder is None else PredictionTap(recorder)
+        shadow_tap = self._rollouts.tap(model, handle.version)  # copies to a candidate (promotion: shadow)
         batcher = DynamicBatcher(
             backend,
             max_batch_size=max_batch,
             max_queue_delay_us=cfg.max_queue_delay_us,
             latency_target_us=None if target_ms is None else int(target_ms * 1000),
-            outputs_tap=tap,
+            taps=[t for t in (tap, shadow_tap) if t is not None],
             preferred_batch_sizes=[b for b in cfg.preferred_batch_sizes if b <= max_batch],
             max_queue_size=cfg.max_queue_size,
             max_queue_per_client=cfg.queue_per_client(),

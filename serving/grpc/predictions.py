@@ -25,6 +25,7 @@ from serving.errors import KilnError
 from serving.grpc.drift import DriftMetrics
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import LoadedVersion
+from serving.runtime.batcher import ComputedBatch
 from serving.runtime.distribution import OTHER, named_classes
 from serving.runtime.topk import ClassificationHead
 
@@ -119,6 +120,6 @@ class PredictionTap:
     def __init__(self, recorder: PredictionMetrics) -> None:
         self.recorder, self.loaded = recorder, None  # type: LoadedVersion | None
 
-    def __call__(self, outputs: Mapping[str, np.ndarray]) -> None:
+    def __call__(self, batch: ComputedBatch) -> None:
         if self.loaded is not None:
-            self.recorder.observe_outputs(self.loaded, outputs)
+            self.recorder.observe_outputs(self.loaded, batch.outputs)

@@ -1,13 +1,16 @@
 """Shadow rollouts: a new version earns its promotion on live traffic before it serves.
 
 With `promotion: shadow` the model manager loads and warms a new version as a *candidate*: not
-routed, so no client ever gets its answer. After the serving version has answered a request, the
-handler offers the request and that answer here (`Candidate.offer`, never awaited): a sampled
-share (`shadow_sample`) is copied to the candidate's batcher from a task of its own, so the
-client's latency and result never depend on it. The copies outstanding at the candidate are
-bounded (`shadow_queue_size`); past it a copy is dropped and counted, which bounds the extra
-compute whatever the traffic. Each answered copy is compared with the serving version's answer:
-top-1 class per row, and the compute time of the batch each side ran in.
+routed, so no client ever gets its answer. The serving version's batcher has a `ShadowTap`: a
+sampled share (`shadow_sample`) of its computed batches, whole (inputs as run and the answers),
+is offered to the candidate (`Candidate.offer`, on the event loop, never awaited) and copied to
+the candidate's batcher from a task of its own, so the client's latency and result never depend
+on it. Copying whole batches, not requests, makes the candidate run batches as large as the
+serving version's: its extra compute is the sampled share of the serving compute, and the two
+sides' batch compute times compare like for like. The copies outstanding at the candidate are
+bounded (`shadow_queue_size` batches); past it a copy is dropped and counted, which bounds the
+extra compute whatever the traffic. Each answered copy is compared with the serving version's
+answer: top-1 class per row, and the compute time of the batch each side ran in.
 
 After `shadow_min_requests` compared requests the tally gives a verdict: promote when the top-1
 agreement reaches `shadow_min_agreement` and the candidate's p99 batch compute time is within
@@ -28,6 +31,7 @@ of the traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -42,6 +46,7 @@ from serving.errors import KilnError, QueueFullError
 from serving.grpc.config import ServeConfig
 from serving.grpc.metrics import KilnMetrics
 from serving.grpc.model_version import LoadedVersion
+from serving.runtime.batcher import ComputedBatch
 
 log = logging.getLogger("kiln.models")
 
@@ -84,10 +89,17 @@ class ShadowTally:
         self._candidate_s: deque[float] = deque(maxlen=_TIMES_KEPT)
 
     def add(
-        self, serving_top1: np.ndarray, candidate_top1: np.ndarray, serving_s: float, candidate_s: float
+        self,
+        serving_top1: np.ndarray,
+        candidate_top1: np.ndarray,
+        serving_s: float,
+        candidate_s: float,
+        *,
+        requests: int = 1,
     ) -> None:
-        """One compared request: top-1 class per row of each side, and each side's batch compute time."""
-        self.compared += 1
+        """One compared batch of `requests` requests: top-1 class per row of each side, and each
+        side's batch compute time."""
+        self.compared += requests
         self.rows += len(serving_top1)
         self.agreed += int(np.count_nonzero(serving_top1 == candidate_top1))
         self._serving_s.append(serving_s)
@@ -172,48 +184,50 @@ class Candidate:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer = asyncio.get_running_loop().call_later(policy.timeout_s, self._time_out)
 
-    def offer(self, inputs: Mapping[str, np.ndarray], outputs: Outputs, serving_s: float) -> None:
-        """A request the serving version answered with `outputs` in a batch of `serving_s` seconds:
-        copy a sampled share to the candidate (never awaited by the caller)."""
-        if self.decided or random.random() >= self.policy.sample:
+    def offer(self, batch: ComputedBatch) -> None:
+        """A batch the serving version computed (already sampled by its ShadowTap): copy it to the
+        candidate unless its copies queue is full (never awaited by the caller)."""
+        if self.decided:
             return
         if self._pending >= self.policy.queue_size:
-            self._count("dropped")
+            self._count("dropped", batch.requests)
             return
         self._pending += 1
-        task = asyncio.ensure_future(self._compare(inputs, outputs, serving_s))
+        task = asyncio.ensure_future(self._compare(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _compare(self, inputs: Mapping[str, np.ndarray], outputs: Outputs, serving_s: float) -> None:
+    async def _compare(self, batch: ComputedBatch) -> None:
+        rows = min(len(next(iter(batch.inputs.values()))), self.loaded.batcher.max_batch_size)
+        inputs = {name: array[:rows] for name, array in batch.inputs.items()}
         try:
             answer, timing = await self.loaded.batcher.submit_timed(inputs, client=SHADOW_CLIENT)
         except QueueFullError:
-            self._count("dropped")
+            self._count("dropped", batch.requests)
             return
         except KilnError as exc:
             self.tally.last_error = str(exc)
-            self._count("failed")
+            self._count("failed", batch.requests)
             return
         finally:
             self._pending -= 1
         if self.decided:
             return
-        theirs, ours = top1(outputs, self._output), top1(answer, self._output)
-        self.tally.add(theirs, ours, serving_s, timing.compute_seconds)
-        self._count("compared")
+        theirs, ours = top1(batch.outputs, self._output)[:rows], top1(answer, self._output)
+        self.tally.add(theirs, ours, batch.compute_seconds, timing.compute_seconds, requests=batch.requests)
+        self._count("compared", batch.requests)
         if self._metrics is not None:
             self._metrics.shadow_agreement.labels(self.model, str(self.version)).set(self.tally.agreement)
         self._decide_if_ready()
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, requests: int) -> None:
         if outcome == "dropped":
-            self.tally.dropped += 1
+            self.tally.dropped += requests
         elif outcome == "failed":
-            self.tally.failed += 1
+            self.tally.failed += requests
             self._decide_if_ready()
         if self._metrics is not None:
-            self._metrics.shadow_requests.labels(self.model, outcome).inc()
+            self._metrics.shadow_requests.labels(self.model, outcome).inc(requests)
 
     def _decide_if_ready(self) -> None:
         verdict = None if self.decided else self.tally.verdict(self.policy)
@@ -240,6 +254,27 @@ class Candidate:
         """No more copies or verdicts (the manager promotes, rejects or unloads it)."""
         self.decided = True
         self._timer.cancel()
+
+
+class ShadowTap:
+    """A version's batcher tap: offers a sampled share of its computed batches to the candidate
+    shadowing it. Called in the batch worker thread: it only reads, samples and posts."""
+
+    def __init__(self, rollouts: Rollouts, model: str, version: int) -> None:
+        self._candidates, self._model, self._version = rollouts.candidates, model, version
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(self, batch: ComputedBatch) -> None:
+        candidate = self._candidates.get(self._model)
+        if (
+            candidate is None
+            or candidate.decided
+            or candidate.serving_version != self._version
+            or random.random() >= candidate.policy.sample
+        ):
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is gone
+            self._loop.call_soon_threadsafe(candidate.offer, batch)
 
 
 def _compared_output(loaded: LoadedVersion) -> str:
@@ -275,7 +310,8 @@ class RoutingTable(Protocol):
 
 class Rollouts:
     """Every model's candidate (one at most) and what happens to it: started by the manager after
-    it loaded a new version, fed by `mirror`, promoted or rejected on the routing table."""
+    it loaded a new version, fed by its serving version's `ShadowTap`, promoted or rejected on the
+    routing table."""
 
     def __init__(self, table: RoutingTable, config: ServeConfig, metrics: KilnMetrics | None) -> None:
         self._config, self._table, self._metrics = config, table, metrics
@@ -308,13 +344,9 @@ class Rollouts:
             model, version, serving, policy.sample, policy.min_requests,
         )  # fmt: skip
 
-    def mirror(
-        self, loaded: LoadedVersion, inputs: Mapping[str, np.ndarray], outputs: Outputs, compute_s: float
-    ) -> None:
-        """Offer a request `loaded` answered to the candidate shadowing it, if any (never blocks)."""
-        candidate = self.candidates.get(loaded.model)
-        if candidate is not None and candidate.serving_version == loaded.version:
-            candidate.offer(inputs, outputs, compute_s)
+    def tap(self, model: str, version: int) -> ShadowTap | None:
+        """The batch tap of a serving version of `model` (None where `model` promotes immediately)."""
+        return None if self.policy(model) is None else ShadowTap(self, model, version)
 
     def _on_verdict(self, candidate: Candidate, verdict: str, reason: str) -> None:
         """The candidate's tally (or timer) decided: carry it out under the model's lock."""

@@ -175,3 +175,30 @@ def test_the_promotion_policy_is_per_model(tmp_path: Path) -> None:
     assert set(guarded.versions) == {"1"} and states["guarded"]["1"][0] == "READY"
     assert "agreement" in states["guarded"]["2"][1]
     assert verdicts == {"tiny": None, "guarded": 1.0}  # tiny never had a candidate
+
+
+def _rows_per_batch(stats: Any) -> float:
+    proto = stats.to_proto()
+    rows = sum(b.batch_size * b.compute_infer.count for b in proto.batch_stats)
+    return rows / max(1, proto.execution_count)
+
+
+def test_copies_reach_the_candidate_in_batches_as_large_as_the_serving_ones(tmp_path: Path) -> None:
+    """The serving version's computed batches are copied whole (a quarter of them), so the candidate
+    runs batches of the serving size: its extra compute is the sampled share, not more (copying
+    single requests, a quarter of 8 concurrent ones, gave it batches of ~2 rows)."""
+    publish_tiny_model(tmp_path, seed=1)
+    # the timing backend's 3 ms per batch lets 8 clients' requests gather into batches
+    config = _config(
+        tmp_path, shadow_sample=0.25, shadow_min_requests=1_000_000, backend="null", null_base_us=3000
+    )
+    with running_server(config) as srv, Hammer(srv.address, threads=8) as hammer:
+        _wait_until(lambda: hammer.successes >= 10)
+        publish_tiny_model(tmp_path, seed=1)
+        _wait_until(lambda: _metric(srv, "kiln_shadow_requests_total", outcome="compared") >= 200)
+        candidate = srv.server.manager._rollouts.candidates["tiny"]
+        serving = next(lv for lv in srv.server.manager.loaded() if lv.version == 1)
+        candidate_rows, serving_rows = _rows_per_batch(candidate.loaded.stats), _rows_per_batch(serving.stats)
+    assert hammer.failures == []
+    assert serving_rows >= 3, f"the load did not batch ({serving_rows:.1f} rows per batch)"
+    assert candidate_rows >= 0.7 * serving_rows, (candidate_rows, serving_rows)
