@@ -96,12 +96,12 @@ class ServeConfig:
     # "immediate" once warm, or "shadow": it first answers a sampled copy of live traffic after
     # the serving version did, and is promoted only if its top-1 agrees and it is fast enough
     promotion: str = "immediate"
-    shadow_sample: float = 0.25  # share of live requests copied to the candidate
+    shadow_sample: float = 0.25  # share of computed batches copied (whole) to the candidate
     shadow_min_requests: int = 200  # compared requests before a verdict
     shadow_min_agreement: float = 0.99  # top-1 agreement (rows) the candidate needs
     shadow_max_latency_ratio: float = 2.0  # candidate p99 compute time per batch / the serving one's
     shadow_timeout_s: float = 600.0  # no verdict by then: rejected
-    shadow_queue_size: int = 16  # copies outstanding at the candidate; more are dropped (counted)
+    shadow_queue_size: int = 16  # copied batches outstanding at the candidate; more are dropped
     # per-model values of MODEL_SETTINGS, {model: {setting: value}} (see the module docstring)
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # kiln_predictions_total labels the first N classes by name, the rest "other"; 0: no
