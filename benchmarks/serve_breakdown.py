@@ -15,11 +15,10 @@ mean / p50 / p99 in microseconds:
   gather      worker start -> ORT called (np.concatenate of the batch, input checks)
   ort         ONNX Runtime session.run of the whole batch
   scatter     ORT done -> worker returns (output checks, per-request slices)
-  hop_out     worker done -> the result callback runs on the event loop (call_soon_threadsafe)
+  hop_out     worker done -> the result callback runs on the event loop (the batch taps first:
+              prediction metrics and the shadow sample; then call_soon_threadsafe)
   resume      callback -> the request's handler resumes (other handlers of the batch go first)
-  after       resumed -> prediction metrics called (inflight gauge, shadow mirror)
-  predictions kiln_predictions_total and kiln_prediction_confidence of the answer's rows
-  response    the response message made, up to encoding
+  response    resumed -> the response message made, up to encoding (inflight gauge)
   encode      numpy -> KServe response (raw_output_contents)
   record      statistics + Prometheus
   grpc+client the client's mean latency minus the server's mean total: HTTP/2, protobuf parse and
@@ -52,8 +51,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 from benchmarks.serve_bench_lib import DEFAULT_PA  # noqa: E402
 from benchmarks.serve_throughput import input_data, model_files  # noqa: E402
 
-STAGES = ("decode", "submit", "queue", "hop_in", "gather", "ort", "scatter", "hop_out", "resume", "after",
-          "predictions", "response", "encode", "record")  # fmt: skip
+STAGES = ("decode", "submit", "queue", "hop_in", "gather", "ort", "scatter", "hop_out", "resume",
+          "response", "encode", "record")  # fmt: skip
 _CURRENT: contextvars.ContextVar[tuple[int, dict[str, float]] | None] = contextvars.ContextVar(
     "probe", default=None
 )
@@ -87,14 +86,12 @@ def _stamp_requests(batch: Iterable[Any] | None, key: str) -> None:
 
 
 def _probe_handler() -> None:
-    """Probes of the handler's stages: decode, queued, resumed, prediction metrics, encode, record."""
+    """Probes of the handler's stages: decode, queued, resumed, encode, record."""
     from serving.grpc import inference as gi
-    from serving.grpc.predictions import PredictionMetrics
     from serving.runtime.batcher import DynamicBatcher
 
     decode, encode, record = gi.decode_inputs, gi.encode_outputs, gi.record_outcome
-    enqueue, submit = DynamicBatcher._enqueue, DynamicBatcher.submit_timed
-    predict = PredictionMetrics.observe_outputs
+    enqueue, submit = DynamicBatcher._enqueue, DynamicBatcher.submit
 
     def decode_probe(request):
         rec = {"start": _clock()}
@@ -114,11 +111,6 @@ def _probe_handler() -> None:
         _stamp("resumed")
         return served
 
-    def predict_probe(self, *args):
-        _stamp("predict")
-        predict(self, *args)
-        _stamp("predicted")
-
     def encode_probe(response, outputs, wanted, labels=()):
         _stamp("encode")
         encode(response, outputs, wanted, labels)
@@ -134,8 +126,7 @@ def _probe_handler() -> None:
                 _DONE.append(current[1])
 
     gi.decode_inputs, gi.encode_outputs, gi.record_outcome = decode_probe, encode_probe, record_probe
-    DynamicBatcher._enqueue, DynamicBatcher.submit_timed = enqueue_probe, submit_probe
-    PredictionMetrics.observe_outputs = predict_probe
+    DynamicBatcher._enqueue, DynamicBatcher.submit = enqueue_probe, submit_probe
 
 
 def _probe_batcher() -> None:
@@ -179,7 +170,7 @@ def _probe_batcher() -> None:
 def stage_table(records: list[dict[str, float]]) -> dict[str, np.ndarray]:
     """Per-stage durations (µs) of complete records."""
     keys = ("start", "decoded", "queued", "dispatched", "worker", "ort_in", "ort_out", "worker_end",
-            "finished", "resumed", "predict", "predicted", "encode", "encoded", "end")  # fmt: skip
+            "finished", "resumed", "encode", "encoded", "end")  # fmt: skip
     rows = np.array([[r[k] for k in keys] for r in records if all(k in r for k in keys)])
     spans = np.diff(rows, axis=1) * 1e6
     table = {name: spans[:, i] for i, name in enumerate(STAGES)}
