@@ -20,7 +20,7 @@ from training.evaluate import EvalResult, Normalizer, evaluate
 from training.models import AUX_LOSS_WEIGHT, ModelConfig, build_model, split_logits
 from training.optim import build_optimizer, build_scheduler
 from training.plots import plot_confusion, plot_curves
-from training.run_record import input_record, read_history, signal_input_record, write_history, write_run_json
+from training.run_record import bundle_input_record, read_history, write_history, write_run_json
 from training.train_state import TrainState, load_train_state, save_train_state
 
 _EPOCH_SEED_STRIDE = 1_000_003
@@ -277,15 +277,7 @@ class Trainer:
             run_id=self.run_dir.name,
             model=self.model_config.to_dict(),
             class_names=bundle.class_names,
-            input_spec=signal_input_record(bundle)
-            if bundle.is_signal
-            else input_record(
-                channels=bundle.in_channels,
-                size=bundle.image_size,
-                channel_order=bundle.channel_order,
-                mean=bundle.mean,
-                std=bundle.std,
-            ),
+            input_spec=bundle_input_record(bundle),
             data=bundle.spec.to_dict(),
             dataset_fingerprint=bundle.fingerprint,
             train=self.config.to_dict(),

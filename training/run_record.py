@@ -45,6 +45,19 @@ def signal_input_record(bundle: Any) -> dict:
     }
 
 
+def bundle_input_record(bundle: Any) -> dict:
+    """The input record of a loaded data bundle, image or signal."""
+    if bundle.is_signal:
+        return signal_input_record(bundle)
+    return input_record(
+        channels=bundle.in_channels,
+        size=bundle.image_size,
+        channel_order=bundle.channel_order,
+        mean=bundle.mean,
+        std=bundle.std,
+    )
+
+
 def write_run_json(
     run_dir: Path,
     *,

@@ -25,6 +25,7 @@ import difflib
 import functools
 import math
 import os
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -487,19 +488,28 @@ def _known(key: str, source: str) -> str:
     raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
 
 
-def _from_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
-    import yaml  # only needed when a file is given
+def _yaml_mapping(raw: Any, source: str, what: str) -> dict[Any, Any]:
+    """A mapping from YAML text (a file's, a variable's or a flag's) or an already parsed value."""
+    if isinstance(raw, str):
+        import yaml  # only needed when YAML text is given
 
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: invalid YAML ({exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of {what}, got {reprlib.repr(raw)}")
+    return raw
+
+
+def _from_file(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: invalid YAML ({exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = _yaml_mapping(text, f"config file {path}", "settings")
     result: dict[str, Any] = {}
     for key, raw in data.items():
         name = _known(str(key).replace("-", "_"), f"config file {path}")
@@ -549,17 +559,7 @@ def _coerce(raw: Any, hint: Any, source: str) -> Any:
 
 def _model_overrides(raw: Any, source: str) -> dict[str, dict[str, Any]]:
     """model_overrides from YAML, or from YAML/JSON text (environment, flag), values coerced."""
-    if isinstance(raw, str):
-        import yaml
-
-        try:
-            raw = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: invalid YAML ({exc})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of model name to settings, got {raw!r}")
+    raw = _yaml_mapping(raw, source, "model name to settings")
     hints = typing.get_type_hints(ServeConfig)
     result: dict[str, dict[str, Any]] = {}
     for model, settings in raw.items():

@@ -26,6 +26,7 @@ covers the last `drift_window` rows the server answered.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +68,9 @@ class PredictionSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (see module docstring); `drift` left out when there is none."""
-        result: dict[str, Any] = {
-            "model": self.model,
-            "version": self.version,
-            "rows": self.rows,
-            "errors": self.errors,
-            "prediction_classes": self.prediction_classes,
-            "classes": self.classes,
-            "confidence": {"le": list(self.confidence_edges), "count": list(self.confidence_counts)},
-        }
+        shaped = ("confidence_edges", "confidence_counts", "drift")  # written in their JSON form below
+        result = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in shaped}
+        result["confidence"] = {"le": list(self.confidence_edges), "count": list(self.confidence_counts)}
         if self.drift is not None:
             result["drift"] = self.drift
         return result
