@@ -8,10 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from serving.contract.manifest_types import PredictionDistribution
+from serving.runtime.distribution import CONFIDENCE_EDGES, confidence_bins
 from serving.runtime.topk import class_scores
-
-# the upper bounds of kiln_prediction_confidence's buckets, so the dashboard and the score agree
-CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 def prediction_distribution(logits: np.ndarray) -> PredictionDistribution:
@@ -19,7 +17,7 @@ def prediction_distribution(logits: np.ndarray) -> PredictionDistribution:
     scores = class_scores(np.asarray(logits), "logits")
     best = scores.argmax(axis=1)
     confidence = scores[np.arange(len(best)), best]
-    bins = np.searchsorted(CONFIDENCE_EDGES, confidence, side="left").clip(max=len(CONFIDENCE_EDGES) - 1)
+    bins = confidence_bins(confidence)  # the server's binning: its live histogram and this agree
     return PredictionDistribution(
         samples=len(best),
         class_frequencies=tuple((np.bincount(best, minlength=scores.shape[1]) / len(best)).tolist()),

@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from serving.grpc.gpu_stats import GpuCollector, gpu_collector
+from serving.runtime.distribution import CONFIDENCE_EDGES  # the bins export records for drift
 
 __all__ = [
     "BATCH_BUCKETS",
@@ -62,7 +63,6 @@ LATENCY_BUCKETS = (
     0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 LOAD_STATES = ("unloaded", "loading", "ready", "unloading", "failed", "candidate")
 _STATUS_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
@@ -223,7 +223,7 @@ _METRICS: dict[str, _Spec] = {
         Histogram,
         "kiln_prediction_confidence",
         "Top-1 probability of each served row",
-        options={"buckets": CONFIDENCE_BUCKETS},
+        options={"buckets": CONFIDENCE_EDGES},
     ),
     # how far what a version predicts has drifted from the reference its export recorded
     # (serving/grpc/drift.py): population stability index of the top-1 class mix and
