@@ -4,10 +4,10 @@
   one in torch 2.13; the TorchScript exporter is deprecated) at opset 18, the opset the
   exporter's ONNX-script library is written in, so no version conversion step is involved.
   The sample batch is 2: a batch of 1 lets tracing specialise the batch dim to a constant.
-- :func:`add_preprocessing` / :func:`add_signal_normalisation` / :func:`add_softmax` edit the
-  finished graph rather than the torch model, so the same edits apply unchanged to the FP32,
-  FP16 and INT8 variants (the quantizer then never sees the uint8 input, the raw signal
-  normalisation or the softmax).
+- :func:`add_normalisation` (the one emitter of in-graph preprocessing, driven by kiln.json's
+  input record) / :func:`add_softmax` edit the finished graph rather than the torch model, so
+  the same edits apply unchanged to the FP32, FP16 and INT8 variants (the quantizer then never
+  sees the uint8 input, the raw signal normalisation or the softmax).
 - :func:`check_onnx` runs the full checker and strict shape inference; :func:`save_onnx` writes
   one self-contained file (no external-data side file).
 """
@@ -24,14 +24,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from serving.contract.manifest import InputSpec
+
 __all__ = [
     "INPUT_NAME",
     "LOGITS_NAME",
     "OPSET",
     "PROBABILITIES_NAME",
     "OnnxExportError",
-    "add_preprocessing",
-    "add_signal_normalisation",
+    "add_normalisation",
     "add_softmax",
     "check_onnx",
     "count_ops",
@@ -141,7 +142,7 @@ def _normalisation_nodes(
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The one in-graph normalisation: (·scale) → −mean → ÷std per channel of a float [N, C, ...]
     tensor, in the order and float32 arithmetic of the host's (serving/contract/normalisation.py).
-    `scale` None leaves the Mul out (signals at scale 1: the same values, one node fewer)."""
+    `scale` None leaves the Mul out (scale 1: the same values, one node fewer)."""
     make = helper.make_node
     per_channel = (1, len(mean), *([1] * spatial_dims))
     constants = [
@@ -177,87 +178,60 @@ def _with_front(
     return out
 
 
-def _static_input(model: onnx.ModelProto, input_name: str, rank: int, what: str) -> list[int]:
-    """The static non-batch dims of a float input of `rank`; OnnxExportError naming `what` else."""
+def _static_input(model: onnx.ModelProto, input_name: str, dims: Sequence[int], what: str) -> None:
+    """The float input must be static and have `dims` (batch excluded); OnnxExportError naming
+    `what` else."""
     old = _value(model, input_name, output=False)
-    dims = old.type.tensor_type.shape.dim
-    static = [d.dim_value for d in dims[1:]]
-    if len(dims) != rank or not all(static) or old.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise OnnxExportError(f"{what} needs a static float {_RANKS[rank]} input, got {old.type}")
-    return static
+    static = [d.dim_value for d in old.type.tensor_type.shape.dim[1:]]
+    if static != list(dims) or old.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise OnnxExportError(
+            f"{what} needs a static float [N, {', '.join(map(str, dims))}] input, got {old.type}"
+        )
 
 
-_RANKS = {3: "[N, C, L]", 4: "[N, C, H, W]"}
+def _uint8_nhwc_front(name: str) -> list[onnx.NodeProto]:
+    """uint8 NHWC `name` → float NCHW "kiln_pre_float"; the Transpose runs on uint8, 4x less data
+    to move than after the Cast."""
+    make = helper.make_node
+    return [
+        make("Transpose", [name], ["kiln_pre_nchw"], perm=[0, 3, 1, 2], name="kiln_pre_transpose"),
+        make("Cast", ["kiln_pre_nchw"], ["kiln_pre_float"], to=TensorProto.FLOAT, name="kiln_pre_cast"),
+    ]
 
 
-def _check_stats(mean: Sequence[float], std: Sequence[float], scale: float, channels: int) -> None:
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
-    if min(std) <= 0 or not scale > 0:
-        raise ValueError(f"std and scale must be > 0, got std={list(std)} scale={scale}")
+def add_normalisation(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:
+    """A copy of `model` that runs kiln.json's input record `spec` (its normalisation, in_graph)
+    at its front, in the host's float32 order: ·scale (left out at 1) → −mean → ÷std per channel.
 
-
-def add_preprocessing(
-    model: onnx.ModelProto,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    scale: float = 1.0 / 255.0,
-    input_name: str = INPUT_NAME,
-) -> onnx.ModelProto:
-    """A copy of `model` taking uint8 NHWC pixels: Transpose → Cast → ·scale → −mean → ÷std.
-
-    The same arithmetic order as host preprocessing, so top-1 matches it. The original float
-    NCHW input must have static C/H/W; the new input is [batch, H, W, C] uint8.
+    - image (uint8 NHWC `spec`): the float NCHW input becomes uint8 [batch, H, W, C]:
+      Transpose → Cast → normalisation.
+    - signal (float32 NCL `spec`): the input stays raw float32 [batch, C, L]. Not folded into
+      the first convolution: with zero padding that would change the border outputs.
     """
-    channels, height, width = _static_input(model, input_name, 4, "in-graph preprocessing")
-    _check_stats(mean, std, scale, channels)
+    record = spec.normalisation
+    if record is None or not record.in_graph:
+        raise ValueError(f"input {spec.name!r} is not normalised in the graph: {record}")
+    image = spec.kind == "image"
+    if image and (spec.layout, spec.datatype) != ("NHWC", "UINT8"):
+        raise ValueError(f"in-graph image preprocessing takes uint8 NHWC, got {spec.datatype} {spec.layout}")
+    dims = (spec.channels, spec.height, spec.width) if image else spec.shape[1:]
+    _static_input(model, spec.name, dims, "in-graph preprocessing" if image else "signal normalisation")
+    front = _uint8_nhwc_front(spec.name) if image else []
+    source = "kiln_pre_float" if image else spec.name
+    scale = None if record.scale == 1.0 else record.scale  # x·1 is x: one node fewer
 
     def build(inner: str) -> tuple[list, list]:
-        # Transpose on uint8 first: 4x less data to move than after the Cast.
-        make = helper.make_node
         nodes, constants = _normalisation_nodes(
-            "kiln_pre_float", inner, mean=mean, std=std, scale=scale, spatial_dims=2
+            source, inner, mean=record.mean, std=record.std, scale=scale, spatial_dims=len(dims) - 1
         )
-        front = [
-            make("Transpose", [input_name], ["kiln_pre_nchw"], perm=[0, 3, 1, 2], name="kiln_pre_transpose"),
-            make("Cast", ["kiln_pre_nchw"], ["kiln_pre_float"], to=TensorProto.FLOAT, name="kiln_pre_cast"),
-        ]
         return front + nodes, constants
 
-    out = _with_front(model, input_name, build)
-    old = _value(out, input_name, output=False)
-    batch = old.type.tensor_type.shape.dim[0].dim_param or "batch"
-    old.CopyFrom(
-        helper.make_tensor_value_info(input_name, TensorProto.UINT8, [batch, height, width, channels])
-    )
+    out = _with_front(model, spec.name, build)
+    if image:
+        old = _value(out, spec.name, output=False)
+        batch = old.type.tensor_type.shape.dim[0].dim_param or "batch"
+        old.CopyFrom(helper.make_tensor_value_info(spec.name, TensorProto.UINT8, [batch, *spec.shape[1:]]))
     return out
-
-
-def add_signal_normalisation(
-    model: onnx.ModelProto,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    scale: float = 1.0,
-    input_name: str = INPUT_NAME,
-) -> onnx.ModelProto:
-    """A copy of `model` taking raw float32 signals [batch, C, L]: (·scale) → −mean → ÷std.
-
-    Per channel, in the order (and float32 arithmetic) of training's normaliser, so clients send
-    the raw signal. Not folded into the first convolution: with zero padding that would change
-    the border outputs. The original input must be a static float [N, C, L]; the interface
-    (name, shape, dtype) stays the same.
-    """
-    channels = _static_input(model, input_name, 3, "signal normalisation")[0]
-    _check_stats(mean, std, scale, channels)
-    return _with_front(
-        model,
-        input_name,
-        lambda inner: _normalisation_nodes(
-            input_name, inner, mean=mean, std=std, scale=None if scale == 1.0 else scale, spatial_dims=1
-        ),
-    )
 
 
 def add_softmax(model: onnx.ModelProto, *, logits_name: str = LOGITS_NAME) -> onnx.ModelProto:

@@ -21,8 +21,7 @@ from export.inputs import Preprocess
 from export.int8 import int8_settings, quantize_int8
 from export.onnx_export import (
     OnnxExportError,
-    add_preprocessing,
-    add_signal_normalisation,
+    add_normalisation,
     add_softmax,
     check_onnx,
     count_ops,
@@ -76,10 +75,8 @@ def finish_graph(core: onnx.ModelProto, options: GraphOptions) -> onnx.ModelProt
     shape inference, and no BatchNormalization node left: folding must have removed them)."""
     model = core
     pre = options.preprocess
-    if pre is not None and pre.is_signal:
-        model = add_signal_normalisation(model, mean=pre.mean, std=pre.std, scale=pre.scale)
-    elif pre is not None:
-        model = add_preprocessing(model, mean=pre.mean, std=pre.std, scale=pre.scale)
+    if pre is not None:
+        model = add_normalisation(model, pre.input_spec(in_graph=True))  # kiln.json's record
     if options.probabilities:
         model = add_softmax(model)
     check_onnx(model)

@@ -23,6 +23,9 @@ from serving.contract.repository import publish_version
 SIGNAL_LABELS = tuple(f"digit{i}" for i in range(10))
 SIGNAL_CHANNELS, SIGNAL_LENGTH = 1, 40
 SIGNAL_MEAN, SIGNAL_STD = 0.25, 1.5  # folded into the graph: the server sends raw values
+SIGNAL_NORMALISATION = Normalisation(  # what the graph does first: kiln.json's record of it
+    mean=(SIGNAL_MEAN,) * SIGNAL_CHANNELS, std=(SIGNAL_STD,) * SIGNAL_CHANNELS, in_graph=True
+)
 
 
 def read_signal_sample(path: Path) -> np.ndarray:
@@ -101,9 +104,7 @@ def signal_manifest(tmp: Path, name: str, version: int, *, max_batch_size: int) 
             layout="NCL",
             shape=(-1, SIGNAL_CHANNELS, SIGNAL_LENGTH),
             kind="signal",
-            preprocessing=Normalisation(
-                mean=(SIGNAL_MEAN,) * SIGNAL_CHANNELS, std=(SIGNAL_STD,) * SIGNAL_CHANNELS, in_graph=True
-            ),
+            preprocessing=SIGNAL_NORMALISATION,
         ),
         outputs=(OutputSpec(name="logits", datatype="FP32", shape=(-1, len(SIGNAL_LABELS))),),
         artefacts=(Artefact.from_file(tmp, "model.onnx", format="onnx", precision="fp32"),),

@@ -15,7 +15,7 @@ from export.inputs import HostPreprocess
 from export.onnx_export import (
     OPSET,
     OnnxExportError,
-    add_preprocessing,
+    add_normalisation,
     add_softmax,
     check_onnx,
     count_ops,
@@ -167,5 +167,6 @@ def test_bad_export_arguments_are_refused(vgg: tuple) -> None:
         export_onnx(model, SHAPE, sample_batch=1)
     with pytest.raises(ValueError, match="opset"):
         export_onnx(model, SHAPE, opset=16)
-    with pytest.raises(ValueError, match="mean/std need 3"):
-        add_preprocessing(proto, mean=(0.5,), std=(0.5,))
+    one_channel = HostPreprocess(mean=(0.5,), std=(0.5,), channels=1, height=16, width=16, channel_order="L")
+    with pytest.raises(OnnxExportError, match=r"static float \[N, 1, 16, 16\]"):
+        add_normalisation(proto, one_channel.input_spec(in_graph=True))

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.inputs import HostPreprocess, SignalPreprocess, preprocess_from_run_input
-from export.onnx_export import OnnxExportError, add_signal_normalisation, check_onnx, save_onnx
+from export.onnx_export import OnnxExportError, add_normalisation, check_onnx, save_onnx
 from serving.contract.manifest import InputSpec, Normalisation
 from training.run_record import input_record, signal_input_record
 
@@ -72,9 +72,7 @@ def test_host_normalisation_checks_dtype_and_shape() -> None:
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_graph_normalisation_is_the_host_arithmetic(tmp_path: Path, scale: float) -> None:
     pre = SignalPreprocess(mean=(1.5, -2.0), std=(0.5, 4.0), scale=scale, channels=2, length=5)
-    wrapped = check_onnx(
-        add_signal_normalisation(_identity(["batch", 2, 5]), mean=pre.mean, std=pre.std, scale=scale)
-    )
+    wrapped = check_onnx(add_normalisation(_identity(["batch", 2, 5]), pre.input_spec()))
     ops = [node.op_type for node in wrapped.graph.node]
     assert ops == (["Sub", "Div"] if scale == 1.0 else ["Mul", "Sub", "Div"]) + ["Identity"]
     (inp,) = wrapped.graph.input
@@ -90,23 +88,28 @@ def test_graph_normalisation_is_the_host_arithmetic(tmp_path: Path, scale: float
 @pytest.mark.parametrize(
     ("model", "mean", "message"),
     [
-        (_identity(["batch", 3, 8, 8]), (0.0, 0.0, 0.0), "static float \\[N, C, L\\]"),
-        (_identity(["batch", 2, "length"]), (0.0, 0.0), "static float \\[N, C, L\\]"),
-        (_identity(["batch", 2, 5], TensorProto.UINT8), (0.0, 0.0), "static float \\[N, C, L\\]"),
+        (_identity(["batch", 3, 8, 8]), (0.0, 0.0, 0.0), "static float \\[N, 3, 5\\]"),
+        (_identity(["batch", 2, "length"]), (0.0, 0.0), "static float \\[N, 2, 5\\]"),
+        (_identity(["batch", 2, 5], TensorProto.UINT8), (0.0, 0.0), "static float \\[N, 2, 5\\]"),
+        (_identity(["batch", 2, 5]), (0.0, 0.0, 0.0), "static float \\[N, 3, 5\\]"),
     ],
 )
-def test_graph_normalisation_refuses_non_signal_inputs(
+def test_graph_normalisation_refuses_a_graph_unlike_the_record(
     model: onnx.ModelProto, mean: tuple, message: str
 ) -> None:
+    pre = SignalPreprocess(mean=mean, std=(1.0,) * len(mean), channels=len(mean), length=5)
     with pytest.raises(OnnxExportError, match=message):
-        add_signal_normalisation(model, mean=mean, std=(1.0,) * len(mean))
+        add_normalisation(model, pre.input_spec())
 
 
-def test_graph_normalisation_refuses_bad_statistics() -> None:
-    with pytest.raises(ValueError, match="need 2 values"):
-        add_signal_normalisation(_identity(["batch", 2, 5]), mean=(0.0,), std=(1.0,))
-    with pytest.raises(ValueError, match="must be > 0"):
-        add_signal_normalisation(_identity(["batch", 2, 5]), mean=(0.0, 0.0), std=(1.0, 0.0))
+def test_graph_normalisation_takes_only_an_in_graph_record() -> None:
+    with pytest.raises(ValueError, match="mean/std must have 2 values"):
+        SignalPreprocess(mean=(0.0,), std=(1.0,), channels=2, length=5)  # no record, no graph
+    with pytest.raises(ValueError, match=r"std\[1\]: must be >= 1e-12"):
+        SignalPreprocess(mean=(0.0, 0.0), std=(1.0, 0.0), channels=2, length=5)
+    host = HostPreprocess(mean=(0.5,), std=(0.25,), channels=1, height=5, width=2, channel_order="L")
+    with pytest.raises(ValueError, match="not normalised in the graph"):
+        add_normalisation(_identity(["batch", 1, 5, 2]), host.input_spec(in_graph=False))
 
 
 def test_kiln_json_input_record_for_a_signal() -> None:

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.inputs import HostPreprocess
-from export.onnx_export import add_preprocessing, check_onnx, save_onnx
+from export.onnx_export import add_normalisation, check_onnx, save_onnx
 from serving.contract.manifest_types import InputSpec, Normalisation, Preprocessing
 from serving.contract.normalisation import normalise
 from serving.runtime.preprocess import Preprocessor
@@ -46,12 +46,13 @@ def _identity_nchw() -> onnx.ModelProto:
 def test_served_rows_are_exports_reference_and_the_graphs_to_the_bit(tmp_path: Path) -> None:
     nhwc = _pixels(12)
     nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
-    reference = HostPreprocess(mean=MEAN, std=STD, height=SIZE, width=SIZE)(nchw)
+    host = HostPreprocess(mean=MEAN, std=STD, height=SIZE, width=SIZE)
+    reference = host(nchw)
     served = Preprocessor(_spec("NCHW")).preprocess_batch(list(nhwc))
     np.testing.assert_array_equal(served, reference)
     served_nhwc = Preprocessor(_spec("NHWC")).preprocess_batch(list(nhwc))
     np.testing.assert_array_equal(served_nhwc, reference.transpose(0, 2, 3, 1))
-    graph = check_onnx(add_preprocessing(_identity_nchw(), mean=MEAN, std=STD))
+    graph = check_onnx(add_normalisation(_identity_nchw(), host.input_spec(in_graph=True)))
     session = ort.InferenceSession(
         str(save_onnx(graph, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"]
     )
