@@ -31,25 +31,25 @@ from pathlib import Path
 from typing import Any
 
 from serving.contract.fileio import atomic_write_text, sha256_file
-from serving.contract.manifest_types import (
+from serving.contract.io_spec import (
     DATATYPES,
-    MANIFEST_FILENAME,
-    MODEL_NAME_RE,
     NUMPY_DTYPES,
-    Artefact,
     InputSpec,
-    JsonMixin,
     Normalisation,
     OutputSpec,
-    ParityReport,
     Preprocessing,
+)
+from serving.contract.manifest_types import (
+    MANIFEST_FILENAME,
+    MODEL_NAME_RE,
+    Artefact,
+    ParityReport,
     Provenance,
     TensorRTInfo,
     check_model_name,
-    parse_list,
-    parse_nested,
 )
 from serving.contract.schema_checks import (
+    JsonMixin,
     ManifestError,
     as_int,
     as_json_dict,
@@ -57,6 +57,8 @@ from serving.contract.schema_checks import (
     as_tuple,
     check_keys,
     fail,
+    parse_list,
+    parse_nested,
     setattrs,
 )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving.contract.manifest_types import Normalisation
+from serving.contract.io_spec import Normalisation
 
 __all__ = ["normalise"]
 

@@ -1,4 +1,5 @@
-"""Strict field checks shared by the kiln.json dataclasses (serving.contract.manifest).
+"""Strict field checks shared by the kiln.json dataclasses (serving.contract.manifest), and
+`JsonMixin`, their one to_dict / strict from_dict (nested records parsed from a `_nested` table).
 
 Every check names the offending field and value, so a bad manifest produces one clear line such
 as ``artefacts[0].sha256: expected 64 lowercase hex characters, got 'abc'``.
@@ -8,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping
-from typing import Any, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -153,3 +155,54 @@ def setattrs(obj: object, **values: Any) -> None:
     """Store normalised values on a frozen dataclass from its __post_init__."""
     for name, value in values.items():
         object.__setattr__(obj, name, value)
+
+
+def parse_nested(data: dict[str, Any], key: str, cls: type, *, optional: bool = False) -> Any:
+    """Build nested dataclass `cls` from data[key], prefixing errors with the key."""
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    with prefixed(key):
+        return cls.from_dict(value)
+
+
+def parse_list(data: dict[str, Any], key: str, cls: type) -> tuple[Any, ...]:
+    """Build a tuple of `cls` from the list data[key], naming errors key[i]."""
+    items = data[key]
+    if not isinstance(items, list):
+        fail(key, f"expected a list, got {type(items).__name__}")
+    result = []
+    for i, item in enumerate(items):
+        with prefixed(f"{key}[{i}]"):
+            result.append(cls.from_dict(item))
+    return tuple(result)
+
+
+class JsonMixin:
+    """Mixin: to_dict / strict from_dict for dataclasses whose nested records are optional fields
+    named in `_nested` (field name -> dataclass; None when absent)."""
+
+    _nested: ClassVar[dict[str, type]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Strictly parse a dict produced by to_dict (or read from kiln.json)."""
+        check_keys(data, cls)
+        nested = cls._nested_types(data)
+        return cls(**data | {key: parse_nested(data, key, t, optional=True) for key, t in nested.items()})
+
+    @classmethod
+    def _nested_types(cls, data: dict[str, Any]) -> dict[str, type]:
+        """The nested records `from_dict` parses (a class whose types depend on data overrides)."""
+        return cls._nested
+
+    def _check_nested(self) -> None:
+        """Each nested record is None or an instance of its `_nested` type."""
+        for key, kind in self._nested.items():
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, kind):
+                fail(key, f"expected {kind.__name__}, got {type(value).__name__}")

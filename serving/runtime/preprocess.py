@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.contract.manifest_types import InputSpec, Preprocessing
+from serving.contract.io_spec import InputSpec, Preprocessing
 from serving.contract.normalisation import normalise
 from serving.errors import InvalidInputError, KilnError, PayloadTooLargeError
 from serving.runtime.backends.base import numpy_dtype

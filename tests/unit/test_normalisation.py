@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from export.inputs import HostPreprocess
 from export.onnx_export import add_normalisation, check_onnx, save_onnx
-from serving.contract.manifest_types import InputSpec, Normalisation, Preprocessing
+from serving.contract.io_spec import InputSpec, Normalisation, Preprocessing
 from serving.contract.normalisation import normalise
 from serving.runtime.preprocess import Preprocessor
 
