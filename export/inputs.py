@@ -2,12 +2,13 @@
 the host preprocessing that turns them into the model's input, as run.json describes it.
 
 Both kinds carry kiln.json's one normalisation record (`normalisation`, serving's
-`Normalisation`: scale, mean, std), which also validates them, and describe their kiln.json input
-(`input_spec`). Images are uint8 [N,C,H,W]; host preprocessing is serving/contract/normalisation.py
-`normalise`, the exact arithmetic the in-graph preprocessing performs: Cast → ·scale → −mean →
-÷std, all in float32. Signals are float32 [N,C,L] (layout NCL); their normalisation (·scale when
-not 1, −mean, ÷std per channel) is always put in the exported graph, so a signal model takes the
-raw values; `SignalPreprocess` is the same arithmetic on the host, for the PyTorch reference.
+`Normalisation`: scale, mean, std) and describe their kiln.json input (`input_spec`), whose checks
+validate them on construction. Images are uint8 [N,C,H,W]; host preprocessing is
+serving/contract/normalisation.py `normalise`, the exact arithmetic the in-graph preprocessing
+performs: Cast → ·scale → −mean → ÷std, all in float32. Signals are float32 [N,C,L] (layout NCL);
+their normalisation (·scale when not 1, −mean, ÷std per channel) is always put in the exported
+graph, so a signal model takes the raw values; `SignalPreprocess` is the same arithmetic on the
+host, for the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -56,16 +57,6 @@ def _parsed(
         raise ValueError(f"run.json 'input' record is incomplete or invalid: {exc}") from exc
 
 
-def _validate(pre: HostPreprocess | SignalPreprocess) -> None:
-    """Every dimension >= 1 and one mean/std per channel; building kiln.json's record checks the
-    values (finite, std and scale > 0: a ManifestError naming the field), so export refuses what
-    serving would."""
-    if min(pre.input_shape) < 1:
-        raise ValueError(f"every dimension must be >= 1, got {list(pre.input_shape)}")
-    if pre.normalisation.channels != pre.channels:
-        raise ValueError(f"mean/std must have {pre.channels} values, one per channel")
-
-
 @dataclass(frozen=True, kw_only=True)
 class HostPreprocess:
     """uint8 [N,C,H,W] pixels → float32 model input; values from run.json's "input" record."""
@@ -79,7 +70,9 @@ class HostPreprocess:
     channel_order: str = "RGB"
 
     def __post_init__(self) -> None:
-        _validate(self)
+        self.input_spec(
+            in_graph=False
+        )  # kiln.json's checks (ManifestError): export refuses what serving would
 
     @classmethod
     def from_run_input(cls, record: Mapping[str, Any]) -> HostPreprocess:
@@ -146,7 +139,7 @@ class SignalPreprocess:
     length: int = 40
 
     def __post_init__(self) -> None:
-        _validate(self)
+        self.input_spec()  # kiln.json's checks (ManifestError): export refuses what serving would
 
     @classmethod
     def from_run_input(cls, record: Mapping[str, Any]) -> SignalPreprocess:

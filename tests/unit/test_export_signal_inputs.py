@@ -48,10 +48,11 @@ def test_signal_record_becomes_signal_preprocessing() -> None:
         ({"length": None}, "incomplete or invalid"),
         ({"std": [0.5, 0.0]}, r"std\[1\]: must be >= 1e-12"),
         ({"mean": [1.0]}, "std: expected 1 values"),
-        ({"mean": [1.0], "std": [1.0]}, "mean/std must have 2 values"),
+        ({"mean": [1.0], "std": [1.0]}, r"mean/std have 1 value\(s\) but the shape has 2 channel"),
         ({"scale": 0.0}, "scale: must be >= 1e-12"),
         ({"layout": "NCHW"}, "layout NCL"),
-        ({"channels": 0, "mean": [], "std": []}, "every dimension must be >= 1"),
+        ({"length": 0}, "shape: non-batch dims must be >= 1"),
+        ({"channels": 0, "mean": [], "std": []}, "mean: expected one value per channel, got none"),
     ],
 )
 def test_bad_signal_records_are_named(change: dict, message: str) -> None:
@@ -103,7 +104,7 @@ def test_graph_normalisation_refuses_a_graph_unlike_the_record(
 
 
 def test_graph_normalisation_takes_only_an_in_graph_record() -> None:
-    with pytest.raises(ValueError, match="mean/std must have 2 values"):
+    with pytest.raises(ValueError, match="the shape has 2 channel"):
         SignalPreprocess(mean=(0.0,), std=(1.0,), channels=2, length=5)  # no record, no graph
     with pytest.raises(ValueError, match=r"std\[1\]: must be >= 1e-12"):
         SignalPreprocess(mean=(0.0, 0.0), std=(1.0, 0.0), channels=2, length=5)
