@@ -51,6 +51,10 @@ class ClassificationHead:
         """[N, C] float64 class scores of the classification output's values for N rows."""
         return class_scores(outputs, self.kind)
 
+    def top1(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's top-1 class index and its score (see `top1`)."""
+        return top1(outputs, self.kind)
+
     def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best classes per row (k clamped to the label count); see `top_k`."""
         return top_k(scores, min(k, len(self.labels)))
@@ -77,6 +81,26 @@ def class_scores(values: np.ndarray, kind: str) -> np.ndarray:
     if kind == "probabilities":
         return values.astype(np.float64)
     raise ValueError(f"output kind {kind!r} carries no class scores")
+
+
+def top1(values: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top-1 class index and its score, float64, without the whole softmax.
+
+    For logits the top-1 probability is 1 / sum(exp(logits - max)): the same float64 operations
+    `softmax` does for the largest element (whose exp is exactly 1), so the value is bit-for-bit
+    softmax's. Prediction metrics run this on every computed batch. A row with a non-finite
+    maximum (inf/NaN logits) scores NaN, as in `softmax`.
+    """
+    values = values.reshape(len(values), -1)
+    best = values.argmax(axis=1)
+    top = values[np.arange(len(best)), best].astype(np.float64)
+    if kind == "probabilities":
+        return best, top
+    if kind != "logits":
+        raise ValueError(f"output kind {kind!r} carries no class scores")
+    if not np.isfinite(top).all():  # inf - inf below: NaN, quietly (see softmax)
+        return best, softmax(values)[np.arange(len(best)), best]
+    return best, 1.0 / np.exp(values.astype(np.float64) - top[:, None]).sum(axis=1)
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

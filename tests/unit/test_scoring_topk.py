@@ -94,3 +94,22 @@ def test_non_finite_logits_give_nan_scores_without_a_warning() -> None:
 
     scores = softmax(np.array([[np.inf, np.inf, 0.0], [np.nan, 1.0, 2.0], [0.0, 1.0, 2.0]], np.float32))
     assert np.isnan(scores[:2]).any(axis=1).all() and np.isfinite(scores[2]).all()
+
+
+def test_top1_is_softmax_of_the_best_class_to_the_bit() -> None:
+    """Prediction metrics take top-1 without the whole softmax: the same values, NaN rows included."""
+    from serving.runtime.topk import top1
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(scale=8.0, size=(257, 10)).astype(np.float32)
+    logits[3, 4] = -np.inf  # a class that can never win: still a finite row
+    best, top = top1(logits, "logits")
+    scores = softmax(logits)
+    assert np.array_equal(best, scores.argmax(axis=1))
+    assert np.array_equal(top, scores[np.arange(len(best)), best])  # bit for bit, not approx
+    logits[5, 0], logits[6, 1] = np.inf, np.nan
+    _, top = top1(logits, "logits")
+    assert np.isnan(top[5]) and np.isnan(top[6]) and np.isfinite(np.delete(top, [5, 6])).all()
+    probabilities = scores.astype(np.float32)
+    best, top = top1(probabilities, "probabilities")
+    assert np.array_equal(top, probabilities.max(axis=1).astype(np.float64))
