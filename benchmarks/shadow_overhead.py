@@ -6,7 +6,7 @@
 One `kiln serve --promotion shadow` (polling) serves version 1 of the model; perf_analyzer (gRPC,
 sync) measures it. Then version 2 (the same files re-published: it would agree) appears in the
 repository, becomes a CANDIDATE that never reaches a verdict (min_requests out of reach), and
-the same load is measured again while `--sample` of the answered requests are copied to it, and
+the same load is measured again while `--sample` of the computed batches are copied to it, and
 once more after RepositoryModelLoad forced v2 in (no candidate: brackets the box's drift). The
 issue's bound (17): the serving p99 may rise by no more than the sampled share of compute, i.e.
 p99(with) <= p99(without) * (1 + sample). Appended to benchmarks/RESULTS-rollouts.md.
