@@ -26,7 +26,9 @@ def write_input_data(version_dir: Path, out: Path, count: int = 64) -> dict[str,
     """Write perf_analyzer's JSON for the model in `version_dir`; returns a short description."""
     manifest = read_manifest(version_dir / "kiln.json")
     spec = manifest.input
-    channels = 1 if spec.preprocessing is not None and spec.preprocessing.channel_order == "L" else 3
+    if spec.kind != "image":
+        raise SystemExit(f"the soak test feeds digit images; model {manifest.name!r} takes {spec.kind}s")
+    channels = spec.channels
     pre = Preprocessor(spec)
     rows = [pre.preprocess(image) for image in digit_images(count, channels)]
     data = [{spec.name: {"content": row.reshape(-1).tolist(), "shape": list(row.shape)}} for row in rows]
