@@ -302,6 +302,7 @@ class ModelManager:
         """Retire the versions of `model` not in `keep`, then tell the listeners."""
         for old in sorted(set(self._live.get(model, {})) - keep):
             await self._retire(model, old)
+            self._states.pop((model, old), None)  # gone from the index now, as a scan would drop it
         await self._notify(model)
 
     async def _load_version(self, found: VersionStatus) -> None:

@@ -30,9 +30,8 @@ def _config(repo: Path, **shadow: Any) -> ServeConfig:
         host="127.0.0.1",
         port=0,
         metrics_port=None,
-        poll_interval_s=0.05,
         promotion="shadow",
-        **settings,
+        **{"poll_interval_s": 0.05, **settings},
     )
 
 
@@ -51,6 +50,7 @@ def test_an_agreeing_candidate_is_promoted_with_no_failed_request(tmp_path: Path
         publish_tiny_model(tmp_path, seed=1)  # version 2: the same weights re-exported
         _wait_until(lambda: hammer.versions.get("2", 0) >= 20)
         with KilnClient(srv.address) as client:
+            _wait_until(lambda: list(_states(client)) == ["2"])  # v1 drains and unloads after the swap
             states = _states(client)
         compared = _metric(srv, "kiln_shadow_requests_total", outcome="compared")
         promoted = _metric(srv, "kiln_model_promotions_total", result="promoted")
@@ -58,6 +58,19 @@ def test_an_agreeing_candidate_is_promoted_with_no_failed_request(tmp_path: Path
     assert hammer.failures == []
     assert list(states) == ["2"] and states["2"][0] == "READY"
     assert compared >= 20 and promoted == 1 and agreement == 1.0
+
+
+def test_a_promotion_without_polling_leaves_only_the_new_version_in_the_index(tmp_path: Path) -> None:
+    """The verdict promotes with no repository scan after it: the retired version leaves the
+    index then, not at a next poll (there is none)."""
+    publish_tiny_model(tmp_path, seed=1)
+    config = _config(tmp_path, poll_interval_s=0.0, repository_control=True)
+    with running_server(config) as srv, Hammer(srv.address) as hammer, KilnClient(srv.address) as client:
+        publish_tiny_model(tmp_path, seed=1)
+        client.load_model("tiny")  # v2 becomes a candidate, and earns its promotion under load
+        _wait_until(lambda: hammer.versions.get("2", 0) >= 20)
+        _wait_until(lambda: _states(client)["2"][0] == "READY" and "1" not in _states(client), timeout=10)
+    assert hammer.failures == []
 
 
 def test_a_disagreeing_candidate_is_rejected_and_the_old_version_keeps_serving(tmp_path: Path) -> None:
@@ -162,6 +175,7 @@ def test_the_promotion_policy_is_per_model(tmp_path: Path) -> None:
         _wait_until(lambda: tiny.versions.get("2", 0) >= 20)
         served = guarded.successes
         _wait_until(lambda: guarded.successes >= served + 20)
+        _wait_until(lambda: list(_states(client, "tiny")) == ["2"])  # tiny v1 unloaded after its swap
         states = {model: _states(client, model) for model in ("tiny", "guarded")}
         registry = srv.server.registry
         verdicts = {
