@@ -5,11 +5,13 @@
 mix or a fall in confidence shows on the dashboard before anyone reports wrong answers. Label
 cardinality is bounded: classes at output index `prediction_classes` or beyond count as
 "other" (a 1000-class model would otherwise add 1000 series per version); 0 turns both off.
-Rows are counted per computed batch, in the batch worker (`PredictionTap`, the batcher's outputs
-tap), from a softmax of the classification output: off the event loop, where counting each
-request cost ~17 % of served ResNet-20 at concurrency 16. A model without a classification
-output is not counted; rows with non-finite scores predict nothing. The same scores feed the
-drift gauge (serving/grpc/drift.py); one recorder per server, so one window per version.
+Rows are counted per computed batch, in the batch worker (`PredictionTap`, one of the batcher's
+batch taps), from each row's top-1 class and probability (runtime/topk.py `top1`: softmax's value
+without the whole softmax): off the event loop, where counting each request cost ~17 % of served
+ResNet-20 at concurrency 16, and in plain Python where numpy's per-call overhead dominated small
+batches. A model without a classification output is not counted; rows with non-finite scores
+predict nothing. The same rows feed the drift gauge (serving/grpc/drift.py); one recorder per
+server, so one window per version.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def prediction_metrics(
 
 
 class PredictionTap:
-    """A version's batcher outputs tap: every computed batch's rows, counted once its
+    """A version's batch tap: every computed batch's rows, counted once its
     LoadedVersion exists (the batcher is built first)."""
 
     def __init__(self, recorder: PredictionMetrics) -> None:
