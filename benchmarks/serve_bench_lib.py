@@ -79,12 +79,19 @@ def serve_command(port: int, *flags: str) -> list[str]:
 
 @contextlib.contextmanager
 def serving_process(
-    cmd: Sequence[str], port: int, log: Path, *, cpus: set[int] | None = None, timeout_s: float = 300.0
+    cmd: Sequence[str],
+    port: int,
+    log: Path,
+    *,
+    cpus: set[int] | None = None,
+    timeout_s: float = 300.0,
+    cwd: Path = ROOT,
 ) -> Iterator[subprocess.Popen]:
-    """Run a server (pinned to `cpus` where given; output to `log`) until the block ends; yields
-    the process once its ServerReady answers true. At the end: SIGTERM, a minute to drain, kill."""
+    """Run a server (pinned to `cpus` where given; output to `log`; from `cwd`, e.g. another
+    checkout's tree) until the block ends; yields the process once its ServerReady answers true.
+    At the end: SIGTERM, a minute to drain, kill."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pin(cpus))
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pin(cpus))
         try:
             deadline = time.monotonic() + timeout_s
             while not _ready(port):
