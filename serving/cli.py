@@ -93,7 +93,7 @@ _SWITCHES = (
     ("warmup", "warm-up inference on load"),
     ("reflection", "gRPC server reflection"),
     ("repository_control", "the RepositoryModelLoad/Unload RPCs"),
-    ("intra_op_spinning", "ONNX Runtime intra-op spinning (default off)"),
+    ("intra_op_spinning", "ONNX Runtime intra-op spinning within a batch (default off)"),
     ("iobinding", "CUDA: IOBinding (default on)"),
     ("pinned_memory", "CUDA: page-locked staging buffers for host copies (default on)"),
     ("pad_to_buckets", "GPU and null backend: batches padded to power-of-two buckets (default on)"),

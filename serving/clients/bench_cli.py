@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--concurrency", default="1,4,16", help="served mode: comma-separated client threads")
     parser.add_argument("--batch", type=int, default=1, help="served mode: rows per request")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="served mode: HTTP/2 connections the client threads share round-robin (0 = one per "
+        "thread of the largest --concurrency, up to 16); a server with workers > 1 places "
+        "connections, not requests, on its workers",
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement time per row of the table")
 
 
@@ -160,10 +168,14 @@ def bench_auto(args: argparse.Namespace) -> Table:
 def bench_server(args: argparse.Namespace, table: Table) -> None:
     from serving.clients.client import KilnClient
 
-    with KilnClient(args.server) as client:
+    concurrency = _ints(args.concurrency, "--concurrency")
+    if args.connections < 0:
+        raise ValueError(f"--connections must be >= 0, got {args.connections}")
+    connections = args.connections or min(max(concurrency), 16)
+    with KilnClient(args.server, connections=connections) as client:
         metadata = client.model_metadata(args.model)
         inputs = _sample_inputs(metadata.inputs, args.batch)
-        for workers in _ints(args.concurrency, "--concurrency"):
+        for workers in concurrency:
             measured = _measure(lambda: client.infer(args.model, inputs), args.seconds, workers)
             _row(table, (args.server, str(workers)), args.batch, measured)
 

@@ -8,10 +8,15 @@
 
 Failures raise `grpc.RpcError` (inspect `.code()` / `.details()`). TLS: pass `ca_cert` (and
 `client_cert` + `client_key` for mTLS); a bearer token is sent as `authorization: Bearer <token>`.
+
+`connections=N` spreads inference calls round-robin over N HTTP/2 connections. A server with
+`workers` > 1 shares its port with SO_REUSEPORT, which places *connections* on workers, so one
+connection would use one worker however many threads call through it (docs/design.md).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -28,6 +33,7 @@ from protos.kiln.classify.v1 import classify_pb2_grpc as cpb_grpc
 from serving.protocol.codec import DATATYPES, decode_bytes_elements, to_raw
 
 ImageLike = bytes | np.ndarray | Path
+MAX_CONNECTIONS = 64
 
 
 class ClassifyOptions(TypedDict, total=False):
@@ -122,25 +128,40 @@ class KilnClient:
         client_key: Path | None = None,
         timeout: float | None = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        connections: int = 1,
     ) -> None:
+        if not 1 <= connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be in [1, {MAX_CONNECTIONS}], got {connections}")
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # grpc shares one connection between channels with equal arguments (its global
+            # subchannel pool); a local pool per channel gives each channel its own connection
+            ("grpc.use_local_subchannel_pool", 1 if connections > 1 else 0),
         ]
+        creds = None
         if ca_cert is not None:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=ca_cert.read_bytes(),
                 private_key=client_key.read_bytes() if client_key else None,
                 certificate_chain=client_cert.read_bytes() if client_cert else None,
             )
-            self.channel = grpc.secure_channel(address, creds, options=options)
-        else:
-            self.channel = grpc.insecure_channel(address, options=options)
+        self._channels = [
+            grpc.insecure_channel(address, options=options)
+            if creds is None
+            else grpc.secure_channel(address, creds, options=options)
+            for _ in range(connections)
+        ]
+        self.channel = self._channels[0]  # metadata, health and control calls
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.classifier = cpb_grpc.ClassifierStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._spread = [
+            (pb_grpc.GRPCInferenceServiceStub(c), cpb_grpc.ClassifierStub(c)) for c in self._channels
+        ]
+        self._turn = itertools.count()  # next() is atomic under the GIL: safe from many threads
 
     def __enter__(self) -> KilnClient:
         return self
@@ -149,8 +170,13 @@ class KilnClient:
         self.close()
 
     def close(self) -> None:
-        """Close the channel."""
-        self.channel.close()
+        """Close every connection."""
+        for channel in self._channels:
+            channel.close()
+
+    def _stubs(self) -> tuple[pb_grpc.GRPCInferenceServiceStub, cpb_grpc.ClassifierStub]:
+        """The next connection's stubs, round-robin: inference calls spread over `connections`."""
+        return self._spread[next(self._turn) % len(self._spread)]
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -216,7 +242,7 @@ class KilnClient:
     ) -> dict[str, np.ndarray]:
         """ModelInfer; `options` go to build_infer_request (version, outputs, classification, raw, ...)."""
         request = build_infer_request(model, inputs, **options)
-        return decode_outputs(self._call(self.inference.ModelInfer, request, timeout))
+        return decode_outputs(self._call(self._stubs()[0].ModelInfer, request, timeout))
 
     def classify(
         self, model: str, images: Sequence[ImageLike], **options: Unpack[ClassifyOptions]
@@ -234,10 +260,11 @@ class KilnClient:
         """One Classify call; `items` holds the request's `images` or its `signals`."""
         fields = {name: value for name, value in options.items() if name != "timeout"}
         request = cpb.ClassifyRequest(model=model, **fields, **items)
-        return self._call(self.classifier.Classify, request, options.get("timeout"))
+        return self._call(self._stubs()[1].Classify, request, options.get("timeout"))
 
     def classify_stream(
         self, requests: Iterable[cpb.ClassifyRequest], *, timeout: float | None = None
     ) -> Iterator[cpb.ClassifyStreamResponse]:
         """ClassifyStream: one response per request, in order."""
-        return self.classifier.ClassifyStream(iter(requests), timeout=timeout, metadata=self._metadata)
+        classifier = self._stubs()[1]
+        return classifier.ClassifyStream(iter(requests), timeout=timeout, metadata=self._metadata)

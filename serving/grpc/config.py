@@ -127,8 +127,9 @@ class ServeConfig:
     # server processes sharing the port (SO_REUSEPORT: the kernel spreads connections, not calls;
     # docs/design.md "Serving on every core"); None: worker_count() picks from the cores
     workers: int | None = None
-    # ORT intra-op threads busy-wait between ops: faster alone, but they burn the cores that the
-    # gRPC event loop needs when the client or other work shares the machine.
+    # ORT intra-op threads busy-wait between the ops of a batch (they stop when it returns): a lone
+    # small request is faster, but under load they take the cores that the gRPC event loop needs
+    # (benchmarks/RESULTS-serving.md: ResNet-20 on 2 cores, c1 +20 %, c16/c64 -5 to -10 %).
     intra_op_spinning: bool = False
     # GPU execution: handed to BackendOptions under the same names (BACKEND_FIELDS); what each
     # does on the CUDA path, and why its default, is in docs/gpu.md

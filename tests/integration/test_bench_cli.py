@@ -40,6 +40,8 @@ def test_served_mode_drives_a_real_server(repo: Path, capsys: pytest.CaptureFixt
                 "1,2",
                 "--seconds",
                 "0.3",
+                "--connections",
+                "2",
             ]
         )
     out = capsys.readouterr().out
@@ -59,5 +61,16 @@ def test_served_mode_drives_a_real_server(repo: Path, capsys: pytest.CaptureFixt
 )
 def test_bad_arguments(repo: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     code = main(["bench", "--repo", str(repo), "--seconds", "0.1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("kiln bench: error:")
+
+
+@pytest.mark.parametrize(
+    ("connections", "message"),
+    [("-1", "--connections must be >= 0"), ("65", "connections must be in [1, 64]")],
+)
+def test_bad_connections(capsys: pytest.CaptureFixture[str], connections: str, message: str) -> None:
+    """Refused before any channel is opened (the address is never dialled)."""
+    code = main(["bench", "--server", "127.0.0.1:1", "--model", "tiny", "--connections", connections])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.startswith("kiln bench: error:")

@@ -192,6 +192,21 @@ def test_many_connections_spread_and_one_stays(
     assert server.metric('kiln_workers{state="ready"}') == 2
 
 
+def test_kiln_client_connections_reach_every_worker(server: Supervised, repo: Path) -> None:
+    """KilnClient(connections=N) opens N connections and spreads its calls round-robin over them:
+    channels connect lazily, so N new established connections mean every one carried calls."""
+    expected = reference_logits(repo / "tiny" / "1" / "model.onnx", BATCH)
+    pids = server.worker_pids()
+    before = connections(pids, server.port)
+    with KilnClient(f"127.0.0.1:{server.port}", connections=CHANNELS) as spread:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: spread.infer("tiny", {"input": BATCH}), range(2 * CHANNELS)))
+        for answer in answers:
+            np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
+        added = {pid: count - before[pid] for pid, count in connections(pids, server.port).items()}
+    assert sum(added.values()) == CHANNELS and all(n >= 1 for n in added.values()), added
+
+
 def test_repository_control_refused_with_workers(repo: Path) -> None:
     cmd = [sys.executable, "-m", "serving.dispatch", "serve", "--repo", str(repo), "--workers", "2",
            "--repository-control", "--print-config"]  # fmt: skip

@@ -335,3 +335,49 @@ def test_staged_bindings_are_made_once_per_bucket(version_dir: Path) -> None:
     assert sorted(runner._bound) == [1, 2, 4] and len(made) == 3
     runner.close()
     backend.close()
+
+
+def write_wide_model(path: Path, width: int = 512, layers: int = 4) -> Path:
+    """Relu(MatMul) x `layers` on [N, width]: large enough that ORT splits a batch over its threads."""
+    nodes, inits, name = [], [], "input"
+    for i in range(layers):
+        weight = (RNG.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"W{i}"))
+        nodes += [
+            helper.make_node("MatMul", [name, f"W{i}"], [f"m{i}"]),
+            helper.make_node("Relu", [f"m{i}"], [f"r{i}"]),
+        ]
+        name = f"r{i}"
+    nodes.append(helper.make_node("Identity", [name], ["logits"]))
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", width])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save_model(model, str(path))
+    return path
+
+
+def test_spinning_threads_stop_when_a_batch_returns(tmp_path: Path) -> None:
+    """With intra-op spinning on, ORT's pool would otherwise busy-wait for ~30 ms after every Run,
+    taking the cores the event loop needs between batches; force_spinning_stop ends it at once."""
+    import time
+
+    path = write_wide_model(tmp_path / "wide.onnx")
+    options = BackendOptions(intra_op_threads=2, allow_spinning=True)
+    backend = OnnxRuntimeBackend(path, max_batch_size=256, options=options)
+    try:
+        feed = {"input": RNG.standard_normal((256, 512)).astype(np.float32)}
+        idle = []
+        for _ in range(3):
+            backend.infer(feed)
+            cpu = time.process_time()
+            time.sleep(0.2)
+            idle.append(time.process_time() - cpu)
+    finally:
+        backend.close()
+    assert min(idle) < 0.005, f"the pool kept spinning after Run returned: {idle} CPU s while idle"
