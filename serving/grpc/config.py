@@ -263,12 +263,26 @@ class ServeConfig:
         """workers, or its default: one per 4 cores (a worker's event loop plus ~3 ONNX Runtime
         threads; on 2 shared cores the gain of a second worker was not clear of the noise,
         benchmarks/RESULTS-serving.md), capped at 8; 1 on a GPU (each worker would hold its own
-        copy of every model) or with repository_control (a load would reach one worker only)."""
+        copy of every model), with repository_control (a load would reach one worker only) or
+        with shadow promotion (each worker would reach its own verdict)."""
         if self.workers is not None:
             return self.workers
-        if self.repository_control or self.device != "cpu" or self.backend == "tensorrt":
+        if (
+            self.repository_control
+            or self.shadow_promotion()
+            or self.device != "cpu"
+            or self.backend == "tensorrt"
+        ):
             return 1
         return max(1, min(8, usable_cores() // 4))
+
+    def shadow_promotion(self) -> bool:
+        """Whether any model is promoted by shadow verdict (server-wide or in model_overrides)."""
+        overrides = self.model_overrides if isinstance(self.model_overrides, Mapping) else {}
+        return self.promotion == "shadow" or any(
+            isinstance(settings, Mapping) and settings.get("promotion") == "shadow"
+            for settings in overrides.values()
+        )
 
     def token(self) -> str | None:
         """The bearer token clients must send (from auth_token or auth_token_file), or None."""
@@ -350,6 +364,15 @@ def _validate(cfg: ServeConfig) -> None:
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
     _check_shadow(cfg)
     _check_range(cfg, "latency_target_ms", 0.1, 60_000)
+    if cfg.worker_count() > 1 and cfg.shadow_promotion():
+        # each worker would judge its own connections' share and could decide differently,
+        # leaving workers serving different versions of one model
+        _fail(
+            "workers",
+            "promotion: shadow needs workers: 1 (each worker would reach its own verdict on the "
+            "candidate, and workers could end up serving different versions); use promotion: "
+            "immediate with more workers",
+        )
     _check_model_overrides(cfg)
     _check_range(cfg, "max_image_aspect_ratio", 1.0, 1e6)
     _check_range(cfg, "max_preprocessed_bytes", 1024)

@@ -43,6 +43,31 @@ def test_bad_promotion_settings_are_named(tmp_path: Path, setting: dict[str, obj
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize(
+    "shadow",
+    [{"promotion": "shadow"}, {"model_overrides": {"resnet50": {"promotion": "shadow"}}}],
+    ids=["server-wide", "one model"],
+)
+def test_shadow_promotion_refuses_several_workers(tmp_path: Path, shadow: dict[str, object]) -> None:
+    """Each worker would judge the candidate on its own connections and could promote where
+    another rejects: refused at start, naming both settings."""
+    with pytest.raises(ConfigError, match=r"^workers: promotion: shadow needs workers: 1 "):
+        ServeConfig(repo=tmp_path, workers=2, **shadow)  # type: ignore[arg-type]
+    assert ServeConfig(repo=tmp_path, workers=1, **shadow).worker_count() == 1  # type: ignore[arg-type]
+
+
+def test_shadow_promotion_defaults_to_one_worker_on_many_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default workers (one per 4 cores) drops to 1 with shadow promotion instead of failing;
+    the core count is patched: this box has 2 cores, the rule matters from 8."""
+    monkeypatch.setattr("serving.grpc.config.usable_cores", lambda: 16)
+    assert ServeConfig(repo=tmp_path).worker_count() == 4
+    assert ServeConfig(repo=tmp_path, promotion="shadow").worker_count() == 1
+    overrides = {"resnet50": {"promotion": "shadow"}}
+    assert ServeConfig(repo=tmp_path, model_overrides=overrides).worker_count() == 1
+
+
 # ---- per-model settings (model_overrides) -----------------------------------------------------
 
 
