@@ -41,7 +41,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serving.grpc.gpu_stats import GpuCollector, gpu_collector
@@ -277,6 +277,11 @@ class KilnMetrics:
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
         self.registry = registry
+        # run before every scrape and every forget(): registered first, so a scrape reads what
+        # they counted (prediction metrics count their pending batches)
+        self._before_read: list[Callable[[], None]] = []
+        registry.register(_BeforeRead(self._before_read))
+        self.extensions: dict[str, Any] = {}  # per-server recorders built on these metrics
         # prometheus_client's own switch (read when it was imported); see the module docstring
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         for attr, spec in _METRICS.items():
@@ -368,8 +373,14 @@ class KilnMetrics:
         threads, instances = (str(n) for n in layout)
         self.artefact_info.labels(model, version, artefact, precision, threads, instances, chosen_by).set(1)
 
+    def before_read(self, hook: Callable[[], None]) -> None:
+        """Call `hook` before each scrape of this registry and before each `forget`."""
+        self._before_read.append(hook)
+
     def forget(self, model: str, version: str) -> None:
         """Remove every series of an unloaded model version (load state excepted: keep "unloaded")."""
+        for hook in self._before_read:  # nothing counted later may re-create the series
+            hook()
         for key in [k for k in self._request_children if k[:2] == (model, version)]:
             del self._request_children[key]
         self._inflight_children.pop((model, version), None)
@@ -378,6 +389,21 @@ class KilnMetrics:
         for attr, spec in _METRICS.items():
             if spec.labels[:2] == _MV:
                 _remove_version(getattr(self, attr), spec.labels, model, version)
+
+
+class _BeforeRead(Collector):
+    """Exports nothing: runs the hooks when the registry is collected (a scrape)."""
+
+    def __init__(self, hooks: list[Callable[[], None]]) -> None:
+        self._hooks = hooks
+
+    def describe(self) -> list[Metric]:
+        return []  # no names: registering it does not call collect()
+
+    def collect(self) -> Iterator[Metric]:
+        for hook in self._hooks:
+            hook()
+        return iter(())
 
 
 def _remove_version(

@@ -5,21 +5,26 @@
 mix or a fall in confidence shows on the dashboard before anyone reports wrong answers. Label
 cardinality is bounded: classes at output index `prediction_classes` or beyond count as
 "other" (a 1000-class model would otherwise add 1000 series per version); 0 turns both off.
-Rows are counted per computed batch, in the batch worker (`PredictionTap`, one of the batcher's
-batch taps), from each row's top-1 class and probability (runtime/topk.py `top1`: softmax's value
-without the whole softmax): off the event loop, where counting each request cost ~17 % of served
-ResNet-20 at concurrency 16, and in plain Python where numpy's per-call overhead dominated small
-batches. A model without a classification output is not counted; rows with non-finite scores
-predict nothing. The same rows feed the drift gauge (serving/grpc/drift.py); one recorder per
-server, so one window per version.
+The batch worker only hands each computed batch's class output over (`PredictionTap`, one of the
+batcher's batch taps: a list append); the rows are counted later, many batches at once, from each
+row's top-1 class and probability (runtime/topk.py `top1`: softmax's value without the whole
+softmax): before every scrape and every series removal (KilnMetrics.before_read), every
+FLUSH_INTERVAL_S on a thread of their own (with `workers` > 1 the supervisor's scrape cannot
+reach a worker: its counts lag by at most that), and in the worker itself once MAX_PENDING_ROWS
+rows wait. Why not per batch: counting a batch in the worker right after ONNX Runtime ran took
+~100 us (the same code takes ~20 us on warm caches), on the path of every answer: 9 % of a lone
+ResNet-20 request's throughput and 3-4 % at concurrency 16 (benchmarks/RESULTS-serving.md); and
+not per request on the event loop, where it cost ~17 % at concurrency 16. A model without a
+classification output is not counted; rows with non-finite scores predict nothing. The same rows
+feed the drift gauge (serving/grpc/drift.py); one recorder per server, so one window per version.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 import weakref
-from collections.abc import Mapping
 
 import numpy as np
 from prometheus_client import Counter, Histogram
@@ -33,6 +38,9 @@ from serving.runtime.distribution import OTHER, confidence_bins, named_classes
 from serving.runtime.topk import ClassificationHead
 
 __all__ = ["OTHER", "PredictionMetrics", "PredictionTap", "prediction_metrics"]
+
+FLUSH_INTERVAL_S = 1.0  # the longest a computed batch waits to be counted (without a scrape)
+MAX_PENDING_ROWS = 16_384  # rows waiting beyond this are counted by the batch worker at once
 
 
 class _VersionPredictions:
@@ -76,15 +84,41 @@ def _observe_all(histogram: Histogram, values: np.ndarray, bins: list[int]) -> N
 class PredictionMetrics:
     """Counts predictions of every served version (one per server; versions held weakly)."""
 
-    def __init__(self, metrics: KilnMetrics, most_classes: int, drift_window: int) -> None:
+    def __init__(
+        self,
+        metrics: KilnMetrics,
+        most_classes: int,
+        drift_window: int,
+        *,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        max_pending_rows: int = MAX_PENDING_ROWS,
+    ) -> None:
         self._metrics, self._most = metrics, most_classes
         self._drift = DriftMetrics(metrics, drift_window)
         self._versions: weakref.WeakKeyDictionary[LoadedVersion, _VersionPredictions | None] = (
             weakref.WeakKeyDictionary()
         )
-        self._lock = threading.Lock()  # batches of every version and instance report from their threads
+        self._lock = threading.Lock()  # one count at a time, in the order the batches came
+        # batches handed over and not counted yet: (version, its class output), in order
+        self._pending: list[tuple[LoadedVersion, np.ndarray]] = []
+        self._pending_rows, self._max_pending = 0, max_pending_rows
+        self._pending_lock = threading.Lock()  # held for an append or a swap only
+        metrics.before_read(self.flush)
+        threading.Thread(
+            target=_flush_every,
+            args=(weakref.ref(self), flush_interval_s),
+            name="kiln-predictions",
+            daemon=True,
+        ).start()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows handed over and not counted yet."""
+        return self._pending_rows
 
     def _of(self, loaded: LoadedVersion) -> _VersionPredictions | None:
+        """The version's series (made on first use); None without a classification output.
+        Called with _lock held."""
         if loaded not in self._versions:
             try:
                 head = loaded.handle.head
@@ -93,25 +127,58 @@ class PredictionMetrics:
             self._versions[loaded] = head and _VersionPredictions(self._metrics, loaded, head, self._most)
         return self._versions[loaded]
 
-    def observe_outputs(self, loaded: LoadedVersion, outputs: Mapping[str, np.ndarray]) -> None:
-        """A computed batch's rows, by the top-1 class and probability of the classification
-        output; rows whose scores are not finite (garbage in, an overflow) predict nothing."""
+    def output_of(self, loaded: LoadedVersion) -> str | None:
+        """The output whose rows are counted for `loaded`, None if it has no classification output."""
         with self._lock:
             version = self._of(loaded)
-            if version is None or version.head.output not in outputs:
-                return
-            values = outputs[version.head.output]
-            best, top = version.head.top1(values)
-            finite = np.isfinite(top)
-            if not finite.all():
-                best, top = best[finite], top[finite]
-            if len(top):
-                rows = Rows(best.tolist(), top, confidence_bins(top).tolist())
-                version.observe(rows.best, rows.top, rows.bins)
-                self._drift.observe(loaded, rows, classes=values.size // len(values))
+        return None if version is None else version.head.output
+
+    def defer(self, loaded: LoadedVersion, values: np.ndarray) -> None:
+        """Hand a computed batch's class output over, to be counted soon (in the batch worker:
+        an append; it counts only when MAX_PENDING_ROWS rows wait)."""
+        with self._pending_lock:
+            self._pending.append((loaded, values))
+            self._pending_rows += len(values)
+            full = self._pending_rows > self._max_pending
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count every batch handed over so far."""
+        with self._lock:
+            with self._pending_lock:
+                pending, self._pending, self._pending_rows = self._pending, [], 0
+            by_version: dict[LoadedVersion, list[np.ndarray]] = {}
+            for loaded, values in pending:
+                by_version.setdefault(loaded, []).append(values)
+            for loaded, batches in by_version.items():
+                self._count(loaded, batches[0] if len(batches) == 1 else np.concatenate(batches))
+
+    def _count(self, loaded: LoadedVersion, values: np.ndarray) -> None:
+        """Rows of the classification output, by their top-1 class and probability; rows whose
+        scores are not finite (garbage in, an overflow) predict nothing. Called with _lock held."""
+        version = self._of(loaded)
+        if version is None or not len(values):
+            return
+        best, top = version.head.top1(values)
+        finite = np.isfinite(top)
+        if not finite.all():
+            best, top = best[finite], top[finite]
+        if len(top):
+            rows = Rows(best.tolist(), top, confidence_bins(top).tolist())
+            version.observe(rows.best, rows.top, rows.bins)
+            self._drift.observe(loaded, rows, classes=values.size // len(values))
 
 
-_SHARED: weakref.WeakKeyDictionary[KilnMetrics, PredictionMetrics] = weakref.WeakKeyDictionary()
+def _flush_every(recorder: weakref.ref[PredictionMetrics], interval_s: float) -> None:
+    """Count pending batches every `interval_s` until the recorder is gone (its server with it)."""
+    while True:
+        time.sleep(interval_s)
+        alive = recorder()
+        if alive is None:
+            return
+        alive.flush()
+        del alive  # no strong reference while asleep
 
 
 def prediction_metrics(
@@ -121,9 +188,12 @@ def prediction_metrics(
     or with prediction_classes 0; `drift_window` 0: no drift gauge."""
     if metrics is None or most_classes <= 0:
         return None
-    if metrics not in _SHARED:
-        _SHARED[metrics] = PredictionMetrics(metrics, most_classes, drift_window)
-    return _SHARED[metrics]
+    # kept on the metrics object, not in a module-level map: the recorder refers to its metrics,
+    # so a map keyed by them would keep both (and the recorder's thread) alive for good
+    recorder = metrics.extensions.get("predictions")
+    if recorder is None:
+        recorder = metrics.extensions["predictions"] = PredictionMetrics(metrics, most_classes, drift_window)
+    return recorder
 
 
 class PredictionTap:
@@ -132,7 +202,13 @@ class PredictionTap:
 
     def __init__(self, recorder: PredictionMetrics) -> None:
         self.recorder, self.loaded = recorder, None  # type: LoadedVersion | None
+        self._output: str | None = None  # the counted output, looked up on the first batch
+        self._looked_up = False
 
     def __call__(self, batch: ComputedBatch) -> None:
-        if self.loaded is not None:
-            self.recorder.observe_outputs(self.loaded, batch.outputs)
+        if self.loaded is None:
+            return
+        if not self._looked_up:
+            self._output, self._looked_up = self.recorder.output_of(self.loaded), True
+        if self._output is not None and self._output in batch.outputs:
+            self.recorder.defer(self.loaded, batch.outputs[self._output])

@@ -4,12 +4,14 @@ probability, for ModelInfer and Classify alike; unloading a version removes its 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
 from serving.clients.client import KilnClient
 from serving.grpc.config import ServeConfig
+from serving.grpc.predictions import PredictionMetrics
 from serving.runtime.topk import softmax
 from tests.integration.server_fixtures import LABELS, publish_tiny_model, reference_logits, running_server
 
@@ -69,3 +71,37 @@ def test_classes_past_the_limit_count_as_other(tmp_path: Path) -> None:
         }
     assert other == int(np.sum(probabilities.argmax(1) >= 2))
     assert named["star"] is None and named["wave"] is None
+
+
+def _wait(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_rows_are_counted_without_a_scrape_and_pending_rows_are_bounded(tmp_path: Path) -> None:
+    """The batch worker only hands its rows over; the recorder's own thread counts them within
+    FLUSH_INTERVAL_S with nobody scraping (what a worker of `workers` > 1 relies on), and past
+    `max_pending_rows` the worker counts at once, so what waits stays bounded."""
+    publish_tiny_model(tmp_path, seed=1)
+    with running_server(_config(tmp_path, classes=len(LABELS))) as srv, KilnClient(srv.address) as client:
+        recorder = srv.server.metrics.extensions["predictions"]
+        client.infer("tiny", {"input": ROWS})
+        assert _wait(lambda: recorder.pending_rows == 0)  # no scrape so far: the timer counted them
+        loaded = srv.server.manager.get("tiny")
+        bounded = PredictionMetrics(
+            srv.server.metrics, len(LABELS), 0, flush_interval_s=3600, max_pending_rows=10
+        )
+        outputs = np.zeros((4, len(LABELS)), np.float32)
+        seen = []
+        for _ in range(6):
+            bounded.defer(loaded, outputs)
+            seen.append(bounded.pending_rows)
+        counted = srv.server.registry.get_sample_value(
+            "kiln_prediction_confidence_count", {"model": "tiny", "version": "1"}
+        )
+    assert seen == [4, 8, 0, 4, 8, 0]  # past 10 rows waiting: counted by the caller
+    assert counted == len(ROWS) + 6 * 4  # the scrape counted what was left (none) and nothing twice
