@@ -252,7 +252,12 @@ def render(results: list[dict], args: argparse.Namespace, prepared: list[str], c
         f"- perf_analyzer: gRPC, sync, `-p max({args.measurement_ms}, 3000*C/E)` ms, "
         f"`--max-trials 6 -s {args.stability}`; "
         "figures are its last stable windows ('unstable': the first 3 windows were accepted); "
-        "'load' is the 1-minute load average before each measurement (the box is shared)",
+        "'load' is the 1-minute load average before each measurement (the box is shared); "
+        + (
+            "one connection per concurrent client (`TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1`)"
+            if args.connection_per_client
+            else "connections shared as perf_analyzer does by default (up to 6 clients each)"
+        ),
         "- Served rows: `kiln serve` defaults but `--precision fp32` (batcher on: max_batch_size 64, "
         "max_queue_delay_us 0) "
         f"at `--workers` {', '.join(map(str, args.workers))}; batcher off: `--max-batch-size 1`, one worker",
@@ -261,6 +266,9 @@ def render(results: list[dict], args: argparse.Namespace, prepared: list[str], c
     for res in results:
         lines += ["", *[f"- `{c}`" for c in res["commands"]], "", *render_model(res)]
     return "\n".join(lines) + "\n"
+
+
+CHANNEL_SHARE_ENV = "TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -279,6 +287,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", default="1", help="comma-separated kiln serve --workers settings (batcher on)"
     )
     p.add_argument("--rounds", type=int, default=1, help="repeat every concurrency block this often")
+    p.add_argument(
+        "--connection-per-client",
+        action="store_true",
+        help="perf_analyzer opens one gRPC connection per concurrent client "
+        "(TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1) instead of sharing one among up to 6: "
+        "what separate client processes do, and what lets SO_REUSEPORT spread them over workers",
+    )
     p.add_argument("--cpus", default="", help="CPU list for every process (default: all allowed)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
     p.add_argument("--no-append", action="store_true", help="print the section, do not append it")
@@ -291,6 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.workers = sorted({int(w) for w in args.workers.split(",") if w})
     if not args.workers or min(args.workers) < 1:
         p.error(f"--workers needs settings >= 1, got {args.workers}")
+    if args.connection_per_client:  # read by perf_analyzer's gRPC client; inherited by its runs
+        os.environ[CHANNEL_SHARE_ENV] = "1"
     if not args.perf_analyzer.is_file():
         p.error(f"perf_analyzer not found at {args.perf_analyzer} (make tools, or set KILN_PERF_ANALYZER)")
     return args
