@@ -129,7 +129,7 @@ class ServeConfig:
     workers: int | None = None
     # ORT intra-op threads busy-wait between the ops of a batch (they stop when it returns): a lone
     # small request is faster, but under load they take the cores that the gRPC event loop needs
-    # (benchmarks/RESULTS-serving.md: ResNet-20 on 2 cores, c1 +20 %, c16/c64 -5 to -10 %).
+    # (benchmarks/RESULTS-serving.md: ResNet-20 on 2 cores, c1 +14 %, c16 -2 %, c64 -6 %).
     intra_op_spinning: bool = False
     # GPU execution: handed to BackendOptions under the same names (BACKEND_FIELDS); what each
     # does on the CUDA path, and why its default, is in docs/gpu.md

@@ -97,8 +97,9 @@ class OnnxRuntimeBackend(PooledBackend):
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "1" if opts.allow_spinning else "0")
         # With spinning on, stop it when a Run returns: the pool spins between the ops of a batch
-        # (a lone ResNet-20 request 0.81 -> 0.56 ms) without holding the cores between batches,
-        # where the event loop and gRPC need them (benchmarks/RESULTS-serving.md).
+        # (ResNet-20 batch 1: 0.84 ms spinning off, 0.54 ms on) without burning the cores between
+        # batches (~31 ms of CPU after each Run otherwise), where the event loop and gRPC need them
+        # (benchmarks/ort_spinning.py, RESULTS-serving.md)
         so.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=self._providers(kind, path))
