@@ -11,12 +11,13 @@ row's top-1 class and probability (runtime/topk.py `top1`: softmax's value witho
 softmax): before every scrape and every series removal (KilnMetrics.before_read), every
 FLUSH_INTERVAL_S on a thread of their own (with `workers` > 1 the supervisor's scrape cannot
 reach a worker: its counts lag by at most that), and in the worker itself once MAX_PENDING_ROWS
-rows wait. Why not per batch: counting a batch in the worker right after ONNX Runtime ran took
-~100 us (the same code takes ~20 us on warm caches), on the path of every answer: 9 % of a lone
-ResNet-20 request's throughput and 3-4 % at concurrency 16 (benchmarks/RESULTS-serving.md); and
-not per request on the event loop, where it cost ~17 % at concurrency 16. A model without a
-classification output is not counted; rows with non-finite scores predict nothing. The same rows
-feed the drift gauge (serving/grpc/drift.py); one recorder per server, so one window per version.
+rows or MAX_PENDING_BYTES of scores wait. Why not per batch: counting a batch in the worker
+right after ONNX Runtime ran took ~100 us (the same code takes ~20 us on warm caches), on the
+path of every answer (a lone ResNet-20 request served 12 % faster without it,
+benchmarks/RESULTS-serving.md); and not per request on the event loop, where it cost ~17 % at
+concurrency 16. A model without a classification output is not counted; rows with non-finite
+scores predict nothing. The same rows feed the drift gauge (serving/grpc/drift.py); one
+recorder per server, so one window per version.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = ["OTHER", "PredictionMetrics", "PredictionTap", "prediction_metrics"]
 
 FLUSH_INTERVAL_S = 1.0  # the longest a computed batch waits to be counted (without a scrape)
 MAX_PENDING_ROWS = 16_384  # rows waiting beyond this are counted by the batch worker at once
+MAX_PENDING_BYTES = 8 << 20  # and class scores beyond this (a 1000-class model: ~2,000 rows)
 
 
 class _VersionPredictions:
@@ -92,6 +94,7 @@ class PredictionMetrics:
         *,
         flush_interval_s: float = FLUSH_INTERVAL_S,
         max_pending_rows: int = MAX_PENDING_ROWS,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self._metrics, self._most = metrics, most_classes
         self._drift = DriftMetrics(metrics, drift_window)
@@ -102,6 +105,7 @@ class PredictionMetrics:
         # batches handed over and not counted yet: (version, its class output), in order
         self._pending: list[tuple[LoadedVersion, np.ndarray]] = []
         self._pending_rows, self._max_pending = 0, max_pending_rows
+        self._pending_bytes, self._max_pending_bytes = 0, max_pending_bytes
         self._pending_lock = threading.Lock()  # held for an append or a swap only
         metrics.before_read(self.flush)
         threading.Thread(
@@ -135,11 +139,12 @@ class PredictionMetrics:
 
     def defer(self, loaded: LoadedVersion, values: np.ndarray) -> None:
         """Hand a computed batch's class output over, to be counted soon (in the batch worker:
-        an append; it counts only when MAX_PENDING_ROWS rows wait)."""
+        an append; it counts only past MAX_PENDING_ROWS rows or MAX_PENDING_BYTES waiting)."""
         with self._pending_lock:
             self._pending.append((loaded, values))
             self._pending_rows += len(values)
-            full = self._pending_rows > self._max_pending
+            self._pending_bytes += values.nbytes
+            full = self._pending_rows > self._max_pending or self._pending_bytes > self._max_pending_bytes
         if full:
             self.flush()
 
@@ -147,7 +152,7 @@ class PredictionMetrics:
         """Count every batch handed over so far."""
         with self._lock:
             with self._pending_lock:
-                pending, self._pending, self._pending_rows = self._pending, [], 0
+                pending, self._pending, self._pending_rows, self._pending_bytes = self._pending, [], 0, 0
             by_version: dict[LoadedVersion, list[np.ndarray]] = {}
             for loaded, values in pending:
                 by_version.setdefault(loaded, []).append(values)

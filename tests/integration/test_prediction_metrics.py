@@ -100,8 +100,16 @@ def test_rows_are_counted_without_a_scrape_and_pending_rows_are_bounded(tmp_path
         for _ in range(6):
             bounded.defer(loaded, outputs)
             seen.append(bounded.pending_rows)
+        by_bytes = PredictionMetrics(
+            srv.server.metrics, len(LABELS), 0, flush_interval_s=3600, max_pending_bytes=outputs.nbytes * 2
+        )
+        seen_bytes = []
+        for _ in range(3):
+            by_bytes.defer(loaded, outputs)
+            seen_bytes.append(by_bytes.pending_rows)
         counted = srv.server.registry.get_sample_value(
             "kiln_prediction_confidence_count", {"model": "tiny", "version": "1"}
         )
     assert seen == [4, 8, 0, 4, 8, 0]  # past 10 rows waiting: counted by the caller
-    assert counted == len(ROWS) + 6 * 4  # the scrape counted what was left (none) and nothing twice
+    assert seen_bytes == [4, 8, 0]  # past twice a batch's bytes waiting: the same
+    assert counted == len(ROWS) + 9 * 4  # the scrape counted what was left (none) and nothing twice
