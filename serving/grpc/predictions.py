@@ -23,6 +23,7 @@ recorder per server, so one window per version.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 import weakref
@@ -39,6 +40,8 @@ from serving.runtime.distribution import OTHER, confidence_bins, named_classes
 from serving.runtime.topk import ClassificationHead
 
 __all__ = ["OTHER", "PredictionMetrics", "PredictionTap", "prediction_metrics"]
+
+log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 1.0  # the longest a computed batch waits to be counted (without a scrape)
 MAX_PENDING_ROWS = 16_384  # rows waiting beyond this are counted by the batch worker at once
@@ -157,7 +160,14 @@ class PredictionMetrics:
             for loaded, values in pending:
                 by_version.setdefault(loaded, []).append(values)
             for loaded, batches in by_version.items():
-                self._count(loaded, batches[0] if len(batches) == 1 else np.concatenate(batches))
+                try:
+                    self._count(loaded, batches[0] if len(batches) == 1 else np.concatenate(batches))
+                except Exception:  # the server's fault, not a client's: logged once, version off
+                    log.error(
+                        "prediction metrics of %s v%s failed; its rows are not counted from now on",
+                        loaded.model, loaded.version, exc_info=True,
+                    )  # fmt: skip
+                    self._versions[loaded] = None
 
     def _count(self, loaded: LoadedVersion, values: np.ndarray) -> None:
         """Rows of the classification output, by their top-1 class and probability; rows whose

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from serving.clients.client import KilnClient
 from serving.grpc.config import ServeConfig
 from serving.grpc.predictions import PredictionMetrics
-from serving.runtime.topk import softmax
+from serving.runtime.topk import ClassificationHead, softmax
 from tests.integration.server_fixtures import LABELS, publish_tiny_model, reference_logits, running_server
 
 ROWS = np.random.default_rng(7).normal(size=(8, 3, 8, 8)).astype(np.float32)
@@ -113,3 +114,23 @@ def test_rows_are_counted_without_a_scrape_and_pending_rows_are_bounded(tmp_path
     assert seen == [4, 8, 0, 4, 8, 0]  # past 10 rows waiting: counted by the caller
     assert seen_bytes == [4, 8, 0]  # past twice a batch's bytes waiting: the same
     assert counted == len(ROWS) + 9 * 4  # the scrape counted what was left (none) and nothing twice
+
+
+def test_a_failing_count_is_logged_once_and_never_breaks_a_scrape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault that real outputs cannot cause (the counting code itself failing), so it is
+    patched in: the scrape still answers, the error is logged once, the version stops counting."""
+
+    def broken(self: ClassificationHead, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError("counting bug")
+
+    monkeypatch.setattr(ClassificationHead, "top1", broken)
+    publish_tiny_model(tmp_path, seed=1)
+    with running_server(_config(tmp_path, classes=len(LABELS))) as srv, KilnClient(srv.address) as client:
+        for _ in range(2):
+            client.infer("tiny", {"input": ROWS})
+            ok = {"model": "tiny", "version": "1", "code": "OK"}
+            assert srv.server.registry.get_sample_value("kiln_requests_total", ok) is not None
+    failures = [r for r in caplog.records if "prediction metrics of tiny v1 failed" in r.getMessage()]
+    assert len(failures) == 1
