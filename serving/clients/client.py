@@ -155,12 +155,11 @@ class KilnClient:
         self.channel = self._channels[0]  # metadata, health and control calls
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.inference = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self.classifier = cpb_grpc.ClassifierStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
         self._spread = [
             (pb_grpc.GRPCInferenceServiceStub(c), cpb_grpc.ClassifierStub(c)) for c in self._channels
         ]
+        self.inference, self.classifier = self._spread[0]  # the first connection's
+        self._health = health_pb2_grpc.HealthStub(self.channel)
         self._turn = itertools.count()  # next() is atomic under the GIL: safe from many threads
 
     def __enter__(self) -> KilnClient:

@@ -46,9 +46,8 @@ class Rows(NamedTuple):
 class DriftWindow:
     """The top-1 class and confidence bin of the last `size` rows, as running counts over a ring.
 
-    Plain Python lists, not numpy: it is fed every computed batch in the batch worker, where most
-    batches hold a few rows and numpy's per-call overhead cost ~45 us a batch (a lone ResNet-20
-    row takes ~0.8 ms to compute); a row now costs well under a microsecond.
+    Plain Python lists: a row costs well under a microsecond, paid on the prediction recorder's
+    thread when it counts pending batches (serving/grpc/predictions.py), not on a request's path.
     """
 
     def __init__(self, reference: PredictionDistribution, size: int) -> None:

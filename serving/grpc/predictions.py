@@ -65,8 +65,8 @@ class _VersionPredictions:
 
     def observe(self, best: list[int], top: np.ndarray, bins: list[int]) -> None:
         """Count rows by their top-1 class index and top-1 probability (and its CONFIDENCE_EDGES bin)."""
-        # plain ints, not np.unique and numpy scalars: this runs on every computed batch, most of
-        # them a few rows, where numpy's per-call overhead is what costs
+        # plain ints, not np.unique and numpy scalars: one Counter over the rows of every batch
+        # counted together
         for index, count in collections.Counter(best).items():
             self._classes[index].inc(count)
         _observe_all(self._confidence, top, bins)
@@ -212,8 +212,8 @@ def prediction_metrics(
 
 
 class PredictionTap:
-    """A version's batch tap: every computed batch's rows, counted once its
-    LoadedVersion exists (the batcher is built first)."""
+    """A version's batch tap: hands every computed batch's class output to the recorder (counted
+    later), once its LoadedVersion exists (the batcher is built first)."""
 
     def __init__(self, recorder: PredictionMetrics) -> None:
         self.recorder, self.loaded = recorder, None  # type: LoadedVersion | None

@@ -24,8 +24,8 @@ The policy is per model: `promotion` and the `shadow_*` settings are server-wide
 model's entry in `model_overrides` replaces (ServeConfig.for_model), so one model can shadow its
 new versions while another swaps at once.
 
-State is per process: with workers > 1 each worker shadows, counts and decides on its own share
-of the traffic.
+State is per process, so shadow promotion runs with one worker: `workers` > 1 is refused with it
+at start (ServeConfig), since each worker would judge its own share and could decide otherwise.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ waits until the queue holds `max_batch_size` rows (or the smallest preferred siz
 request has waited `max_queue_delay_us`, drops cancelled and expired requests, concatenates, runs
 `backend.infer`, checks the output batch, slices it back per request and hands the results to the
 event loop with one `call_soon_threadsafe` per batch. Just before that, the batch's taps see it
-whole (inputs as run, outputs, compute time) in the worker: prediction metrics count its rows and
-a shadow candidate is offered a sampled copy, per batch and off the event loop.
+whole (inputs as run, outputs, compute time) in the worker: prediction metrics take its class
+output (counted later, many batches at once) and a shadow candidate is offered a sampled copy,
+per batch and off the event loop.
 
 Fairness: the queue is one FIFO per client (the caller passes a key, e.g. the gRPC peer, so one
 connection is one client) and batches are filled round-robin across clients, one request each

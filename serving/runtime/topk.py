@@ -88,7 +88,7 @@ def top1(values: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
     For logits the top-1 probability is 1 / sum(exp(logits - max)): the same float64 operations
     `softmax` does for the largest element (whose exp is exactly 1), so the value is bit-for-bit
-    softmax's. Prediction metrics run this on every computed batch. A row with a non-finite
+    softmax's. Prediction metrics run this on the rows they count. A row with a non-finite
     maximum (inf/NaN logits) scores NaN, as in `softmax`.
     """
     values = values.reshape(len(values), -1)
