@@ -44,6 +44,11 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--onnx-provider", str, "ONNX on a GPU: auto, cuda or tensorrt (the TensorRT EP; default auto)"),
     ("--trt-engine-cache-dir", str, "TensorRT EP: folder that keeps built engines across restarts"),
     ("--trt-workspace-bytes", int, "TensorRT EP: scratch memory for its tactics (default 1 GiB)"),
+    (
+        "--lone-batch-spinning",
+        str,
+        "CPU: 1-row batches on a second, spinning session: auto (where faster at load), on or off",
+    ),
     ("--event-loop", str, f"{', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),

@@ -35,6 +35,7 @@ from typing import Any
 
 from serving.contract import serving_defaults
 from serving.contract.version_policy import VersionPolicy, VersionPolicyError
+from serving.runtime.backends.base import LONE_BATCH_SPINNING
 from serving.runtime.distribution import DEFAULT_PREDICTION_CLASSES
 
 ENV_PREFIX = "KILN_"
@@ -131,6 +132,11 @@ class ServeConfig:
     # small request is faster, but under load they take the cores that the gRPC event loop needs
     # (benchmarks/RESULTS-serving.md: ResNet-20 on 2 cores, c1 +14 %, c16 -2 %, c64 -6 %).
     intra_op_spinning: bool = False
+    # CPU: 1-row batches (what a server without load computes) run on a second, spinning session
+    # per instance, so a lone request gets spinning's speed without its cost under load, at twice
+    # the model's memory; "auto": where that measured faster at load (small models), "on", "off"
+    # (serving/runtime/backends/lone_batch.py)
+    lone_batch_spinning: str = "auto"
     # GPU execution: handed to BackendOptions under the same names (BACKEND_FIELDS); what each
     # does on the CUDA path, and why its default, is in docs/gpu.md
     iobinding: bool = True
@@ -340,6 +346,7 @@ def _validate(cfg: ServeConfig) -> None:
         ("precision", PRECISIONS),
         ("log_format", LOG_FORMATS),
         ("event_loop", EVENT_LOOPS),
+        ("lone_batch_spinning", LONE_BATCH_SPINNING),
         ("log_level", LOG_LEVELS),
         ("promotion", PROMOTIONS),
     ):

@@ -85,5 +85,6 @@ def backend_options(config: ServeConfig) -> BackendOptions:
         instances=config.instances or INSTANCES,
         intra_op_threads=config.intra_op_threads or 0,
         allow_spinning=config.intra_op_spinning,
+        lone_batch_spinning=config.lone_batch_spinning,
         **{name: getattr(config, name) for name in BACKEND_FIELDS},
     )

@@ -27,7 +27,7 @@ from serving.contract.repository import (
 )
 from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError, ModelLoadError, ModelUnavailableError
-from serving.runtime.backends import Backend, BackendOptions, NullTiming, load_backend, numpy_dtype
+from serving.runtime.backends import Backend, BackendOptions, NullTiming, load_backend, zero_inputs
 from serving.runtime.topk import ClassificationHead
 from serving.runtime.tuning import TuningChoice, batch_sizes_for, eligible, tune
 
@@ -157,12 +157,7 @@ def verify(resolved: ResolvedVersion, artefact: Artefact) -> ResolvedVersion:
 
 def warmup_inputs(backend: Backend, rows: int) -> dict[str, np.ndarray]:
     """Zero inputs of `rows` rows for every backend input (dynamic non-batch dims become 1)."""
-    return {
-        spec.name: np.zeros(
-            (rows, *(d if d > 0 else 1 for d in spec.shape[1:])), dtype=numpy_dtype(spec.datatype)
-        )
-        for spec in backend.inputs
-    }
+    return zero_inputs(backend.inputs, rows)
 
 
 @dataclass(eq=False)

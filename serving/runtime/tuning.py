@@ -143,7 +143,10 @@ def _measure(
     *,
     verify: bool,
 ) -> Trial:
-    options = BackendOptions(device="cpu", instances=layout.instances, intra_op_threads=layout.threads)
+    # one session per instance: a lone-row spinning twin would only lengthen the measurement
+    options = BackendOptions(
+        device="cpu", instances=layout.instances, intra_op_threads=layout.threads, lone_batch_spinning="off"
+    )
     # nothing unverified is ever run: `kiln bench` calls tune() without having verified
     backend = load_backend(manifest, artefact, version_dir=version_dir, options=options, verify=verify)
     try:

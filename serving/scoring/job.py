@@ -186,7 +186,9 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
     model = None
     try:
         if config.engine == "local":
-            handle = ModelHandle.load(resolved, artefact, options=BackendOptions(device=config.device))
+            # full batches offline: no lone-row spinning twin (serving/runtime/backends/lone_batch.py)
+            run_as = BackendOptions(device=config.device, lone_batch_spinning="off")
+            handle = ModelHandle.load(resolved, artefact, options=run_as)
             model = ScoringModel(handle, top_k=config.top_k)
             model.warm_up(batch)
             options = LocalOptions(workers=config.workers, batch_size=batch)

@@ -147,7 +147,8 @@ class ScoringModel:
     ) -> ScoringModel:
         """Resolve, choose (by default as `kiln serve` does on a CPU), verify and load in one call."""
         resolved, artefact = resolve_model(repo, model, version, choice or ArtefactChoice())
-        handle = ModelHandle.load(resolved, artefact, options=options or BackendOptions())
+        options = options or BackendOptions(lone_batch_spinning="off")  # offline batches are full
+        handle = ModelHandle.load(resolved, artefact, options=options)
         return cls(handle, top_k=top_k)
 
     @property

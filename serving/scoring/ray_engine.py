@@ -89,7 +89,8 @@ class _Scorer:
 
     def __init__(self, spec: _ModelSpec) -> None:
         ident = spec.identity
-        options = BackendOptions(device=spec.device, intra_op_threads=spec.threads)
+        # offline batches are full: no lone-row spinning twin (serving/runtime/backends/lone_batch.py)
+        options = BackendOptions(device=spec.device, intra_op_threads=spec.threads, lone_batch_spinning="off")
         choice = ArtefactChoice(device=spec.device, artefact=ident.artefact)  # the driver's choice
         self._model = ScoringModel.open(
             spec.repo, ident.model, ident.version, top_k=spec.top_k, choice=choice, options=options

@@ -13,6 +13,7 @@ from serving.runtime.backends.base import (
     numpy_dtype,
     parse_device,
     validate_inputs,
+    zero_inputs,
 )
 from serving.runtime.backends.loader import backend_device, expected_specs, load_backend, spec_mismatches
 from serving.runtime.backends.null_backend import NullBackend, NullTiming, null_timing
@@ -35,4 +36,5 @@ __all__ = [
     "parse_device",
     "spec_mismatches",
     "validate_inputs",
+    "zero_inputs",
 ]

@@ -20,6 +20,7 @@ from serving.errors import InvalidInputError
 
 __all__ = [
     "CUDNN_ALGO_SEARCHES",
+    "LONE_BATCH_SPINNING",
     "ORT_PROVIDERS",
     "Backend",
     "BackendOptions",
@@ -29,10 +30,12 @@ __all__ = [
     "numpy_dtype",
     "parse_device",
     "validate_inputs",
+    "zero_inputs",
 ]
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 ORT_PROVIDERS = ("auto", "cuda", "tensorrt")  # the CPU EP follows from device "cpu"
+LONE_BATCH_SPINNING = ("off", "auto", "on")
 CUDNN_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 _DTYPE_TO_DATATYPE = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k != "BYTES"}
 _NUMPY_DTYPES = {k: np.dtype(v) for k, v in NUMPY_DTYPES.items() if k != "BYTES"}
@@ -104,6 +107,9 @@ class BackendOptions:
     intra_op_threads: int = 0  # per instance; 0 = the CPU count split evenly between instances
     # Spinning workers burn the cores the gRPC threads need when client and server share a box.
     allow_spinning: bool = False
+    # CPU, allow_spinning off, >1 thread: 1-row batches on a second, spinning session per instance;
+    # "auto": where it measured faster at load (serving/runtime/backends/lone_batch.py)
+    lone_batch_spinning: str = "auto"  # "off" | "auto" | "on"
     onnx_provider: str = "auto"  # ONNX on a GPU: "auto"/"cuda" = CUDA EP, "tensorrt" = TensorRT EP
     iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (else plain session.run)
     pinned_memory: bool = True  # CUDA + iobinding: stage host copies in page-locked buffers (cuda-python)
@@ -130,6 +136,7 @@ class BackendOptions:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         for name, choices in (
             ("onnx_provider", ORT_PROVIDERS),
+            ("lone_batch_spinning", LONE_BATCH_SPINNING),
             ("cudnn_conv_algo_search", CUDNN_ALGO_SEARCHES),
         ):
             if getattr(self, name) not in choices:
@@ -168,6 +175,14 @@ def parse_device(device: str) -> int | None:
     if device == "cpu":
         return None
     return int(device.partition(":")[2] or 0)
+
+
+def zero_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:
+    """Zeros of `rows` rows for every input (dynamic non-batch dims become 1): warm-up and timing runs."""
+    return {
+        s.name: np.zeros((rows, *(d if d > 0 else 1 for d in s.shape[1:])), dtype=numpy_dtype(s.datatype))
+        for s in specs
+    }
 
 
 def validate_inputs(

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import ModelLoadError
-from serving.runtime.backends.base import BackendOptions, TensorSpec
+from serving.runtime.backends.base import BackendOptions, TensorSpec, zero_inputs
+from serving.runtime.backends.lone_batch import LoneBatchRunner, spinning_pays
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
 from serving.runtime.backends.pool import PooledBackend
 
@@ -83,10 +84,14 @@ class OnnxRuntimeBackend(PooledBackend):
         sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
         self.inputs, self.outputs = session_specs(sessions[0])
         self._provider = kind
-        self._pool_runners([self._runner(s, kind) for s in sessions], engine="onnxruntime")
+        runners = self._runners(ort, Path(path), sessions, kind)
+        # the instances whose 1-row batches run on a spinning twin (lone_batch_spinning); else empty
+        self.lone_runners = tuple(r for r in runners if isinstance(r, LoneBatchRunner))
+        self._pool_runners(runners, engine="onnxruntime")
 
-    def _session(self, ort: Any, path: Path, kind: str) -> Any:
+    def _session(self, ort: Any, path: Path, kind: str, *, spinning: bool | None = None) -> Any:
         opts = self._options
+        spin = "1" if (opts.allow_spinning if spinning is None else spinning) else "0"
         so = ort.SessionOptions()
         so.intra_op_num_threads = opts.threads_per_instance if kind == "cpu" else 1
         # Sequential: one batch is one chain of convs; inter-op threads would only add wake-ups.
@@ -94,8 +99,8 @@ class OnnxRuntimeBackend(PooledBackend):
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: ORT's warnings are noise in server logs
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "1" if opts.allow_spinning else "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         # With spinning on, stop it when a Run returns: the pool spins between the ops of a batch
         # (ResNet-20 batch 1: 0.84 ms spinning off, 0.54 ms on) without burning the cores between
         # batches (~31 ms of CPU after each Run otherwise), where the event loop and gRPC need them
@@ -149,11 +154,35 @@ class OnnxRuntimeBackend(PooledBackend):
             trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
         return trt
 
-    def _runner(self, session: Any, kind: str) -> Any:
-        if kind == "cpu" or not self._options.iobinding:
-            return SessionRunner(session)
-        runner = CudaGraphRunner if self._options.cuda_graphs else BindingRunner
-        return runner(session, self.inputs, self.outputs, self.max_batch_size, self._options)
+    def _runners(self, ort: Any, path: Path, sessions: list[Any], kind: str) -> list[Any]:
+        opts = self._options
+        if kind != "cpu" and opts.iobinding:
+            runner = CudaGraphRunner if opts.cuda_graphs else BindingRunner
+            return [runner(s, self.inputs, self.outputs, self.max_batch_size, opts) for s in sessions]
+        plain = [SessionRunner(s) for s in sessions]
+        mode = opts.lone_batch_spinning
+        if kind != "cpu" or mode == "off" or opts.allow_spinning or opts.threads_per_instance < 2:
+            return plain  # spinning everywhere already, or no pool threads to wake
+
+        def spinning() -> SessionRunner:
+            return SessionRunner(self._session(ort, path, kind, spinning=True))
+
+        if mode == "auto":
+            first, plain_ms, spin_ms = spinning_pays(plain[0], spinning, zero_inputs(self.inputs, 1))
+            tried = "not tried" if spin_ms is None else f"{spin_ms:.2f} ms spinning"
+            log.info(
+                "%s: a lone row takes %.2f ms (%s): 1-row batches on %s session",
+                path,
+                plain_ms,
+                tried,
+                "a second, spinning" if first else "the one",
+            )
+            if first is None:
+                return plain
+            lone = [first, *(spinning() for _ in plain[1:])]
+        else:
+            lone = [spinning() for _ in plain]
+        return [LoneBatchRunner(p, s) for p, s in zip(plain, lone, strict=True)]
 
     @property
     def provider(self) -> str:
