@@ -365,19 +365,26 @@ def write_wide_model(path: Path, width: int = 512, layers: int = 4) -> Path:
 def test_spinning_threads_stop_when_a_batch_returns(tmp_path: Path) -> None:
     """With intra-op spinning on, ORT's pool would otherwise busy-wait for ~30 ms after every Run,
     taking the cores the event loop needs between batches; force_spinning_stop ends it at once."""
-    import time
-
     path = write_wide_model(tmp_path / "wide.onnx")
     options = BackendOptions(intra_op_threads=2, allow_spinning=True)
     backend = OnnxRuntimeBackend(path, max_batch_size=256, options=options)
     try:
-        feed = {"input": RNG.standard_normal((256, 512)).astype(np.float32)}
-        idle = []
-        for _ in range(3):
-            backend.infer(feed)
-            cpu = time.process_time()
-            time.sleep(0.2)
-            idle.append(time.process_time() - cpu)
+        idle = idle_cpu_after_runs(backend, {"input": RNG.standard_normal((256, 512)).astype(np.float32)})
     finally:
         backend.close()
     assert min(idle) < 0.005, f"the pool kept spinning after Run returned: {idle} CPU s while idle"
+
+
+def idle_cpu_after_runs(
+    backend: OnnxRuntimeBackend, feed: dict[str, np.ndarray], runs: int = 3
+) -> list[float]:
+    """CPU seconds this process burnt in the 0.2 s after each of `runs` inferences (idle otherwise)."""
+    import time
+
+    idle = []
+    for _ in range(runs):
+        backend.infer(feed)
+        cpu = time.process_time()
+        time.sleep(0.2)
+        idle.append(time.process_time() - cpu)
+    return idle

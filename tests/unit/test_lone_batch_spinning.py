@@ -7,7 +7,6 @@ and how "auto" decides; never how fast anything is (benchmarks/RESULTS-serving.m
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 from serving.runtime.backends import BackendOptions, lone_batch
 from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from tests.unit.test_backends_onnxruntime import write_wide_model
+from tests.unit.test_backends_onnxruntime import idle_cpu_after_runs, write_wide_model
 
 RNG = np.random.default_rng(7)
 SPIN = "session.intra_op.allow_spinning"
@@ -58,13 +57,7 @@ def test_the_twin_stops_spinning_when_a_lone_row_returns(wide: Path) -> None:
     """The twin spins only inside a Run: ~30 ms of CPU after each one otherwise (force_spinning_stop)."""
     backend = _backend(wide, "on")
     try:
-        row = {"input": RNG.standard_normal((1, 512)).astype(np.float32)}
-        idle = []
-        for _ in range(3):
-            backend.infer(row)
-            cpu = time.process_time()
-            time.sleep(0.2)
-            idle.append(time.process_time() - cpu)
+        idle = idle_cpu_after_runs(backend, {"input": RNG.standard_normal((1, 512)).astype(np.float32)})
         assert backend.lone_runners[0].lone_batches == 3
     finally:
         backend.close()
