@@ -106,3 +106,32 @@ def test_auto_keeps_the_twin_only_where_it_measured_faster(
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="lone_batch_spinning"):
         BackendOptions(lone_batch_spinning="sometimes")
+
+
+def test_auto_loads_without_a_twin_when_a_row_of_zeros_cannot_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 3x3 convolution over dynamic H x W: the timing row (dims 1) is smaller than the kernel, so
+    ONNX Runtime fails it; the model still loads and serves real inputs on its one session."""
+    from onnx import TensorProto, helper, numpy_helper, save_model
+
+    weight = numpy_helper.from_array(RNG.standard_normal((2, 1, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W"], ["logits"])],
+        "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, "H2", "W2"])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save_model(model, str(tmp_path / "conv.onnx"))
+    with caplog.at_level("WARNING"):
+        backend = _backend(tmp_path / "conv.onnx", "auto")
+    try:
+        assert backend.lone_runners == ()
+        assert "no lone-row timing" in caplog.text
+        out = backend.infer({"input": np.ones((1, 1, 5, 5), np.float32)})["logits"]
+        assert out.shape == (1, 2, 3, 3)
+    finally:
+        backend.close()

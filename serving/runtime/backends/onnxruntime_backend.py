@@ -168,7 +168,11 @@ class OnnxRuntimeBackend(PooledBackend):
             return SessionRunner(self._session(ort, path, kind, spinning=True))
 
         if mode == "auto":
-            first, plain_ms, spin_ms = spinning_pays(plain[0], spinning, zero_inputs(self.inputs, 1))
+            try:
+                first, plain_ms, spin_ms = spinning_pays(plain[0], spinning, zero_inputs(self.inputs, 1))
+            except Exception as exc:  # a model that cannot run a row of zeros: warm-up judges it
+                log.warning("%s: no lone-row timing (%s): 1-row batches on the one session", path, exc)
+                return plain
             tried = "not tried" if spin_ms is None else f"{spin_ms:.2f} ms spinning"
             log.info(
                 "%s: a lone row takes %.2f ms (%s): 1-row batches on %s session",
