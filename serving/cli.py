@@ -49,6 +49,11 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
         str,
         "CPU: 1-row batches on a second, spinning session: auto (where faster at load), on or off",
     ),
+    (
+        "--single-thread-small-batches",
+        str,
+        "CPU: batches too small for the threads on a one-thread session: auto (measured at load) or off",
+    ),
     ("--event-loop", str, f"{', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),

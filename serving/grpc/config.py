@@ -35,7 +35,7 @@ from typing import Any
 
 from serving.contract import serving_defaults
 from serving.contract.version_policy import VersionPolicy, VersionPolicyError
-from serving.runtime.backends.base import LONE_BATCH_SPINNING
+from serving.runtime.backends.base import LONE_BATCH_SPINNING, SINGLE_THREAD_SMALL_BATCHES
 from serving.runtime.distribution import DEFAULT_PREDICTION_CLASSES
 
 ENV_PREFIX = "KILN_"
@@ -135,8 +135,12 @@ class ServeConfig:
     # CPU: 1-row batches (what a server without load computes) run on a second, spinning session
     # per instance, so a lone request gets spinning's speed without its cost under load, at twice
     # the model's memory; "auto": where that measured faster at load (small models), "on", "off"
-    # (serving/runtime/backends/lone_batch.py)
+    # (serving/runtime/backends/batch_sessions.py)
     lone_batch_spinning: str = "auto"
+    # CPU: batches too small to use the instance's threads well (under 80 % parallel efficiency,
+    # measured at load: ResNet-20 on 2 threads up to 8 rows) run on a one-thread session, leaving
+    # the other cores to the event loop; "auto" or "off" (serving/runtime/backends/batch_sessions.py)
+    single_thread_small_batches: str = "auto"
     # GPU execution: handed to BackendOptions under the same names (BACKEND_FIELDS); what each
     # does on the CUDA path, and why its default, is in docs/gpu.md
     iobinding: bool = True
@@ -347,6 +351,7 @@ def _validate(cfg: ServeConfig) -> None:
         ("log_format", LOG_FORMATS),
         ("event_loop", EVENT_LOOPS),
         ("lone_batch_spinning", LONE_BATCH_SPINNING),
+        ("single_thread_small_batches", SINGLE_THREAD_SMALL_BATCHES),
         ("log_level", LOG_LEVELS),
         ("promotion", PROMOTIONS),
     ):

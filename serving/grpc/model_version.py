@@ -86,5 +86,6 @@ def backend_options(config: ServeConfig) -> BackendOptions:
         intra_op_threads=config.intra_op_threads or 0,
         allow_spinning=config.intra_op_spinning,
         lone_batch_spinning=config.lone_batch_spinning,
+        single_thread_small_batches=config.single_thread_small_batches,
         **{name: getattr(config, name) for name in BACKEND_FIELDS},
     )

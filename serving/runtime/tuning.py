@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.contract.manifest import Artefact, Manifest
-from serving.runtime.backends import BackendOptions, load_backend, numpy_dtype
+from serving.runtime.backends import FULL_BATCHES, BackendOptions, load_backend, numpy_dtype
 
 __all__ = ["CACHE_FILE", "Layout", "Machine", "Trial", "TuningChoice", "eligible", "this_machine", "tune"]
 
@@ -143,9 +143,9 @@ def _measure(
     *,
     verify: bool,
 ) -> Trial:
-    # one session per instance: a lone-row spinning twin would only lengthen the measurement
+    # one session per instance: extra ones for small batches would only lengthen the measurement
     options = BackendOptions(
-        device="cpu", instances=layout.instances, intra_op_threads=layout.threads, lone_batch_spinning="off"
+        device="cpu", instances=layout.instances, intra_op_threads=layout.threads, **FULL_BATCHES
     )
     # nothing unverified is ever run: `kiln bench` calls tune() without having verified
     backend = load_backend(manifest, artefact, version_dir=version_dir, options=options, verify=verify)

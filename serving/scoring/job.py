@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from serving.contract.fileio import atomic_write_text
 from serving.contract.manifest import Artefact, Manifest
-from serving.runtime.backends import BackendOptions
+from serving.runtime.backends import FULL_BATCHES, BackendOptions
 from serving.runtime.distribution import DEFAULT_PREDICTION_CLASSES
 from serving.runtime.model_handle import ArtefactChoice, ModelHandle
 from serving.scoring.distribution import PREDICTIONS_FILE, PredictionSummary, summarise_shards
@@ -186,8 +186,8 @@ def prepare_job(config: ScoreConfig) -> ScoreJob:
     model = None
     try:
         if config.engine == "local":
-            # full batches offline: no lone-row spinning twin (serving/runtime/backends/lone_batch.py)
-            run_as = BackendOptions(device=config.device, lone_batch_spinning="off")
+            # full batches offline: no extra sessions for small ones (runtime/backends/batch_sessions.py)
+            run_as = BackendOptions(device=config.device, **FULL_BATCHES)
             handle = ModelHandle.load(resolved, artefact, options=run_as)
             model = ScoringModel(handle, top_k=config.top_k)
             model.warm_up(batch)

@@ -18,7 +18,7 @@ from serving.contract.manifest import Artefact, Manifest
 from serving.contract.repository import ModelRepository, ResolvedVersion
 from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError
-from serving.runtime.backends import Backend, BackendOptions, backend_device, numpy_dtype
+from serving.runtime.backends import FULL_BATCHES, Backend, BackendOptions, backend_device, numpy_dtype
 from serving.runtime.model_handle import ArtefactChoice, ModelHandle, choose, resolve
 from serving.runtime.preprocess import ImageLimits, Preprocessor
 
@@ -147,7 +147,7 @@ class ScoringModel:
     ) -> ScoringModel:
         """Resolve, choose (by default as `kiln serve` does on a CPU), verify and load in one call."""
         resolved, artefact = resolve_model(repo, model, version, choice or ArtefactChoice())
-        options = options or BackendOptions(lone_batch_spinning="off")  # offline batches are full
+        options = options or BackendOptions(**FULL_BATCHES)
         handle = ModelHandle.load(resolved, artefact, options=options)
         return cls(handle, top_k=top_k)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from serving.contract.manifest import Artefact, Manifest
-from serving.runtime.backends import BackendOptions
+from serving.runtime.backends import FULL_BATCHES, BackendOptions
 from serving.runtime.model_handle import ArtefactChoice
 from serving.scoring.inputs import InputList
 from serving.scoring.ledger import ShardPlan
@@ -89,8 +89,7 @@ class _Scorer:
 
     def __init__(self, spec: _ModelSpec) -> None:
         ident = spec.identity
-        # offline batches are full: no lone-row spinning twin (serving/runtime/backends/lone_batch.py)
-        options = BackendOptions(device=spec.device, intra_op_threads=spec.threads, lone_batch_spinning="off")
+        options = BackendOptions(device=spec.device, intra_op_threads=spec.threads, **FULL_BATCHES)
         choice = ArtefactChoice(device=spec.device, artefact=ident.artefact)  # the driver's choice
         self._model = ScoringModel.open(
             spec.repo, ident.model, ident.version, top_k=spec.top_k, choice=choice, options=options

@@ -38,7 +38,10 @@ CHANGED: dict[str, tuple[list[str], Any]] = {
     "trt_allow_other_gpu": (["--trt-allow-other-gpu"], True),
 }
 # BackendOptions fields that ServeConfig spells differently (everything else: BACKEND_FIELDS)
-MAPPED = {"device", "instances", "intra_op_threads", "allow_spinning", "lone_batch_spinning"}
+MAPPED = {
+    "device", "instances", "intra_op_threads", "allow_spinning", "lone_batch_spinning",
+    "single_thread_small_batches",
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -95,11 +98,13 @@ def test_each_gpu_setting_reaches_the_backend_options_from_flag_env_and_file(
 
 def test_the_mapped_settings_reach_the_backend_options(tmp_path: Path) -> None:
     config = ServeConfig(
-        repo=tmp_path, instances=3, intra_op_threads=2, intra_op_spinning=True, lone_batch_spinning="on"
-    )
+        repo=tmp_path, instances=3, intra_op_threads=2, intra_op_spinning=True, lone_batch_spinning="on",
+        single_thread_small_batches="off",
+    )  # fmt: skip
     assert backend_options(config) == BackendOptions(
-        device="cpu", instances=3, intra_op_threads=2, allow_spinning=True, lone_batch_spinning="on"
-    )
+        device="cpu", instances=3, intra_op_threads=2, allow_spinning=True, lone_batch_spinning="on",
+        single_thread_small_batches="off",
+    )  # fmt: skip
     assert backend_options(ServeConfig(repo=tmp_path)) == BackendOptions()  # same defaults both sides
 
 

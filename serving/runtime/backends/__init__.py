@@ -5,6 +5,7 @@ Only light modules are imported here; onnxruntime, tensorrt and cuda-python load
 """
 
 from serving.runtime.backends.base import (
+    FULL_BATCHES,
     Backend,
     BackendOptions,
     TensorSpec,
@@ -20,6 +21,7 @@ from serving.runtime.backends.null_backend import NullBackend, NullTiming, null_
 from serving.runtime.backends.pool import InstanceBusy
 
 __all__ = [
+    "FULL_BATCHES",
     "Backend",
     "BackendOptions",
     "InstanceBusy",

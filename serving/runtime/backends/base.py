@@ -20,8 +20,10 @@ from serving.errors import InvalidInputError
 
 __all__ = [
     "CUDNN_ALGO_SEARCHES",
+    "FULL_BATCHES",
     "LONE_BATCH_SPINNING",
     "ORT_PROVIDERS",
+    "SINGLE_THREAD_SMALL_BATCHES",
     "Backend",
     "BackendOptions",
     "TensorSpec",
@@ -36,6 +38,10 @@ __all__ = [
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 ORT_PROVIDERS = ("auto", "cuda", "tensorrt")  # the CPU EP follows from device "cpu"
 LONE_BATCH_SPINNING = ("off", "auto", "on")
+SINGLE_THREAD_SMALL_BATCHES = ("off", "auto")
+# BackendOptions for work whose batches are full (offline scoring, the precision measurement): one
+# session per instance, none of batch_sessions.py's extra ones for small batches
+FULL_BATCHES = {"lone_batch_spinning": "off", "single_thread_small_batches": "off"}
 CUDNN_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 _DTYPE_TO_DATATYPE = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k != "BYTES"}
 _NUMPY_DTYPES = {k: np.dtype(v) for k, v in NUMPY_DTYPES.items() if k != "BYTES"}
@@ -107,9 +113,11 @@ class BackendOptions:
     intra_op_threads: int = 0  # per instance; 0 = the CPU count split evenly between instances
     # Spinning workers burn the cores the gRPC threads need when client and server share a box.
     allow_spinning: bool = False
-    # CPU, allow_spinning off, >1 thread: 1-row batches on a second, spinning session per instance;
-    # "auto": where it measured faster at load (serving/runtime/backends/lone_batch.py)
+    # CPU, >1 thread, extra sessions per instance (serving/runtime/backends/batch_sessions.py):
+    # 1-row batches on a spinning one ("auto": where measured faster at load), and batches too
+    # small for the threads on a one-thread one ("auto": sizes measured at load)
     lone_batch_spinning: str = "auto"  # "off" | "auto" | "on"
+    single_thread_small_batches: str = "auto"  # "off" | "auto"
     onnx_provider: str = "auto"  # ONNX on a GPU: "auto"/"cuda" = CUDA EP, "tensorrt" = TensorRT EP
     iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (else plain session.run)
     pinned_memory: bool = True  # CUDA + iobinding: stage host copies in page-locked buffers (cuda-python)
@@ -137,6 +145,7 @@ class BackendOptions:
         for name, choices in (
             ("onnx_provider", ORT_PROVIDERS),
             ("lone_batch_spinning", LONE_BATCH_SPINNING),
+            ("single_thread_small_batches", SINGLE_THREAD_SMALL_BATCHES),
             ("cudnn_conv_algo_search", CUDNN_ALGO_SEARCHES),
         ):
             if getattr(self, name) not in choices:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import ModelLoadError
-from serving.runtime.backends.base import BackendOptions, TensorSpec, zero_inputs
-from serving.runtime.backends.lone_batch import LoneBatchRunner, spinning_pays
+from serving.runtime.backends.base import BackendOptions, TensorSpec
+from serving.runtime.backends.batch_sessions import SizedRunner, sized_runners
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
 from serving.runtime.backends.pool import PooledBackend
 
@@ -85,15 +85,17 @@ class OnnxRuntimeBackend(PooledBackend):
         self.inputs, self.outputs = session_specs(sessions[0])
         self._provider = kind
         runners = self._runners(ort, Path(path), sessions, kind)
-        # the instances whose 1-row batches run on a spinning twin (lone_batch_spinning); else empty
-        self.lone_runners = tuple(r for r in runners if isinstance(r, LoneBatchRunner))
+        # instances with extra sessions for some batch sizes (serving/runtime/backends/batch_sessions.py)
+        self.sized_runners = tuple(r for r in runners if isinstance(r, SizedRunner))
         self._pool_runners(runners, engine="onnxruntime")
 
-    def _session(self, ort: Any, path: Path, kind: str, *, spinning: bool | None = None) -> Any:
+    def _session(
+        self, ort: Any, path: Path, kind: str, *, spinning: bool | None = None, threads: int | None = None
+    ) -> Any:
         opts = self._options
         spin = "1" if (opts.allow_spinning if spinning is None else spinning) else "0"
         so = ort.SessionOptions()
-        so.intra_op_num_threads = opts.threads_per_instance if kind == "cpu" else 1
+        so.intra_op_num_threads = (threads or opts.threads_per_instance) if kind == "cpu" else 1
         # Sequential: one batch is one chain of convs; inter-op threads would only add wake-ups.
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.inter_op_num_threads = 1
@@ -160,33 +162,17 @@ class OnnxRuntimeBackend(PooledBackend):
             runner = CudaGraphRunner if opts.cuda_graphs else BindingRunner
             return [runner(s, self.inputs, self.outputs, self.max_batch_size, opts) for s in sessions]
         plain = [SessionRunner(s) for s in sessions]
-        mode = opts.lone_batch_spinning
-        if kind != "cpu" or mode == "off" or opts.allow_spinning or opts.threads_per_instance < 2:
-            return plain  # spinning everywhere already, or no pool threads to wake
+        if kind != "cpu":
+            return plain
 
-        def spinning() -> SessionRunner:
-            return SessionRunner(self._session(ort, path, kind, spinning=True))
+        def make(spinning: bool, threads: int) -> SessionRunner:
+            return SessionRunner(self._session(ort, path, kind, spinning=spinning, threads=threads))
 
-        if mode == "auto":
-            try:
-                first, plain_ms, spin_ms = spinning_pays(plain[0], spinning, zero_inputs(self.inputs, 1))
-            except Exception as exc:  # a model that cannot run a row of zeros: warm-up judges it
-                log.warning("%s: no lone-row timing (%s): 1-row batches on the one session", path, exc)
-                return plain
-            tried = "not tried" if spin_ms is None else f"{spin_ms:.2f} ms spinning"
-            log.info(
-                "%s: a lone row takes %.2f ms (%s): 1-row batches on %s session",
-                path,
-                plain_ms,
-                tried,
-                "a second, spinning" if first else "the one",
-            )
-            if first is None:
-                return plain
-            lone = [first, *(spinning() for _ in plain[1:])]
-        else:
-            lone = [spinning() for _ in plain]
-        return [LoneBatchRunner(p, s) for p, s in zip(plain, lone, strict=True)]
+        return sized_runners(
+            plain, make, self.inputs, lone=opts.lone_batch_spinning,
+            single=opts.single_thread_small_batches, spinning=opts.allow_spinning,
+            threads=opts.threads_per_instance, max_batch=self.max_batch_size, name=str(path),
+        )  # fmt: skip
 
     @property
     def provider(self) -> str:
