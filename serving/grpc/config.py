@@ -137,7 +137,7 @@ class ServeConfig:
     # the model's memory; "auto": where that measured faster at load (small models), "on", "off"
     # (serving/runtime/backends/batch_sessions.py)
     lone_batch_spinning: str = "auto"
-    # CPU: batches too small to use the instance's threads well (under 80 % parallel efficiency,
+    # CPU: batches too small to use the instance's threads well (under 75 % parallel efficiency,
     # measured at load: ResNet-20 on 2 threads up to 8 rows) run on a one-thread session, leaving
     # the other cores to the event loop; "auto" or "off" (serving/runtime/backends/batch_sessions.py)
     single_thread_small_batches: str = "auto"

@@ -10,7 +10,7 @@ spinning off):
   c16 x0.98, c64 x0.94); a 1-row batch is what a server without load computes.
 - `single_thread_small_batches`: batches too small to use N threads well run on a one-thread
   session. ResNet-20 on 2 threads is 1.20 / 1.30 / 1.49 / 1.65 / 1.75x one thread at 2 / 4 / 8 /
-  16 / 64 rows: below ~80 % parallel efficiency the second core does more for the server as the
+  16 / 64 rows: below ~75 % parallel efficiency the second core does more for the server as the
   event loop's core than as the batch's (served c16 +6-8 %, benchmarks/RESULTS-serving.md).
 
 Each costs the model's memory once more, and "auto" keeps one only where it measured worth it at
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 # large enough that wake-ups are a few per cent and every batch uses the threads well
 MAX_PLAIN_MS = 10.0
 MIN_GAIN = 0.9  # the spinning twin is kept if a lone row takes at most this share of the plain time
-EFFICIENCY = 0.8  # N threads serve a batch size only where they run it >= EFFICIENCY x N times faster
-_WARM_RUNS, _TIMED_RUNS = 3, 15
+EFFICIENCY = 0.75  # N threads serve a batch size only where they run it >= EFFICIENCY x N times faster
+_WARM_RUNS, _TIMED_RUNS, _SIZE_RUNS = 3, 15, 7
 
 
 class SizedRunner:
@@ -115,10 +115,10 @@ def single_thread_rows(
         lone_row_ms(single, feed, 1)
         lone_row_ms(plain, feed, 1)
         one, many = [], []
-        for _ in range(_WARM_RUNS):  # alternating rounds, as above
+        for _ in range(_SIZE_RUNS):  # alternating rounds, as above
             one.append(lone_row_ms(single, feed, 1))
             many.append(lone_row_ms(plain, feed, 1))
-        speedup = statistics.median(one) / statistics.median(many)
+        speedup = min(one) / min(many)  # the least disturbed run of each: steadier than a median here
         speedups.append((rows, speedup))
         if speedup >= EFFICIENCY * threads:
             break
@@ -140,64 +140,70 @@ def sized_runners(
 ) -> list[SessionRunner] | list[SizedRunner]:
     """The instances' runners with the extra sessions the settings ask for ("auto": measured on the
     first instance, then made for every instance). `make(spinning, threads)` opens a session of the
-    same file; `spinning`/`threads`: the usual session's. A model whose timing runs fail (zeros that
-    it cannot run) gets no extra session and a warning; warm-up then judges the model itself."""
+    same file; `spinning`/`threads`: the usual session's. Where the timing runs fail (a row of
+    zeros the model cannot run), "auto" adds nothing and warns; warm-up then judges the model."""
     lone = "off" if spinning else lone  # every batch spins already
     if threads < 2 or (lone == "off" and single == "off"):
         return plain  # one thread: no pool to wake, nothing narrower to run on
-    try:
-        twin, single_rows = _choose(plain[0], make, specs, lone, single, threads, max_batch, name)
-    except Exception as exc:
-        log.warning("%s: no timing runs (%s): every batch on the one session", name, exc)
-        return plain
+    twin = single_session = None
+    single_rows = 0
+    if "auto" in (lone, single):
+        try:
+            twin, single_session, single_rows = _measure(
+                plain[0], make, specs, lone == "auto", single == "auto", threads, max_batch, name
+            )
+        except Exception as exc:
+            log.warning("%s: no timing runs (%s): no extra session chosen by measurement", name, exc)
+    if lone == "on":
+        twin = make(True, threads)
     if twin is None and not single_rows:
         return plain
-    runners = []
-    for index, batched in enumerate(plain):
-        first = index == 0 and twin is not None
-        runners.append(
-            SizedRunner(
-                batched,
-                lone=(twin if first else make(True, threads)) if twin is not None else None,
-                single=make(spinning, 1) if single_rows else None,
-                single_rows=single_rows,
-            )
+    return [
+        SizedRunner(
+            batched,
+            lone=None if twin is None else twin if index == 0 else make(True, threads),
+            single=None if not single_rows else single_session if index == 0 else make(False, 1),
+            single_rows=single_rows,
         )
-    return runners
+        for index, batched in enumerate(plain)
+    ]
 
 
-def _choose(
+def _measure(
     plain: SessionRunner,
     make: Callable[[bool, int], SessionRunner],
     specs: Sequence[TensorSpec],
-    lone: str,
-    single: str,
+    lone: bool,
+    single: bool,
     threads: int,
     max_batch: int,
     name: str,
-) -> tuple[SessionRunner | None, int]:
-    """(the spinning twin or None, the largest batch for one thread or 0), measured where "auto"."""
+) -> tuple[SessionRunner | None, SessionRunner | None, int]:
+    """(the spinning twin or None, the one-thread session or None, the largest batch for it or 0),
+    for the extra sessions asked for on "auto" that measured worth it."""
     row = zero_inputs(specs, 1)
     lone_row_ms(plain, row, _WARM_RUNS)
     plain_ms = lone_row_ms(plain, row, _WARM_RUNS)
-    small = plain_ms <= MAX_PLAIN_MS
-    twin = make(True, threads) if lone == "on" else None
-    if lone == "auto" and small:
+    if plain_ms > MAX_PLAIN_MS:
+        log.info("%s: a lone row takes %.2f ms: no extra session tried", name, plain_ms)
+        return None, None, 0
+    twin = None
+    if lone:
         twin, plain_ms, spin_ms = spinning_pays(plain, lambda: make(True, threads), row)
         log.info(
             "%s: a lone row takes %.2f ms, %.2f ms spinning: 1-row batches on %s",
             name, plain_ms, spin_ms, "a second, spinning session" if twin else "the one session",
         )  # fmt: skip
-    single_rows = 0
-    if single == "auto" and small and max_batch >= 2:
-        one = make(False, 1)
-        single_rows, speedups = single_thread_rows(one, plain, specs, threads, max_batch)
+    if not single or max_batch < 2:
+        return twin, None, 0
+    one = make(False, 1)
+    single_rows, speedups = single_thread_rows(one, plain, specs, threads, max_batch)
+    log.info(
+        "%s: %d threads over one at %s rows: x%s; batches of up to %d rows on one thread",
+        name, threads, "/".join(str(r) for r, _ in speedups),
+        "/".join(f"{s:.2f}" for _, s in speedups), single_rows,
+    )  # fmt: skip
+    if not single_rows:
         one.close()
-        log.info(
-            "%s: %d threads over one at %s rows: x%s; batches of up to %d rows on one thread",
-            name, threads, "/".join(str(r) for r, _ in speedups),
-            "/".join(f"{s:.2f}" for _, s in speedups), single_rows,
-        )  # fmt: skip
-    elif plain_ms > MAX_PLAIN_MS and "auto" in (lone, single):
-        log.info("%s: a lone row takes %.2f ms: no extra session tried", name, plain_ms)
-    return twin, single_rows
+        return twin, None, 0
+    return twin, one, single_rows
