@@ -30,7 +30,7 @@ import numpy as np
 from serving.runtime.backends.base import TensorSpec, zero_inputs
 from serving.runtime.backends.ort_runners import SessionRunner
 
-__all__ = ["SizedRunner", "lone_row_ms", "single_thread_rows", "sized_runners", "spinning_pays"]
+__all__ = ["SizedRunner", "run_ms", "single_thread_rows", "sized_runners", "spinning_pays"]
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,13 @@ class SizedRunner:
                 runner.close()
 
 
-def lone_row_ms(runner: SessionRunner, row: Mapping[str, np.ndarray], runs: int) -> float:
-    """Median milliseconds of `runs` runs of `row` (any batch size, despite the name's usual use)."""
+def run_ms(runner: SessionRunner, feed: Mapping[str, np.ndarray], runs: int) -> float:
+    """Median milliseconds of `runs` runs of the batch `feed`."""
     times = []
-    rows = len(next(iter(row.values())))
+    rows = len(next(iter(feed.values())))
     for _ in range(runs):
         start = time.perf_counter()
-        runner.run(row, rows)
+        runner.run(feed, rows)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -91,11 +91,11 @@ def spinning_pays(
     """Time a lone row on `plain` and on a spinning session, in alternating rounds so drift hits
     both alike. Returns (the spinning runner if faster by MIN_GAIN else None, plain ms, spinning ms)."""
     spinning = make_spinning()
-    lone_row_ms(spinning, row, _WARM_RUNS)
+    run_ms(spinning, row, _WARM_RUNS)
     plain_times, spin_times = [], []
     for _ in range(_TIMED_RUNS):
-        plain_times.append(lone_row_ms(plain, row, 1))
-        spin_times.append(lone_row_ms(spinning, row, 1))
+        plain_times.append(run_ms(plain, row, 1))
+        spin_times.append(run_ms(spinning, row, 1))
     plain_ms, spin_ms = statistics.median(plain_times), statistics.median(spin_times)
     if spin_ms <= MIN_GAIN * plain_ms:
         return spinning, plain_ms, spin_ms
@@ -112,12 +112,12 @@ def single_thread_rows(
     limit, speedups, rows = 0, [], 2
     while rows <= max_batch:
         feed = zero_inputs(specs, rows)
-        lone_row_ms(single, feed, 1)
-        lone_row_ms(plain, feed, 1)
+        run_ms(single, feed, 1)
+        run_ms(plain, feed, 1)
         one, many = [], []
         for _ in range(_SIZE_RUNS):  # alternating rounds, as above
-            one.append(lone_row_ms(single, feed, 1))
-            many.append(lone_row_ms(plain, feed, 1))
+            one.append(run_ms(single, feed, 1))
+            many.append(run_ms(plain, feed, 1))
         speedup = min(one) / min(many)  # the least disturbed run of each: steadier than a median here
         speedups.append((rows, speedup))
         if speedup >= EFFICIENCY * threads:
@@ -182,8 +182,8 @@ def _measure(
     """(the spinning twin or None, the one-thread session or None, the largest batch for it or 0),
     for the extra sessions asked for on "auto" that measured worth it."""
     row = zero_inputs(specs, 1)
-    lone_row_ms(plain, row, _WARM_RUNS)
-    plain_ms = lone_row_ms(plain, row, _WARM_RUNS)
+    run_ms(plain, row, _WARM_RUNS)
+    plain_ms = run_ms(plain, row, _WARM_RUNS)
     if plain_ms > MAX_PLAIN_MS:
         log.info("%s: a lone row takes %.2f ms: no extra session tried", name, plain_ms)
         return None, None, 0
