@@ -18,6 +18,8 @@ mean / p50 / p99 in microseconds:
   hop_out     worker done -> the result callback runs on the event loop (the batch taps first:
               prediction metrics and the shadow sample; then call_soon_threadsafe)
   resume      callback -> the request's handler resumes (other handlers of the batch go first)
+              (a request computed inline on the event loop, serving/runtime/solo.py: queue and
+              hop_in ~0, hop_out = the batch taps, resume = back into the handler)
   response    resumed -> the response message made, up to encoding (inflight gauge)
   encode      numpy -> KServe response (raw_output_contents)
   record      statistics + Prometheus
@@ -91,7 +93,7 @@ def _probe_handler() -> None:
     from serving.runtime.batcher import DynamicBatcher
 
     decode, encode, record = gi.decode_inputs, gi.encode_outputs, gi.record_outcome
-    enqueue, submit = DynamicBatcher._enqueue, DynamicBatcher.submit
+    enqueue, submit, inline = DynamicBatcher._enqueue, DynamicBatcher.submit, DynamicBatcher._inline
 
     def decode_probe(request):
         rec = {"start": _clock()}
@@ -103,8 +105,20 @@ def _probe_handler() -> None:
 
     def enqueue_probe(self, *args):
         future = enqueue(self, *args)
-        _stamp("queued")
+        current = _CURRENT.get()
+        if current is not None and "queued" not in current[1]:  # not computed inline
+            _stamp("queued")
         return future
+
+    def inline_probe(self, request):
+        """A request computed on the event loop: queued = dispatched = when its compute began."""
+        rec = _BY_INPUTS.get(id(request.inputs))
+        if rec is not None:
+            rec["queued"] = rec["dispatched"] = _clock()
+        done = inline(self, request)
+        if not done and rec is not None:
+            del rec["queued"], rec["dispatched"]
+        return done
 
     async def submit_probe(self, *args, **kwargs):
         served = await submit(self, *args, **kwargs)
@@ -127,6 +141,7 @@ def _probe_handler() -> None:
 
     gi.decode_inputs, gi.encode_outputs, gi.record_outcome = decode_probe, encode_probe, record_probe
     DynamicBatcher._enqueue, DynamicBatcher.submit = enqueue_probe, submit_probe
+    DynamicBatcher._inline = inline_probe
 
 
 def _probe_batcher() -> None:
@@ -276,7 +291,7 @@ def serve_config(args: argparse.Namespace):
     return ServeConfig(
         repo=args.repo, models=(args.model,), host="127.0.0.1", port=0, metrics_port=0,
         instances=args.instances, intra_op_threads=args.intra_op_threads,
-        intra_op_spinning=args.allow_spinning, workers=1,
+        intra_op_spinning=args.allow_spinning, workers=1, precision=args.precision,
     )  # fmt: skip
 
 
@@ -306,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--measurement-ms", type=int, default=3000)
     p.add_argument("--instances", type=int, default=1, help="kiln serve --instances")
+    p.add_argument("--precision", default="auto", help="kiln serve --precision (serve_throughput: fp32)")
     p.add_argument("--allow-spinning", action="store_true", help="ORT intra-op spinning on")
     p.add_argument("--intra-op-threads", type=int, default=None, help="kiln serve --intra-op-threads")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "serve-work")

@@ -54,6 +54,11 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
         str,
         "CPU: batches too small for the threads on a one-thread session: auto (measured at load) or off",
     ),
+    (
+        "--lone-request-inline-max-ms",
+        float,
+        "a request alone in the server is computed on the event loop if this short (default 2; 0: never)",
+    ),
     ("--event-loop", str, f"{', '.join(EVENT_LOOPS)} (default auto: uvloop where installed)"),
     ("--gil-switch-interval-us", int, "Python's GIL switch interval in microseconds (default 200)"),
     ("--max-batch-size", int, "cap on the batch the batcher forms (default: the manifest's)"),

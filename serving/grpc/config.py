@@ -141,6 +141,10 @@ class ServeConfig:
     # measured at load: ResNet-20 on 2 threads up to 8 rows) run on a one-thread session, leaving
     # the other cores to the event loop; "auto" or "off" (serving/runtime/backends/batch_sessions.py)
     single_thread_small_batches: str = "auto"
+    # a request alone in the process (no other in flight, none beside another for 0.1 s) is computed
+    # on the event loop, without the batcher thread's hand-offs, if its model's recent lone batches
+    # took at most this per batch; 0: never (serving/runtime/solo.py)
+    lone_request_inline_max_ms: float = 2.0
     # GPU execution: handed to BackendOptions under the same names (BACKEND_FIELDS); what each
     # does on the CUDA path, and why its default, is in docs/gpu.md
     iobinding: bool = True
@@ -374,6 +378,7 @@ def _validate(cfg: ServeConfig) -> None:
     for name in ("max_receive_message_bytes", "max_send_message_bytes"):
         _check_range(cfg, name, 1024, 2**31 - 1)
     _check_range(cfg, "max_queue_delay_us", 0, 10_000_000)
+    _check_range(cfg, "lone_request_inline_max_ms", 0, 1000)
     _check_shadow(cfg)
     _check_range(cfg, "latency_target_ms", 0.1, 60_000)
     if cfg.worker_count() > 1 and cfg.shadow_promotion():

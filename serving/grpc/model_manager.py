@@ -56,6 +56,7 @@ from serving.grpc.statistics import ModelStats
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
 from serving.runtime.model_handle import ModelHandle, from_scan
+from serving.runtime.solo import SoloGate
 
 log = logging.getLogger("kiln.models")
 
@@ -99,6 +100,10 @@ class ModelManager:
         # shadow rollouts (serving/grpc/shadow.py): candidates and rejections, verdicts on this
         # table; each model's promotion policy from config.for_model
         self._rollouts = Rollouts(self, config, metrics)
+        # one gate for every model's batcher: a request alone in the process is computed on the
+        # event loop (serving/runtime/solo.py)
+        inline_ms = config.lone_request_inline_max_ms
+        self._solo = SoloGate(inline_ms / 1000) if inline_ms > 0 else None
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -393,6 +398,7 @@ class ModelManager:
             max_queue_per_client=cfg.queue_per_client(),
             observer=VersionObserver(stats, extra),
             name=model,
+            solo=self._solo,
         )
         loaded = LoadedVersion(handle, batcher, stats)
         if tap is not None:

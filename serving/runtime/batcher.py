@@ -48,6 +48,7 @@ from serving.errors import (
 )
 from serving.runtime.backends.base import Backend, validate_inputs
 from serving.runtime.latency_target import LatencyPolicy
+from serving.runtime.solo import SoloGate
 
 __all__ = ["BatchObserver", "BatchTap", "BatchTiming", "ComputedBatch", "DynamicBatcher"]
 
@@ -118,6 +119,7 @@ class DynamicBatcher:
         name: str = "model",
         latency_target_us: int | None = None,
         taps: Sequence[BatchTap] = (),
+        solo: SoloGate | None = None,
     ) -> None:
         self._backend, self._name, self._observer = backend, name, observer
         # see each computed batch in the worker thread (prediction metrics, shadow copies): per batch
@@ -151,6 +153,9 @@ class DynamicBatcher:
                 f"max_queue_per_client must be in [1, {max_queue_size}], got {self._max_per_client}"
             )
         self._instances = instances or getattr(backend, "instances", 1)
+        # a request alone in the process is computed on the event loop (serving/runtime/solo.py)
+        self._solo = solo
+        self._solo_row_s: float | None = None  # recent compute seconds per row of one-request batches
         # Everything below is shared with the workers and guarded by _cond.
         self._cond = threading.Condition()
         # One FIFO per client; dict order is the round-robin ring (a served client moves to the end).
@@ -161,6 +166,7 @@ class DynamicBatcher:
         self._batches_out = 0  # batches whose results the loop has not delivered yet
         self._drained: asyncio.Future[None] | None = None  # set when stop() waits on _batches_out
         self.dropped = {"expired": 0, "cancelled": 0}
+        self.inline_batches = 0  # requests computed on the event loop (solo)
 
     @property
     def queue_depth(self) -> int:
@@ -229,14 +235,20 @@ class DynamicBatcher:
         Raises InvalidInputError, QueueFullError, DeadlineExceededError, ModelUnavailableError or
         the batch's BackendError. The request is queued before the first await.
         """
-        outputs, _ = await self._enqueue(inputs, deadline, client)
+        outputs, _ = await self.submit_timed(inputs, deadline=deadline, client=client)
         return outputs
 
     async def submit_timed(
         self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, client: Hashable = None
     ) -> tuple[_Outputs, BatchTiming]:
         """As `submit`, plus the timing of the batch that served this very request."""
-        return await self._enqueue(inputs, deadline, client)
+        if self._solo is None:
+            return await self._enqueue(inputs, deadline, client)
+        self._solo.enter()
+        try:
+            return await self._enqueue(inputs, deadline, client)
+        finally:
+            self._solo.leave()
 
     def _enqueue(
         self, inputs: Mapping[str, np.ndarray], deadline: float | None, client: Hashable
@@ -250,6 +262,9 @@ class DynamicBatcher:
             self._drop("expired")
             raise DeadlineExceededError(f"deadline expired before the request for {self._name!r} was queued")
         future: asyncio.Future[_Served] = self._loop.create_future()
+        request = _Request(inputs, rows, future, deadline, now, client)
+        if self._solo is not None and self._inline(request):
+            return future
         with self._cond:
             if self._queued >= self._max_queue:
                 raise QueueFullError(
@@ -264,11 +279,42 @@ class DynamicBatcher:
                     f"this client already has {len(own)} requests waiting for model {self._name!r} "
                     "(max_queue_per_client)"
                 )
-            own.append(_Request(inputs, rows, future, deadline, now, client))
+            own.append(request)
             self._queued += 1
             self._queued_rows += rows
             self._cond.notify()
         return future
+
+    def _inline(self, request: _Request) -> bool:
+        """Compute a request alone in the process here, on the event loop, if it is predicted to be
+        short (serving/runtime/solo.py); its future is then done. False: queue it as usual."""
+        assert self._solo is not None
+        per_row = self._solo_row_s
+        if per_row is None or per_row * request.rows > self._solo.max_compute_s:
+            return False
+        if not self._solo.alone(request.enqueued):
+            return False
+        with self._cond:  # nothing queued or running: no worker can want the instance meanwhile
+            if self._queued or self._batches_out:
+                return False
+            if (self._delay if self._policy is None else self._policy.wait()) > 0:
+                return False  # the settings ask lone requests to wait for company
+            self._inflight += 1
+            self._batches_out += 1
+        computed = None
+        try:
+            results, computed = self._compute([request.inputs], [request.rows])
+            outcome: tuple[list[_Outputs], float] | BaseException = (results, computed.compute_seconds)
+            if self._policy is not None:
+                with self._cond:
+                    self._policy.computed(request.rows, computed.compute_seconds, 1)
+        except Exception as exc:  # delivered to this request, as a worker would
+            outcome = exc
+        if computed is not None and self._taps:
+            self._tap(computed)
+        self._finish([request], [0.0], outcome)
+        self.inline_batches += 1
+        return True
 
     # -- worker threads ----------------------------------------------------------------------------
 
@@ -424,6 +470,10 @@ class DynamicBatcher:
                     req.future.set_exception(exc)
             return
         results, compute_seconds = outcome
+        if len(batch) == 1:  # what the next lone request would cost inline
+            last = compute_seconds / max(rows, 1)
+            known = self._solo_row_s
+            self._solo_row_s = last if known is None else 0.8 * known + 0.2 * last
         timing = BatchTiming(rows=rows, compute_seconds=compute_seconds)
         for req, out in zip(batch, results, strict=True):
             if not req.future.done():
