@@ -46,7 +46,7 @@ from serving.errors import (
     ModelUnavailableError,
     QueueFullError,
 )
-from serving.runtime.backends.base import Backend, validate_inputs
+from serving.runtime.backends.base import LOOP_HAS_WORK, Backend, validate_inputs
 from serving.runtime.latency_target import LatencyPolicy
 from serving.runtime.solo import SoloGate
 
@@ -302,6 +302,7 @@ class DynamicBatcher:
             self._inflight += 1
             self._batches_out += 1
         computed = None
+        alone = LOOP_HAS_WORK.set(False)  # the loop itself computes: nothing else to do meanwhile
         try:
             results, computed = self._compute([request.inputs], [request.rows])
             outcome: tuple[list[_Outputs], float] | BaseException = (results, computed.compute_seconds)
@@ -310,6 +311,8 @@ class DynamicBatcher:
                     self._policy.computed(request.rows, computed.compute_seconds, 1)
         except Exception as exc:  # delivered to this request, as a worker would
             outcome = exc
+        finally:
+            LOOP_HAS_WORK.reset(alone)
         if computed is not None and self._taps:
             self._tap(computed)
         self._finish([request], [0.0], outcome)
@@ -322,6 +325,8 @@ class DynamicBatcher:
         while (batch := self._next_batch()) is not None:
             waits = [time.monotonic() - r.enqueued for r in batch]
             computed = None
+            if self._solo is not None:  # requests beside this batch's: the loop's work meanwhile
+                LOOP_HAS_WORK.set(self._solo.in_flight > len(batch))
             try:
                 results, computed = self._compute([r.inputs for r in batch], [r.rows for r in batch])
                 seconds = computed.compute_seconds

@@ -97,6 +97,31 @@ def test_batches_past_the_single_thread_size_run_on_all_threads(wide: Path) -> N
         runner.close()
 
 
+def test_small_batches_take_every_thread_while_the_loop_has_nothing_else_to_do(wide: Path) -> None:
+    import onnxruntime as ort
+
+    from serving.runtime.backends.base import LOOP_HAS_WORK
+    from serving.runtime.backends.ort_runners import SessionRunner
+
+    def session(threads: int) -> SessionRunner:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        return SessionRunner(ort.InferenceSession(str(wide), options, providers=["CPUExecutionProvider"]))
+
+    runner = batch_sessions.SizedRunner(session(2), single=session(1), single_rows=4)
+    feed = {"input": np.ones((2, 512), np.float32)}
+    try:
+        runner.run(feed, 2)  # unknown (the default): the event loop may have work
+        token = LOOP_HAS_WORK.set(False)  # what the batcher sets when this batch is all in flight
+        try:
+            runner.run(feed, 2)
+        finally:
+            LOOP_HAS_WORK.reset(token)
+        assert runner.counts == {"lone": 0, "single": 1, "batched": 1}
+    finally:
+        runner.close()
+
+
 def test_the_twin_stops_spinning_when_a_lone_row_returns(wide: Path) -> None:
     """The twin spins only inside a Run: ~30 ms of CPU after each one otherwise (force_spinning_stop)."""
     backend = _backend(wide, "on")

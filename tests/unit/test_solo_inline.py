@@ -14,20 +14,24 @@ import numpy as np
 import pytest
 
 from serving.errors import BackendError, DeadlineExceededError
+from serving.runtime.backends.base import LOOP_HAS_WORK
 from serving.runtime.batcher import DynamicBatcher
 from serving.runtime.solo import MIN_IDLE_S, SoloGate
-from tests.unit.test_batcher_dynamic import RecordingBackend, run, x
+from tests.unit.test_batcher_dynamic import RecordingBackend, run, wait_entered, x
 
 
 class ThreadRecordingBackend(RecordingBackend):
-    """RecordingBackend that also notes the thread each batch ran on."""
+    """RecordingBackend that also notes the thread each batch ran on and the batcher's hint
+    whether the event loop has other requests meanwhile (LOOP_HAS_WORK)."""
 
     def __init__(self, **kwargs: int) -> None:
         super().__init__(**kwargs)
         self.threads: list[str] = []
+        self.loop_had_work: list[bool] = []
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.threads.append(threading.current_thread().name)
+        self.loop_had_work.append(LOOP_HAS_WORK.get())
         return super().infer(inputs)
 
 
@@ -204,5 +208,29 @@ def test_an_expired_deadline_is_refused_before_any_compute() -> None:
             await batcher.submit(x(1), deadline=time.monotonic() - 0.001)
         await batcher.stop()
         assert backend.rows() == [1]
+
+    run(main())
+
+
+def test_the_worker_tells_the_backend_whether_other_requests_are_in_flight() -> None:
+    async def main() -> None:
+        await asyncio.to_thread(lambda: None)  # the executor's thread exists before the burst
+        backend = ThreadRecordingBackend(max_batch_size=1)  # one request per batch: 3 waits for 2
+        batcher = DynamicBatcher(backend, solo=SoloGate(1.0, memory_s=0.0))
+        batcher.start()
+        await _lone(batcher, 0)  # worker, nothing else in flight
+        await _lone(batcher, 1)  # inline: the loop computes, so it has nothing else to do
+        backend.gate = threading.Event()
+        first = asyncio.ensure_future(batcher.submit(x(2)))
+        await wait_entered(backend)  # the worker took request 2 while it was alone in flight
+        rest = [asyncio.ensure_future(batcher.submit(x(v))) for v in (3, 4)]
+        await asyncio.sleep(0.02)
+        backend.gate.set()
+        await asyncio.gather(first, *rest)
+        await batcher.stop()
+        assert backend.rows() == [1] * 5
+        assert backend.threads[1] == threading.current_thread().name
+        # request 3's batch was taken with 4 (at least) waiting: the loop had work meanwhile
+        assert backend.loop_had_work[:4] == [False, False, False, True]
 
     run(main())

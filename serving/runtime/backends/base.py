@@ -7,6 +7,7 @@ request before queueing (so one bad request can never fail a whole batch).
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ __all__ = [
     "CUDNN_ALGO_SEARCHES",
     "FULL_BATCHES",
     "LONE_BATCH_SPINNING",
+    "LOOP_HAS_WORK",
     "ORT_PROVIDERS",
     "SINGLE_THREAD_SMALL_BATCHES",
     "Backend",
@@ -42,6 +44,10 @@ SINGLE_THREAD_SMALL_BATCHES = ("off", "auto")
 # BackendOptions for work whose batches are full (offline scoring, the precision measurement): one
 # session per instance, none of batch_sessions.py's extra ones for small batches
 FULL_BATCHES = {"lone_batch_spinning": "off", "single_thread_small_batches": "off"}
+# Set by the batcher for the batch its thread is about to run: False when no other request is in
+# flight in the process (the event loop has nothing to do meanwhile, so a small batch may take
+# every thread); True, the default, where unknown (batch_sessions.SizedRunner reads it)
+LOOP_HAS_WORK: contextvars.ContextVar[bool] = contextvars.ContextVar("kiln_loop_has_work", default=True)
 CUDNN_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 _DTYPE_TO_DATATYPE = {np.dtype(v): k for k, v in NUMPY_DTYPES.items() if k != "BYTES"}
 _NUMPY_DTYPES = {k: np.dtype(v) for k, v in NUMPY_DTYPES.items() if k != "BYTES"}

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from serving.runtime.backends.base import TensorSpec, zero_inputs
+from serving.runtime.backends.base import LOOP_HAS_WORK, TensorSpec, zero_inputs
 from serving.runtime.backends.ort_runners import SessionRunner
 
 __all__ = ["SizedRunner", "run_ms", "single_thread_rows", "sized_runners", "spinning_pays"]
@@ -44,7 +44,9 @@ _WARM_RUNS, _TIMED_RUNS, _SIZE_RUNS = 3, 15, 7
 
 class SizedRunner:
     """Runs a batch on the instance's session for its size: 1 row on `lone` (spinning) if set, up
-    to `single_rows` rows on `single` (one thread) if set, anything else on `batched`."""
+    to `single_rows` rows on `single` (one thread) if set while the event loop has other requests
+    to handle (LOOP_HAS_WORK; with none, the spare cores would only idle), anything else on
+    `batched`."""
 
     def __init__(
         self,
@@ -62,7 +64,7 @@ class SizedRunner:
         if rows == 1 and self.lone is not None:
             self.counts["lone"] += 1
             return self.lone.run(inputs, rows)
-        if rows <= self.single_rows and self.single is not None:
+        if rows <= self.single_rows and self.single is not None and LOOP_HAS_WORK.get():
             self.counts["single"] += 1
             return self.single.run(inputs, rows)
         self.counts["batched"] += 1
