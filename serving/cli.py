@@ -81,6 +81,21 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--model-overrides", str, "YAML {model: {promotion/shadow_*/latency_target_ms: value}}"),
     ("--prediction-classes", int, "classes named in kiln_predictions_total, the rest 'other' (default 20)"),
     ("--drift-window", int, "rows per version kiln_prediction_drift is scored over; 0 = off (default 1000)"),
+    (
+        "--prediction-flush-interval-s",
+        float,
+        "longest a served batch waits to be counted in the metrics (default 1)",
+    ),
+    (
+        "--prediction-pending-max-rows",
+        int,
+        "rows waiting to be counted before the batch worker counts them (16384)",
+    ),
+    (
+        "--prediction-pending-max-bytes",
+        int,
+        "class-score bytes waiting to be counted, the same (default 8 MiB)",
+    ),
     ("--grace-period-s", float, "SIGTERM drain budget in seconds (default 20)"),
     ("--max-connection-age-s", float, "close client connections after N seconds (rebalancing)"),
     ("--max-receive-message-bytes", int, "largest accepted request message (default 64 MiB)"),

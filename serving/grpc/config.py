@@ -111,6 +111,11 @@ class ServeConfig:
     prediction_classes: int = DEFAULT_PREDICTION_CLASSES  # kiln score's too
     # rows per version in the sliding window kiln_prediction_drift scores; 0: no drift gauge
     drift_window: int = 1000
+    # computed batches' class outputs wait to be counted (serving/grpc/predictions.py): at most this
+    # long, and the batch worker counts them at once past this many rows or bytes of scores
+    prediction_flush_interval_s: float = 1.0
+    prediction_pending_max_rows: int = 16_384
+    prediction_pending_max_bytes: int = 8 << 20
     # execution
     device: str = serving_defaults.DEVICE
     backend: str = "auto"
@@ -462,6 +467,9 @@ def _check_shadow(cfg: ServeConfig) -> None:
     _check_range(cfg, "shadow_queue_size", 1, 65536)
     _check_range(cfg, "prediction_classes", 0, 1000)
     _check_range(cfg, "drift_window", 0, 1_000_000)
+    _check_range(cfg, "prediction_flush_interval_s", 0.01, 60)
+    _check_range(cfg, "prediction_pending_max_rows", 1, 10_000_000)
+    _check_range(cfg, "prediction_pending_max_bytes", 1024, 1 << 30)
 
 
 def _check_model_overrides(cfg: ServeConfig) -> None:

@@ -383,7 +383,14 @@ class ModelManager:
         model, version = handle.model, str(handle.version)
         stats = ModelStats(model, version)
         extra = self._metrics.batch_observer(model, version) if self._metrics else None
-        recorder = prediction_metrics(self._metrics, cfg.prediction_classes, cfg.drift_window)
+        recorder = prediction_metrics(
+            self._metrics,
+            cfg.prediction_classes,
+            cfg.drift_window,
+            flush_interval_s=cfg.prediction_flush_interval_s,
+            max_pending_rows=cfg.prediction_pending_max_rows,
+            max_pending_bytes=cfg.prediction_pending_max_bytes,
+        )
         target_ms = cfg.for_model(model).latency_target_ms  # per model (model_overrides)
         tap = None if recorder is None else PredictionTap(recorder)
         shadow_tap = self._rollouts.tap(model, handle.version)  # copies to a candidate (promotion: shadow)

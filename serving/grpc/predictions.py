@@ -43,6 +43,7 @@ __all__ = ["OTHER", "PredictionMetrics", "PredictionTap", "prediction_metrics"]
 
 log = logging.getLogger(__name__)
 
+# defaults of the settings prediction_flush_interval_s, prediction_pending_max_rows and _bytes
 FLUSH_INTERVAL_S = 1.0  # the longest a computed batch waits to be counted (without a scrape)
 MAX_PENDING_ROWS = 16_384  # rows waiting beyond this are counted by the batch worker at once
 MAX_PENDING_BYTES = 8 << 20  # and class scores beyond this (a 1000-class model: ~2,000 rows)
@@ -197,17 +198,30 @@ def _flush_every(recorder: weakref.ref[PredictionMetrics], interval_s: float) ->
 
 
 def prediction_metrics(
-    metrics: KilnMetrics | None, most_classes: int, drift_window: int = 0
+    metrics: KilnMetrics | None,
+    most_classes: int,
+    drift_window: int = 0,
+    *,
+    flush_interval_s: float = FLUSH_INTERVAL_S,
+    max_pending_rows: int = MAX_PENDING_ROWS,
+    max_pending_bytes: int = MAX_PENDING_BYTES,
 ) -> PredictionMetrics | None:
     """The server's recorder (the same for each servicer of `metrics`), or None without metrics
-    or with prediction_classes 0; `drift_window` 0: no drift gauge."""
+    or with prediction_classes 0; `drift_window` 0: no drift gauge; the rest: PredictionMetrics."""
     if metrics is None or most_classes <= 0:
         return None
     # kept on the metrics object, not in a module-level map: the recorder refers to its metrics,
     # so a map keyed by them would keep both (and the recorder's thread) alive for good
     recorder = metrics.extensions.get("predictions")
     if recorder is None:
-        recorder = metrics.extensions["predictions"] = PredictionMetrics(metrics, most_classes, drift_window)
+        recorder = metrics.extensions["predictions"] = PredictionMetrics(
+            metrics,
+            most_classes,
+            drift_window,
+            flush_interval_s=flush_interval_s,
+            max_pending_rows=max_pending_rows,
+            max_pending_bytes=max_pending_bytes,
+        )
     return recorder
 
 

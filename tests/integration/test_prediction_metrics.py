@@ -4,6 +4,7 @@ probability, for ModelInfer and Classify alike; unloading a version removes its 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -114,6 +115,25 @@ def test_rows_are_counted_without_a_scrape_and_pending_rows_are_bounded(tmp_path
     assert seen == [4, 8, 0, 4, 8, 0]  # past 10 rows waiting: counted by the caller
     assert seen_bytes == [4, 8, 0]  # past twice a batch's bytes waiting: the same
     assert counted == len(ROWS) + 9 * 4  # the scrape counted what was left (none) and nothing twice
+
+
+def test_the_pending_bounds_are_settings(tmp_path: Path) -> None:
+    """prediction_pending_max_rows / _bytes and prediction_flush_interval_s reach the server's
+    recorder: past 6 rows waiting, the batch worker counts them at once."""
+    publish_tiny_model(tmp_path, seed=1)
+    config = dataclasses.replace(
+        _config(tmp_path, classes=len(LABELS)),
+        prediction_flush_interval_s=60.0,
+        prediction_pending_max_rows=6,
+        prediction_pending_max_bytes=1 << 20,
+    )
+    with running_server(config) as srv, KilnClient(srv.address) as client:
+        recorder = srv.server.metrics.extensions["predictions"]
+        seen = []
+        for _ in range(3):
+            client.infer("tiny", {"input": ROWS[:4]})
+            seen.append(recorder.pending_rows)
+    assert seen == [4, 0, 4]  # 8 rows waiting > 6: counted by the worker; no timer within 60 s
 
 
 def test_a_failing_count_is_logged_once_and_never_breaks_a_scrape(
