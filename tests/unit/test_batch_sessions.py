@@ -17,6 +17,7 @@ import pytest
 
 from serving.runtime.backends import BackendOptions, batch_sessions
 from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from serving.runtime.backends.ort_runners import SessionRunner
 from tests.unit.test_backends_onnxruntime import idle_cpu_after_runs, write_wide_model
 
 RNG = np.random.default_rng(7)
@@ -50,6 +51,15 @@ def _counts(backend: OnnxRuntimeBackend) -> dict[str, int]:
     return total
 
 
+def _plain(path: Path, threads: int) -> SessionRunner:
+    """A session of the model on `threads` threads, outside any backend."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return SessionRunner(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+
+
 @pytest.fixture
 def pinned(monkeypatch: pytest.MonkeyPatch) -> None:
     """ "auto" decides as if every measurement favoured the extra sessions: kept, up to 64 rows."""
@@ -79,16 +89,7 @@ def test_each_batch_size_runs_on_its_session_with_the_same_numbers(wide: Path, p
 
 
 def test_batches_past_the_single_thread_size_run_on_all_threads(wide: Path) -> None:
-    import onnxruntime as ort
-
-    from serving.runtime.backends.ort_runners import SessionRunner
-
-    def session(threads: int) -> SessionRunner:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        return SessionRunner(ort.InferenceSession(str(wide), options, providers=["CPUExecutionProvider"]))
-
-    runner = batch_sessions.SizedRunner(session(2), single=session(1), single_rows=4)
+    runner = batch_sessions.SizedRunner(_plain(wide, 2), single=_plain(wide, 1), single_rows=4)
     try:
         for rows in (1, 4, 5, 64):
             runner.run({"input": np.ones((rows, 512), np.float32)}, rows)
@@ -98,17 +99,9 @@ def test_batches_past_the_single_thread_size_run_on_all_threads(wide: Path) -> N
 
 
 def test_small_batches_take_every_thread_while_the_loop_has_nothing_else_to_do(wide: Path) -> None:
-    import onnxruntime as ort
-
     from serving.runtime.backends.base import LOOP_HAS_WORK
-    from serving.runtime.backends.ort_runners import SessionRunner
 
-    def session(threads: int) -> SessionRunner:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        return SessionRunner(ort.InferenceSession(str(wide), options, providers=["CPUExecutionProvider"]))
-
-    runner = batch_sessions.SizedRunner(session(2), single=session(1), single_rows=4)
+    runner = batch_sessions.SizedRunner(_plain(wide, 2), single=_plain(wide, 1), single_rows=4)
     feed = {"input": np.ones((2, 512), np.float32)}
     try:
         runner.run(feed, 2)  # unknown (the default): the event loop may have work

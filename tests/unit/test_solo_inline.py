@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
@@ -55,14 +55,21 @@ def _busy(seconds: float) -> None:
 # -- the gate -----------------------------------------------------------------------------------
 
 
+def _next_is_alone(gate: SoloGate, between: Callable[[], object]) -> bool:
+    """Whether a request is alone when `between` is what the loop did since the last one left."""
+    gate.enter()
+    gate.leave()
+    between()
+    gate.enter()
+    try:
+        return gate.alone(time.monotonic())
+    finally:
+        gate.leave()
+
+
 def test_a_request_after_an_idle_spell_is_alone() -> None:
-    gate = SoloGate(0.002, memory_s=0.0)
-    gate.enter()
-    gate.leave()
-    time.sleep(0.002)  # the loop sleeps: the next request came from outside
-    gate.enter()
-    assert gate.alone(time.monotonic())
-    gate.leave()
+    # the loop slept: the next request came from outside
+    assert _next_is_alone(SoloGate(0.002, memory_s=0.0), lambda: time.sleep(0.002))
 
 
 def test_two_requests_in_flight_are_not_alone_and_the_gate_remembers() -> None:
@@ -80,14 +87,9 @@ def test_two_requests_in_flight_are_not_alone_and_the_gate_remembers() -> None:
 
 
 def test_a_request_taken_without_the_loop_sleeping_is_not_alone() -> None:
-    """What a loop does after an inline compute under load: the next request was already waiting."""
-    gate = SoloGate(0.002, memory_s=0.0)
-    gate.enter()
-    gate.leave()
-    _busy(4 * MIN_IDLE_S)  # the loop worked the whole gap (gRPC handing over the next call)
-    gate.enter()
-    assert not gate.alone(time.monotonic())
-    gate.leave()
+    """What a loop does after an inline compute under load: the next request was already waiting,
+    and the loop worked the whole gap (gRPC handing over the next call)."""
+    assert not _next_is_alone(SoloGate(0.002, memory_s=0.0), lambda: _busy(4 * MIN_IDLE_S))
 
 
 def test_gate_settings_are_checked() -> None:
@@ -100,6 +102,15 @@ def test_gate_settings_are_checked() -> None:
 # -- the batcher's inline path ------------------------------------------------------------------
 
 
+def _started(
+    backend: ThreadRecordingBackend, max_compute_s: float = 1.0, **options: object
+) -> DynamicBatcher:
+    """A started batcher with its own gate (no memory: each request is judged on its own)."""
+    batcher = DynamicBatcher(backend, solo=SoloGate(max_compute_s, memory_s=0.0), **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
 async def _lone(batcher: DynamicBatcher, value: float) -> dict[str, np.ndarray]:
     await asyncio.sleep(0.002)  # a lone client's round trip: the loop idles between requests
     return await batcher.submit(x(value))
@@ -108,8 +119,7 @@ async def _lone(batcher: DynamicBatcher, value: float) -> dict[str, np.ndarray]:
 def test_lone_requests_run_on_the_event_loop_once_their_cost_is_known() -> None:
     async def main() -> None:
         backend, observer = ThreadRecordingBackend(), Observer()
-        batcher = DynamicBatcher(backend, solo=SoloGate(1.0, memory_s=0.0), observer=observer)
-        batcher.start()
+        batcher = _started(backend, observer=observer)
         loop_thread = threading.current_thread().name
         for value in range(4):
             out = await _lone(batcher, value)
@@ -127,8 +137,7 @@ def test_lone_requests_run_on_the_event_loop_once_their_cost_is_known() -> None:
 def test_concurrent_requests_are_batched_by_the_worker_not_inline() -> None:
     async def main() -> None:
         backend = ThreadRecordingBackend()
-        batcher = DynamicBatcher(backend, solo=SoloGate(1.0, memory_s=0.0))
-        batcher.start()
+        batcher = _started(backend)
         await _lone(batcher, 0)
         await _lone(batcher, 1)  # inline from now on, while alone
         backend.gate = threading.Event()
@@ -152,8 +161,7 @@ def test_concurrent_requests_are_batched_by_the_worker_not_inline() -> None:
 def test_a_request_predicted_too_slow_goes_to_the_worker() -> None:
     async def main() -> None:
         backend = ThreadRecordingBackend()
-        batcher = DynamicBatcher(backend, solo=SoloGate(1e-9, memory_s=0.0))  # nothing is short enough
-        batcher.start()
+        batcher = _started(backend, 1e-9)  # nothing is short enough
         for value in range(3):
             await _lone(batcher, value)
         await batcher.stop()
@@ -166,8 +174,7 @@ def test_a_request_predicted_too_slow_goes_to_the_worker() -> None:
 def test_a_queue_delay_keeps_lone_requests_waiting_for_company() -> None:
     async def main() -> None:
         backend = ThreadRecordingBackend()
-        batcher = DynamicBatcher(backend, max_queue_delay_us=1_000, solo=SoloGate(1.0, memory_s=0.0))
-        batcher.start()
+        batcher = _started(backend, max_queue_delay_us=1_000)
         for value in range(3):
             await _lone(batcher, value)
         await batcher.stop()
@@ -179,8 +186,7 @@ def test_a_queue_delay_keeps_lone_requests_waiting_for_company() -> None:
 def test_an_inline_failure_reaches_its_request_only_and_the_batcher_goes_on() -> None:
     async def main() -> None:
         backend = ThreadRecordingBackend()
-        batcher = DynamicBatcher(backend, solo=SoloGate(1.0, memory_s=0.0))
-        batcher.start()
+        batcher = _started(backend)
         await _lone(batcher, 0)
         backend.fail_if = lambda batch: bool((batch[:, 0] == 13).any())
         with pytest.raises(BackendError, match="kaboom"):
@@ -200,8 +206,7 @@ def test_an_inline_failure_reaches_its_request_only_and_the_batcher_goes_on() ->
 def test_an_expired_deadline_is_refused_before_any_compute() -> None:
     async def main() -> None:
         backend = ThreadRecordingBackend()
-        batcher = DynamicBatcher(backend, solo=SoloGate(1.0, memory_s=0.0))
-        batcher.start()
+        batcher = _started(backend)
         await _lone(batcher, 0)
         await asyncio.sleep(0.002)
         with pytest.raises(DeadlineExceededError):
@@ -216,8 +221,7 @@ def test_the_worker_tells_the_backend_whether_other_requests_are_in_flight() -> 
     async def main() -> None:
         await asyncio.to_thread(lambda: None)  # the executor's thread exists before the burst
         backend = ThreadRecordingBackend(max_batch_size=1)  # one request per batch: 3 waits for 2
-        batcher = DynamicBatcher(backend, solo=SoloGate(1.0, memory_s=0.0))
-        batcher.start()
+        batcher = _started(backend)
         await _lone(batcher, 0)  # worker, nothing else in flight
         await _lone(batcher, 1)  # inline: the loop computes, so it has nothing else to do
         backend.gate = threading.Event()
