@@ -219,12 +219,16 @@ def test_an_expired_deadline_is_refused_before_any_compute() -> None:
 
 def test_the_worker_tells_the_backend_whether_other_requests_are_in_flight() -> None:
     async def main() -> None:
-        await asyncio.to_thread(lambda: None)  # the executor's thread exists before the burst
         backend = ThreadRecordingBackend(max_batch_size=1)  # one request per batch: 3 waits for 2
-        batcher = _started(backend)
+        gate = SoloGate(1.0, memory_s=0.0)
+        batcher = DynamicBatcher(backend, solo=gate)
+        batcher.start()
         await _lone(batcher, 0)  # worker, nothing else in flight
         await _lone(batcher, 1)  # inline: the loop computes, so it has nothing else to do
-        backend.gate = threading.Event()
+        # from now on nothing is short enough to go inline (the executor thread that wait_entered
+        # uses may take the GIL just then, which the gate cannot tell from the loop sleeping)
+        gate.max_compute_s = 1e-12
+        backend.gate, backend.entered = threading.Event(), threading.Semaphore(0)
         first = asyncio.ensure_future(batcher.submit(x(2)))
         await wait_entered(backend)  # the worker took request 2 while it was alone in flight
         rest = [asyncio.ensure_future(batcher.submit(x(v))) for v in (3, 4)]
