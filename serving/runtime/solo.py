@@ -18,7 +18,13 @@ so it is done only where nobody can be held up:
 - the batch is predicted (from the model's own recent lone batches) to take at most
   `lone_request_inline_max_ms`; a model not yet seen alone goes through the worker.
 
-Runs on the event loop only (no locks).
+What the second test cannot see: time the loop spent waiting for the GIL (another thread of the
+process running Python: a metrics scrape, the prediction counter's timer) counts as sleep. The
+harm is bounded: one request computed inline while others waited, after which the next request
+finds that the loop did not sleep and the gate closes for `CROWD_MEMORY_S`.
+
+Written on the event loop only (no locks); the batcher's workers read `in_flight` to tell the
+backend whether the loop has other requests during a batch (backends.base.LOOP_HAS_WORK).
 """
 
 from __future__ import annotations
