@@ -475,7 +475,7 @@ class DynamicBatcher:
                     req.future.set_exception(exc)
             return
         results, compute_seconds = outcome
-        if len(batch) == 1:  # what the next lone request would cost inline
+        if self._solo is not None and len(batch) == 1:  # what the next lone request would cost inline
             last = compute_seconds / max(rows, 1)
             known = self._solo_row_s
             self._solo_row_s = last if known is None else 0.8 * known + 0.2 * last

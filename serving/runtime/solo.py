@@ -52,16 +52,20 @@ class SoloGate:
     def enter(self) -> None:
         """A request begins (before it is queued)."""
         self.in_flight += 1
-        now, cpu = time.monotonic(), time.thread_time()
-        slept = (now - self._left) - (cpu - self._left_cpu)  # of the gap since the last one left
-        self._company = self.in_flight > 1 or slept < MIN_IDLE_S
+        now = time.monotonic()
+        if self.in_flight > 1:  # under load: no clock of the loop's CPU needed (a system call)
+            self._company = True
+        else:  # of the gap since the last request left, the part the loop spent off the CPU
+            slept = (now - self._left) - (time.thread_time() - self._left_cpu)
+            self._company = slept < MIN_IDLE_S
         if self._company:
             self._crowded_until = now + self._memory
 
     def leave(self) -> None:
         """A request has its answer, its error or was cancelled."""
         self.in_flight -= 1
-        self._left, self._left_cpu = time.monotonic(), time.thread_time()
+        if not self.in_flight:  # the next request, alone in flight, measures its gap from here
+            self._left, self._left_cpu = time.monotonic(), time.thread_time()
 
     def alone(self, now: float) -> bool:
         """True if the request that entered last is the only one, and has been for a while."""

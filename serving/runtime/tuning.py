@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.contract.manifest import Artefact, Manifest
-from serving.runtime.backends import FULL_BATCHES, BackendOptions, load_backend, numpy_dtype
+from serving.runtime.backends import FULL_BATCHES, BackendOptions, load_backend, zero_inputs
 
 __all__ = ["CACHE_FILE", "Layout", "Machine", "Trial", "TuningChoice", "eligible", "this_machine", "tune"]
 
@@ -152,10 +152,7 @@ def _measure(
     try:
         rates = {}
         for rows in batch_sizes:
-            inputs = {
-                s.name: np.zeros((rows, *(d if d > 0 else 1 for d in s.shape[1:])), numpy_dtype(s.datatype))
-                for s in backend.inputs
-            }
+            inputs = zero_inputs(backend.inputs, rows)
             backend.infer(inputs)  # first call per shape pays allocation: not measured
             rates[rows] = rows * _calls_per_second(backend.infer, inputs, layout.instances, seconds)
         return Trial(artefact.path, artefact.precision, layout, rates)
