@@ -5,10 +5,12 @@ reference figures, and the machine/version summary.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +38,9 @@ class Measure:
     compute_ms: float
     stable: bool
     load: str
+    # established connections per server process while it ran, most first ("2+1": with workers,
+    # SO_REUSEPORT hashes each connection to one worker); "" where `ss` could not tell
+    connections: str = ""
 
 
 def load_average() -> str:
@@ -138,11 +143,9 @@ def measure_pa(
     for stable in (True, False):
         if not stable:  # -s 999: the first three windows count as stable
             cmd[cmd.index("-s") + 1] = "999"
-        done = subprocess.run(
-            cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, preexec_fn=_pin(cpus)
-        )
+        done, spread = _run_sampling_connections(cmd, cpus, port)
         if done.returncode == 0:
-            return _parse_csv(csv_path, stable=stable, load=load)
+            return _parse_csv(csv_path, stable=stable, load=load, connections=spread)
     print(f"perf_analyzer failed: {' '.join(cmd)}\n{done.stdout[-800:]}{done.stderr[-800:]}", file=sys.stderr)
     nan = float("nan")
     return Measure(
@@ -150,7 +153,42 @@ def measure_pa(
     )
 
 
-def _parse_csv(path: Path, *, stable: bool, load: str) -> Measure:
+def _run_sampling_connections(
+    cmd: Sequence[str], cpus: set[int], port: int, after_s: float = 2.0
+) -> tuple[subprocess.CompletedProcess, str]:
+    """Run perf_analyzer; `after_s` into the run (its channels are connected by then) read which
+    server process holds each of its connections."""
+    with subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_pin(cpus)
+    ) as proc:
+        spread = ""
+        try:
+            proc.wait(timeout=after_s)
+        except subprocess.TimeoutExpired:
+            spread = "+".join(map(str, connections_per_process(port)))
+        try:
+            out, err = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), spread
+
+
+def connections_per_process(port: int) -> list[int]:
+    """Established TCP connections to local `port` per owning process, most first (`ss -tnp`);
+    empty where ss is missing or shows no owner."""
+    try:
+        out = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    counts = collections.Counter(re.findall(r"pid=(\d+)", out))
+    return sorted(counts.values(), reverse=True)
+
+
+def _parse_csv(path: Path, *, stable: bool, load: str, connections: str = "") -> Measure:
     with path.open(newline="") as f:
         row = next(csv.DictReader(f))
     us = lambda key: float(row.get(key) or 0.0) / 1000.0  # noqa: E731 - µs columns to ms
@@ -162,6 +200,7 @@ def _parse_csv(path: Path, *, stable: bool, load: str) -> Measure:
         compute_ms=us("Server Compute Infer"),
         stable=stable,
         load=load,
+        connections=connections,
     )
 
 

@@ -114,6 +114,13 @@ def input_data(path: Path, input_name: str, shape: tuple[int, ...], samples: int
     return path
 
 
+# A closed loop of c clients answered in batches completes about c requests every c/E seconds, in
+# bursts: a window must hold many such cycles or the count it reads is quantised by whole batches
+# (ResNet-50 at c16: ~0.4 s a cycle, so a 3 s window read 34-41 inf/s on one server; +-1 batch is
+# +-12 %). 40 cycles: ResNet-50 c16 ~15 s; ResNet-20 stays at the 3 s floor.
+CYCLES = 40
+
+
 def bench_model(spec: ModelSpec, args: argparse.Namespace, cpus: set[int]) -> dict:
     """Every figure of one model (see the module docstring).
 
@@ -145,8 +152,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, cpus: set[int]) -> di
         result["engines"].append(before)
         for _ in range(args.rounds):
             for c in args.concurrency:
-                # long enough for ~3c answers when each takes c/E seconds
-                window = max(args.measurement_ms, int(3000 * c / before["E"]))
+                window = max(args.measurement_ms, int(1000 * CYCLES * c / before["E"]))
                 block: dict = {"c": c, "window_ms": window}
                 for name in ("null", *served):
                     model = "null" if name == "null" else spec.name
@@ -188,8 +194,8 @@ def render_model(res: dict) -> list[str]:
                     f"{g['E1_p99_ms']:.2f}, {g['load']}" for g in engines),
         "- Each block's E and E1 are the means of the engine figures just before and after it.", "",
         "| conc | batcher | workers | served inf/s | p50 ms | p99 ms | srv queue ms | srv compute ms | E "
-        "| E1 p99 | N | L | served/L | served/E | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| E1 p99 | N | L | served/L | served/E | load | conns per process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for block in res["blocks"]:
         e, n = block["engine"]["E"], block["null"].throughput
@@ -201,7 +207,7 @@ def render_model(res: dict) -> list[str]:
                 f"| {block['c']} | {mode[:3].rstrip('-')} | {workers_of(mode)} | {m.throughput:.1f}{flag} | "
                 f"{m.p50_ms:.2f} | {m.p99_ms:.2f} | {m.queue_ms:.2f} | {m.compute_ms:.2f} | {e:.1f} | "
                 f"{block['engine']['E1_p99_ms']:.2f} | {n:.0f} | {lim:.1f} | {m.throughput / lim:.2f} | "
-                f"{m.throughput / e:.2f} | {m.load} |"
+                f"{m.throughput / e:.2f} | {m.load} | {m.connections or '?'} |"
             )
     return [*lines, "", *targets(res), ""]
 
@@ -249,7 +255,8 @@ def render(results: list[dict], args: argparse.Namespace, prepared: list[str], c
         f"- Machine: {cpu_summary()}; client, server and references pinned to CPUs {sorted(cpus)}",
         f"- Versions: {versions(args.perf_analyzer)}",
         f"- Command: `{' '.join([Path(PYTHON).name, *sys.argv])}`",
-        f"- perf_analyzer: gRPC, sync, `-p max({args.measurement_ms}, 3000*C/E)` ms, "
+        f"- perf_analyzer: gRPC, sync, `-p max({args.measurement_ms}, {CYCLES}000*C/E)` ms "
+        f"(at least {CYCLES} batch cycles), "
         f"`--max-trials 6 -s {args.stability}`; "
         "figures are its last stable windows ('unstable': the first 3 windows were accepted); "
         "'load' is the 1-minute load average before each measurement (the box is shared); "
@@ -261,6 +268,9 @@ def render(results: list[dict], args: argparse.Namespace, prepared: list[str], c
         "- Served rows: `kiln serve` defaults but `--precision fp32` (batcher on: max_batch_size 64, "
         "max_queue_delay_us 0) "
         f"at `--workers` {', '.join(map(str, args.workers))}; batcher off: `--max-batch-size 1`, one worker",
+        "- 'conns per process': perf_analyzer's connections per server process, read with `ss` 2 s into "
+        "the run (with workers > 1 the kernel hashes each connection to one worker: '3' there means one "
+        "worker served every request)",
     ]  # fmt: skip
     lines += [f"- Prepared: `{c}`" for c in prepared]
     for res in results:
