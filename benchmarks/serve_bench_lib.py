@@ -24,6 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 DEFAULT_PA = ROOT / ".tools-venv" / "bin" / "kiln-perf-analyzer"
+# E counts at least this many batches of 16: ResNet-50's 2 s were ~5 batches, and one disturbed
+# batch moved E by ~10 % between spinning on and off in one measurement
+MIN_BATCHES = 12
 FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx_vnni")
 
 
@@ -214,9 +217,9 @@ def _session(onnx: Path, spin: str):
 
 
 def _throughput(run: Callable[[], None], batch: int, seconds: float) -> float:
-    """Rows/s over at least `seconds` and 3 runs."""
+    """Rows/s over at least `seconds` and MIN_BATCHES runs."""
     count, start = 0, time.perf_counter()
-    while count < 3 or time.perf_counter() - start < seconds:
+    while count < MIN_BATCHES or time.perf_counter() - start < seconds:
         run()
         count += 1
     return count * batch / (time.perf_counter() - start)

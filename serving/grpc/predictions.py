@@ -9,11 +9,12 @@ The batch worker only hands each computed batch's class output over (`Prediction
 batcher's batch taps: a list append); the rows are counted later, many batches at once, from each
 row's top-1 class and probability (runtime/topk.py `top1`: softmax's value without the whole
 softmax): before every scrape and every series removal (KilnMetrics.before_read), every
-FLUSH_INTERVAL_S on a thread of their own (with `workers` > 1 the supervisor's scrape cannot
-reach a worker: its counts lag by at most that), and in the worker itself once MAX_PENDING_ROWS
-rows or MAX_PENDING_BYTES of scores wait. Why not per batch: counting a batch in the worker
-right after ONNX Runtime ran took ~100 us (the same code takes ~20 us on warm caches), on the
-path of every answer (a lone ResNet-20 request served 12 % faster without it,
+flush interval on a thread of their own (with `workers` > 1 the supervisor's scrape cannot
+reach a worker: its counts lag by at most that), and in the worker itself once the pending rows
+or bytes of scores pass their bound (settings `prediction_flush_interval_s`,
+`prediction_pending_max_rows`, `prediction_pending_max_bytes`; defaults below). Why not per
+batch: counting a batch in the worker right after ONNX Runtime ran took ~100 us (the same code
+takes ~20 us on warm caches), on the path of every answer (a lone ResNet-20 request served 12 % faster without it,
 benchmarks/RESULTS-serving.md); and not per request on the event loop, where it cost ~17 % at
 concurrency 16. A model without a classification output is not counted; rows with non-finite
 scores predict nothing. The same rows feed the drift gauge (serving/grpc/drift.py); one
