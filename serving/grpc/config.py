@@ -133,6 +133,10 @@ class ServeConfig:
     # server processes sharing the port (SO_REUSEPORT: the kernel spreads connections, not calls;
     # docs/design.md "Serving on every core"); None: worker_count() picks from the cores
     workers: int | None = None
+    # CPU, workers > 1: a worker runs a batch on every core while all the others have idled for a
+    # while (one worker holding every connection otherwise computes at its share's speed), at one
+    # more session of each model per instance (serving/runtime/backends/core_share.py)
+    workers_share_cores: bool = True
     # ORT intra-op threads busy-wait between the ops of a batch (they stop when it returns): a lone
     # small request is faster, but under load they take the cores that the gRPC event loop needs
     # (benchmarks/RESULTS-serving.md: ResNet-20 on 2 cores, c1 +14 %, c16 -2 %, c64 -6 %).

@@ -235,6 +235,12 @@ _METRICS: dict[str, _Spec] = {
         (*_MV, "distribution"),
         {"multiprocess_mode": "livemax"},
     ),
+    # workers > 1 (serving/runtime/backends/core_share.py): batches on the worker's own share of
+    # the cores, or on all of them while every other worker idled ("all": few connections, one
+    # worker holding them)
+    "worker_batches": _Spec(
+        Counter, "kiln_worker_batches", "Batches computed by workers, by the cores they used", ("cores",)
+    ),
 }
 
 
@@ -274,6 +280,7 @@ class KilnMetrics:
     predictions: Counter
     prediction_confidence: Histogram
     prediction_drift: Gauge
+    worker_batches: Counter
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True, gpu: bool = True) -> None:
         self.registry = registry
@@ -295,6 +302,7 @@ class KilnMetrics:
         # builds a key on every call, and observe_request runs once per request.
         self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self._inflight_children: dict[tuple[str, str], _Inflight] = {}  # the same, for track_inflight
+        self._worker_children: dict[str, Counter] = {}  # and for count_worker_batch
         self.gpu = self._register_collectors(process=process, gpu=gpu)
 
     def _load_state_metric(self) -> Enum | Gauge:
@@ -332,6 +340,14 @@ class KilnMetrics:
         children[0].inc()
         if seconds is not None:
             children[1].observe(seconds)
+
+    def count_worker_batch(self, on_all_cores: bool) -> None:
+        """One batch of a worker that shares the cores with others (core_share.CoreTable.on_batch)."""
+        cores = "all" if on_all_cores else "own_share"
+        child = self._worker_children.get(cores)
+        if child is None:  # made on first use: a lone server shows no such series
+            child = self._worker_children[cores] = self.worker_batches.labels(cores)
+        child.inc()
 
     def track_inflight(self, model: str, version: str) -> AbstractContextManager[None]:
         """Count a request as in flight for the duration of the block (the handlers wrap each

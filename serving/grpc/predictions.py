@@ -5,20 +5,21 @@
 mix or a fall in confidence shows on the dashboard before anyone reports wrong answers. Label
 cardinality is bounded: classes at output index `prediction_classes` or beyond count as
 "other" (a 1000-class model would otherwise add 1000 series per version); 0 turns both off.
+
 The batch worker only hands each computed batch's class output over (`PredictionTap`, one of the
 batcher's batch taps: a list append); the rows are counted later, many batches at once, from each
 row's top-1 class and probability (runtime/topk.py `top1`: softmax's value without the whole
-softmax): before every scrape and every series removal (KilnMetrics.before_read), every
-flush interval on a thread of their own (with `workers` > 1 the supervisor's scrape cannot
-reach a worker: its counts lag by at most that), and in the worker itself once the pending rows
-or bytes of scores pass their bound (settings `prediction_flush_interval_s`,
-`prediction_pending_max_rows`, `prediction_pending_max_bytes`; defaults below). Why not per
-batch: counting a batch in the worker right after ONNX Runtime ran took ~100 us (the same code
-takes ~20 us on warm caches), on the path of every answer (a lone ResNet-20 request served 12 % faster without it,
+softmax): before every scrape and every series removal (KilnMetrics.before_read), every flush
+interval on a thread of their own (with `workers` > 1 the supervisor's scrape cannot reach a
+worker: its counts lag by at most that), and in the worker itself once the pending rows or bytes
+of scores pass their bound (settings `prediction_flush_interval_s`, `prediction_pending_max_rows`,
+`prediction_pending_max_bytes`; defaults below). Why not per batch: counting a batch in the worker
+right after ONNX Runtime ran took ~100 us (the same code takes ~20 us on warm caches), on the path
+of every answer (a lone ResNet-20 request served 12 % faster without it,
 benchmarks/RESULTS-serving.md); and not per request on the event loop, where it cost ~17 % at
 concurrency 16. A model without a classification output is not counted; rows with non-finite
-scores predict nothing. The same rows feed the drift gauge (serving/grpc/drift.py); one
-recorder per server, so one window per version.
+scores predict nothing. The same rows feed the drift gauge (serving/grpc/drift.py); one recorder
+per server, so one window per version.
 """
 
 from __future__ import annotations

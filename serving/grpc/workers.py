@@ -40,6 +40,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from serving.grpc.config import ServeConfig, usable_cores
+from serving.runtime.backends import core_share
+from serving.runtime.backends.core_share import CoreTable
 
 log = logging.getLogger("kiln.workers")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop] | None
@@ -74,12 +76,17 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_main(config: ServeConfig, conn: Connection, factory: LoopFactory) -> None:
-    """A worker process: one Server, gated by the supervisor's pipe."""
+def _worker_main(
+    config: ServeConfig, conn: Connection, factory: LoopFactory, seat: tuple[str, int, int, int] | None
+) -> None:
+    """A worker process: one Server, gated by the supervisor's pipe; `seat`: its place in the
+    core table (core_share.join's arguments), None when the workers do not share cores."""
     from serving.grpc.request_log import configure_logging
 
     os.setpgid(0, 0)  # Ctrl-C reaches the supervisor only, which forwards one SIGTERM
     configure_logging(config.log_format, config.log_level)
+    if seat is not None:  # before any model loads: their sessions read it
+        core_share.join(*seat)
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve_worker(config, conn))
 
@@ -89,6 +96,9 @@ async def _serve_worker(config: ServeConfig, conn: Connection) -> None:
 
     loop = asyncio.get_running_loop()
     server = Server(config, announce=lambda: conn.send("ready"))
+    table = core_share.current()
+    if table is not None:
+        table.on_batch = server.metrics.count_worker_batch
     tasks: set[asyncio.Task[None]] = set()
 
     def on_message() -> None:
@@ -153,6 +163,8 @@ class Supervisor:
         self._stop_deadline: float | None = None
         self._metrics_dir = ""
         self._metrics_http = None
+        self._cores_dir = ""
+        self._cores: tuple[str, int, int] | None = None  # the core table: path, workers, wide threads
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT and every worker has drained. Returns the exit code."""
@@ -196,6 +208,11 @@ class Supervisor:
         self._worker_config = dataclasses.replace(
             cfg, port=port, health_port=health_port, metrics_port=None, intra_op_threads=threads
         )
+        if cfg.workers_share_cores and self.count > 1:  # see serving/runtime/backends/core_share.py
+            self._cores_dir = tempfile.mkdtemp(prefix="kiln-cores-")
+            table = os.path.join(self._cores_dir, "computing")
+            CoreTable.create(table, self.count)
+            self._cores = (table, self.count, max(threads, usable_cores() // (cfg.instances or 1)))
         # read by prometheus_client when each spawned worker imports it (serving.grpc.metrics)
         self._metrics_dir = tempfile.mkdtemp(prefix="kiln-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
@@ -214,16 +231,27 @@ class Supervisor:
         if self._metrics_dir:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        if self._cores_dir:
+            shutil.rmtree(self._cores_dir, ignore_errors=True)
 
     def _spawn(self, slot: int) -> None:
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(self._worker_config, theirs, self._factory), name=f"kiln-worker-{slot}"
+            target=_worker_main,
+            args=(self._worker_config, theirs, self._factory, self._table_seat(slot)),
+            name=f"kiln-worker-{slot}",
         )
         process.start()
         theirs.close()
         self.workers[slot] = _Worker(slot, process, ours, time.monotonic())
         log.info("worker %d started (pid %d)", slot, process.pid, extra={"worker": slot, "pid": process.pid})
+
+    def _table_seat(self, slot: int) -> tuple[str, int, int, int] | None:
+        """What core_share.join needs in the worker of `slot`; None without a core table."""
+        if self._cores is None:
+            return None
+        path, slots, wide = self._cores
+        return path, slot, slots, wide
 
     def _loop(self, wake: socket.socket) -> int:
         while self.workers or (self._pending and self._stop_deadline is None):

@@ -1,8 +1,9 @@
-"""`kiln serve --workers 2`: a real supervisor and its two worker processes on one port, real
-clients (tritonclient channels, KilnClient). Connections spread over the workers, one channel
-stays on one; health turns on only with every worker; /metrics sums them; a new version published
-into the repository reaches every worker by polling; repository control is refused; a SIGKILLed
-worker is replaced while the other keeps answering; SIGTERM drains both with nothing lost."""
+"""`kiln serve --workers 2`: a real supervisor and its two worker processes on one port, real clients
+(tritonclient channels, KilnClient). Connections spread over the workers, one channel stays on one
+and computes on every core while the other worker idles; health turns on only with every worker;
+/metrics sums them; a new version published into the repository reaches every worker by polling;
+repository control is refused; a SIGKILLed worker is replaced while the other keeps answering;
+SIGTERM drains both with nothing lost."""
 
 from __future__ import annotations
 
@@ -75,9 +76,12 @@ class Supervised:
         latest = {line["worker"]: line["pid"] for line in started}
         return sorted(latest.values())
 
-    def metric(self, name: str) -> float:
+    def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+            return reply.read().decode()
+
+    def metric(self, name: str) -> float:
+        text = self.metrics_text()
         pattern = re.compile(rf"^{re.escape(name)} ([0-9.e+-]+)$", re.MULTILINE)
         found = pattern.search(text)
         return float(found.group(1)) if found else 0.0
@@ -205,6 +209,37 @@ def test_kiln_client_connections_reach_every_worker(server: Supervised, repo: Pa
             np.testing.assert_allclose(answer["logits"], expected, rtol=1e-5, atol=1e-5)
         added = {pid: count - before[pid] for pid, count in connections(pids, server.port).items()}
     assert sum(added.values()) == CHANNELS and all(n >= 1 for n in added.values()), added
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: a worker's share is every core")
+def test_one_connection_computes_on_every_core_while_the_other_worker_idles(
+    server: Supervised, repo: Path
+) -> None:
+    """One channel reaches one worker; with the other idle, its batches run on the wide session
+    (every core) and say so in kiln_worker_batches_total, with the numbers of the reference."""
+    expected = reference_logits(repo / "tiny" / "1" / "model.onnx", BATCH)
+    wide = 'kiln_worker_batches_total{cores="all"}'
+    before = server.metric(wide)
+    with KilnClient(f"127.0.0.1:{server.port}") as one:
+        for _ in range(10):
+            np.testing.assert_allclose(
+                one.infer("tiny", {"input": BATCH})["logits"], expected, rtol=1e-5, atol=1e-5
+            )
+    assert server.metric(wide) - before >= 9  # the first may follow the other worker's last batch
+
+
+def test_workers_keep_their_share_when_told_not_to_share(repo: Path) -> None:
+    supervised = start_supervised(repo, "--no-workers-share-cores")
+    try:
+        expected = reference_logits(repo / "tiny" / "1" / "model.onnx", BATCH)
+        with KilnClient(f"127.0.0.1:{supervised.port}") as one:
+            for _ in range(3):
+                np.testing.assert_allclose(
+                    one.infer("tiny", {"input": BATCH})["logits"], expected, rtol=1e-5, atol=1e-5
+                )
+        assert "kiln_worker_batches_total" not in supervised.metrics_text()
+    finally:
+        assert supervised.stop() == 0
 
 
 def test_repository_control_refused_with_workers(repo: Path) -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import ModelLoadError
+from serving.runtime.backends import core_share
 from serving.runtime.backends.base import BackendOptions, TensorSpec
 from serving.runtime.backends.batch_sessions import SizedRunner, sized_runners
+from serving.runtime.backends.core_share import SharedCoresRunner
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
 from serving.runtime.backends.pool import PooledBackend
 
@@ -86,7 +88,10 @@ class OnnxRuntimeBackend(PooledBackend):
         self._provider = kind
         runners = self._runners(ort, Path(path), sessions, kind)
         # instances with extra sessions for some batch sizes (serving/runtime/backends/batch_sessions.py)
-        self.sized_runners = tuple(r for r in runners if isinstance(r, SizedRunner))
+        # instances of a worker sharing the cores with others (serving/runtime/backends/core_share.py)
+        self.shared_runners = tuple(r for r in runners if isinstance(r, SharedCoresRunner))
+        inner = [r.own if isinstance(r, SharedCoresRunner) else r for r in runners]
+        self.sized_runners = tuple(r for r in inner if isinstance(r, SizedRunner))
         self._pool_runners(runners, engine="onnxruntime")
 
     def _session(
@@ -168,11 +173,23 @@ class OnnxRuntimeBackend(PooledBackend):
         def make(spinning: bool, threads: int) -> SessionRunner:
             return SessionRunner(self._session(ort, path, kind, spinning=spinning, threads=threads))
 
-        return sized_runners(
-            plain, make, self.inputs, lone=opts.lone_batch_spinning,
-            single=opts.single_thread_small_batches, spinning=opts.allow_spinning,
-            threads=opts.threads_per_instance, max_batch=self.max_batch_size, name=str(path),
-        )  # fmt: skip
+        def sized(runners: list[SessionRunner], threads: int) -> list[Any]:
+            return sized_runners(
+                runners, make, self.inputs, lone=opts.lone_batch_spinning,
+                single=opts.single_thread_small_batches, spinning=opts.allow_spinning,
+                threads=threads, max_batch=self.max_batch_size, name=str(path),
+            )  # fmt: skip
+
+        own = sized(plain, opts.threads_per_instance)
+        table = core_share.current()  # one worker of several: the others' cores when they idle
+        if table is None:
+            return own
+        if table.wide_threads <= opts.threads_per_instance:
+            return [SharedCoresRunner(r, None, table) for r in own]
+        # on every core, the sessions a one-worker server would have (small batches still on one
+        # thread while the loop has work, a spinning twin for lone rows, where measured worth it)
+        wide = sized([make(opts.allow_spinning, table.wide_threads) for _ in plain], table.wide_threads)
+        return [SharedCoresRunner(r, w, table) for r, w in zip(own, wide, strict=True)]
 
     @property
     def provider(self) -> str:

@@ -1,0 +1,137 @@
+"""Cores shared between the workers of one `kiln serve --workers N` (CPU).
+
+Each worker's sessions get its share of the cores (cores / workers threads), so that N busy
+workers never oversubscribe them. But SO_REUSEPORT places connections, not requests: with few
+connections one worker may hold them all and compute at its share's speed while the others idle
+(ResNet-50 at concurrency 16 over perf_analyzer's three connections: 0.46 x E with two workers,
+benchmarks/RESULTS-serving.md). So each worker also opens a *wide* session per instance (every
+core of the machine, split between its instances) and runs a batch on it while every other
+worker has been idle for a while: one worker alone then computes as a one-worker server would.
+
+Who computes lives in a small file-backed table that every worker maps (`CoreTable`): one float
+per worker, 0 while it computes a batch, else when it last stopped (`time.monotonic()`, i.e.
+CLOCK_MONOTONIC: the same clock in every process). "A while" is twice the worker's last batch
+(at least MIN_IDLE_S): a peer that is only between two batches (its clients' answers and next
+requests in flight) is not idle, and a peer that starts during a wide batch oversubscribes the
+cores for the rest of that one batch only.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from serving.runtime.backends.pool import Runner
+
+__all__ = ["CoreTable", "SharedCoresRunner", "current", "join", "leave"]
+
+MIN_IDLE_S = 0.002  # the least idle time of every peer before a batch takes their cores
+_SLOT = np.dtype(np.float64)
+
+
+class CoreTable:
+    """One worker's view of the table: its own slot to mark, the others' to read."""
+
+    def __init__(self, path: str | Path, slot: int, slots: int, *, wide_threads: int) -> None:
+        if not 0 <= slot < slots:
+            raise ValueError(f"slot {slot} outside the table of {slots} workers")
+        self.path, self.slot, self.slots, self.wide_threads = Path(path), slot, slots, wide_threads
+        with open(self.path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), slots * _SLOT.itemsize)
+        self._times = np.frombuffer(self._map, dtype=_SLOT, count=slots)
+        self._running = 0  # batches this process is computing (instances run at once)
+        self._lock = threading.Lock()
+        # counts each batch ("all": on the wide session); the server points it at its metrics
+        self.on_batch: Callable[[bool], None] | None = None
+
+    @staticmethod
+    def create(path: str | Path, slots: int) -> None:
+        """Write a table of `slots` workers, every one idle since now (the supervisor, once)."""
+        data = np.full(slots, time.monotonic(), dtype=_SLOT).tobytes()
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def others_idle_for(self, seconds: float) -> bool:
+        """Whether every other worker has computed nothing for at least `seconds`."""
+        now = time.monotonic()
+        for slot, stopped in enumerate(self._times.tolist()):
+            if slot != self.slot and (stopped == 0.0 or now - stopped < seconds):
+                return False
+        return True
+
+    def begin(self) -> None:
+        """A batch of this worker starts (any instance)."""
+        with self._lock:
+            self._running += 1
+            self._times[self.slot] = 0.0
+
+    def end(self) -> None:
+        """A batch of this worker ended; the slot reads idle once none runs."""
+        with self._lock:
+            self._running -= 1
+            if not self._running:
+                self._times[self.slot] = time.monotonic()
+
+    def close(self) -> None:
+        del self._times  # the buffer's export ends before the map closes
+        self._map.close()
+
+
+class SharedCoresRunner:
+    """An instance's runner that marks the table around every batch and runs a batch on `wide`
+    (every core) while the other workers idle, on `own` (this worker's share) otherwise."""
+
+    def __init__(self, own: Runner, wide: Runner | None, table: CoreTable) -> None:
+        self.own, self.wide, self.table = own, wide, table
+        self._last_s = 0.0  # the last batch's seconds: how long peers must have idled
+        self.counts = {"own": 0, "all": 0}
+
+    def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        wide = self.wide is not None and self.table.others_idle_for(max(MIN_IDLE_S, 2 * self._last_s))
+        runner = self.wide if wide and self.wide is not None else self.own  # (the check: for mypy)
+        self.table.begin()
+        start = time.perf_counter()
+        try:
+            outputs = runner.run(inputs, rows)
+        finally:
+            self.table.end()
+        self._last_s = time.perf_counter() - start
+        self.counts["all" if wide else "own"] += 1
+        if self.table.on_batch is not None:
+            self.table.on_batch(wide)
+        return outputs
+
+    def close(self) -> None:
+        for runner in (self.own, self.wide):
+            if runner is not None:
+                runner.close()
+
+
+_PROCESS: CoreTable | None = None
+
+
+def join(path: str, slot: int, slots: int, wide_threads: int) -> CoreTable:
+    """Make this process the worker in `slot` of the table at `path` (the worker, at start)."""
+    global _PROCESS
+    if _PROCESS is not None:
+        _PROCESS.close()
+    _PROCESS = CoreTable(path, slot, slots, wide_threads=wide_threads)
+    return _PROCESS
+
+
+def current() -> CoreTable | None:
+    """This process's table, if it is one worker of several that share the cores."""
+    return _PROCESS
+
+
+def leave() -> None:
+    """Forget the table (tests; a worker simply exits)."""
+    global _PROCESS
+    if _PROCESS is not None:
+        _PROCESS.close()
+    _PROCESS = None

@@ -1,0 +1,169 @@
+"""Cores shared between workers (serving/runtime/backends/core_share.py): the file-backed table of
+who computes, read through two handles as two workers would, and ONNX Runtime backends built in
+a worker of the table (real sessions): a batch runs on every core while the other worker has
+idled long enough, on the worker's own share otherwise, with the same numbers either way."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.runtime.backends import BackendOptions, core_share
+from serving.runtime.backends.core_share import MIN_IDLE_S, CoreTable, SharedCoresRunner
+from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from tests.unit.test_backends_onnxruntime import write_wide_model
+
+ROWS = np.random.default_rng(3).normal(size=(4, 512)).astype(np.float32)
+
+
+@pytest.fixture
+def table_path(tmp_path: Path) -> Path:
+    path = tmp_path / "computing"
+    CoreTable.create(path, 2)
+    return path
+
+
+@pytest.fixture
+def peer(table_path: Path) -> Iterator[CoreTable]:
+    """Worker 1 of the table, seen from this process (the code under test is worker 0)."""
+    handle = CoreTable(table_path, 1, 2, wide_threads=2)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+def worker(table_path: Path) -> Iterator[CoreTable]:
+    """This process as worker 0 of the table, as `kiln serve --workers 2` makes it at start."""
+    table = core_share.join(str(table_path), 0, 2, 2)
+    yield table
+    core_share.leave()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_wide_model(tmp_path_factory.mktemp("share") / "wide.onnx")
+
+
+def _backend(path: Path) -> OnnxRuntimeBackend:
+    """One worker's share of 2 cores: 1 thread, no extra sessions of its own."""
+    options = BackendOptions(
+        intra_op_threads=1, instances=1, lone_batch_spinning="off", single_thread_small_batches="off"
+    )
+    return OnnxRuntimeBackend(path, max_batch_size=8, options=options)
+
+
+def _runner(backend: OnnxRuntimeBackend) -> SharedCoresRunner:
+    (runner,) = backend.shared_runners
+    return runner
+
+
+def test_a_new_table_reads_every_worker_idle_since_it_was_made(table_path: Path, peer: CoreTable) -> None:
+    mine = CoreTable(table_path, 0, 2, wide_threads=2)
+    try:
+        assert mine.others_idle_for(0.0)
+        assert not mine.others_idle_for(60.0)  # made just now
+    finally:
+        mine.close()
+
+
+def test_a_computing_peer_is_not_idle_until_its_last_batch_ends(table_path: Path, peer: CoreTable) -> None:
+    mine = CoreTable(table_path, 0, 2, wide_threads=2)
+    try:
+        peer.begin()
+        peer.begin()  # two instances of the peer at once
+        assert not mine.others_idle_for(0.0)
+        peer.end()
+        assert not mine.others_idle_for(0.0)  # one still runs
+        peer.end()
+        assert mine.others_idle_for(0.0)
+        assert not mine.others_idle_for(1.0)  # it stopped just now
+        mine.begin()  # my own slot never counts against me
+        assert mine.others_idle_for(0.0)
+        mine.end()
+    finally:
+        mine.close()
+
+
+def test_a_slot_outside_the_table_is_refused(table_path: Path) -> None:
+    with pytest.raises(ValueError, match="slot 2 outside the table of 2 workers"):
+        CoreTable(table_path, 2, 2, wide_threads=2)
+
+
+def test_without_a_table_the_backend_is_as_before(model: Path) -> None:
+    assert core_share.current() is None
+    backend = _backend(model)
+    try:
+        assert backend.shared_runners == ()
+    finally:
+        backend.close()
+
+
+def test_a_batch_takes_every_core_while_the_peer_idles_and_its_share_while_it_computes(
+    model: Path, worker: CoreTable, peer: CoreTable
+) -> None:
+    backend = _backend(model)
+    runner = _runner(backend)
+    seen: list[bool] = []
+    worker.on_batch = seen.append
+    try:
+        assert runner.wide is not None
+        assert runner.wide.session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
+        assert runner.own.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+        time.sleep(MIN_IDLE_S * 2)
+        alone = backend.infer({"input": ROWS})["logits"]
+        peer.begin()
+        shared = backend.infer({"input": ROWS})["logits"]
+        peer.end()
+        right_after = backend.infer({"input": ROWS})["logits"]  # the peer only paused: not idle yet
+        assert runner.counts == {"own": 2, "all": 1}
+        assert seen == [True, False, False]
+        np.testing.assert_allclose(alone, shared, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(right_after, shared, rtol=1e-5, atol=1e-6)
+    finally:
+        backend.close()
+
+
+def test_the_worker_reads_busy_to_its_peers_while_a_batch_runs(
+    model: Path, worker: CoreTable, peer: CoreTable
+) -> None:
+    backend = _backend(model)
+    runner = _runner(backend)
+    observed: list[bool] = []
+    inner = runner.own
+
+    class Watching:  # the peer's view, taken from inside the batch
+        def run(self, inputs: dict, rows: int) -> dict:
+            observed.append(peer.others_idle_for(0.0))
+            return inner.run(inputs, rows)
+
+        def close(self) -> None:
+            inner.close()
+
+    runner.own = Watching()  # type: ignore[assignment]
+    try:
+        peer.begin()  # so that the batch runs on the worker's own share (the watched runner)
+        backend.infer({"input": ROWS})
+        peer.end()
+        assert observed == [False]
+        assert peer.others_idle_for(0.0)  # and idle again once it returned
+    finally:
+        backend.close()
+
+
+def test_with_one_core_per_worker_there_is_nothing_wider(model: Path, table_path: Path) -> None:
+    core_share.join(str(table_path), 0, 2, 1)  # the machine's cores are the worker's share already
+    try:
+        backend = _backend(model)
+        try:
+            runner = _runner(backend)
+            assert runner.wide is None
+            backend.infer({"input": ROWS})
+            assert runner.counts == {"own": 1, "all": 0}
+        finally:
+            backend.close()
+    finally:
+        core_share.leave()
