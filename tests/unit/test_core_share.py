@@ -5,6 +5,7 @@ idled long enough, on the worker's own share otherwise, with the same numbers ei
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,22 @@ def test_with_one_core_per_worker_there_is_nothing_wider(model: Path, table_path
             backend.close()
     finally:
         core_share.leave()
+
+
+def test_one_worker_at_a_time_measures_every_core(table_path: Path, peer: CoreTable) -> None:
+    mine = CoreTable(table_path, 0, 2, wide_threads=2)
+    entered = threading.Event()
+
+    def peer_measures() -> None:
+        with peer.exclusive():
+            entered.set()
+
+    try:
+        with mine.exclusive():
+            other = threading.Thread(target=peer_measures)
+            other.start()
+            assert not entered.wait(0.2)  # held out while this worker measures
+        assert entered.wait(5)
+        other.join(5)
+    finally:
+        mine.close()

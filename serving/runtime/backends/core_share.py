@@ -18,10 +18,12 @@ cores for the rest of that one batch only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import mmap
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,18 @@ class CoreTable:
             self._running -= 1
             if not self._running:
                 self._times[self.slot] = time.monotonic()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One worker at a time (an flock on the table file): for what measures every core, such
+        as the wide sessions' "auto" timing runs, which two workers at once would each read as
+        "a second thread does nothing" and then keep every batch on one thread."""
+        with open(self.path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def close(self) -> None:
         del self._times  # the buffer's export ends before the map closes

@@ -188,7 +188,8 @@ class OnnxRuntimeBackend(PooledBackend):
             return [SharedCoresRunner(r, None, table) for r in own]
         # on every core, the sessions a one-worker server would have (small batches still on one
         # thread while the loop has work, a spinning twin for lone rows, where measured worth it)
-        wide = sized([make(opts.allow_spinning, table.wide_threads) for _ in plain], table.wide_threads)
+        with table.exclusive():  # measured on every core, so by one worker at a time
+            wide = sized([make(opts.allow_spinning, table.wide_threads) for _ in plain], table.wide_threads)
         return [SharedCoresRunner(r, w, table) for r, w in zip(own, wide, strict=True)]
 
     @property
