@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.runtime.backends import BackendOptions, core_share
+from serving.runtime.backends import FULL_BATCHES, BackendOptions, core_share
 from serving.runtime.backends.core_share import MIN_IDLE_S, CoreTable, SharedCoresRunner
 from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from tests.unit.test_backends_onnxruntime import write_wide_model
@@ -187,3 +187,27 @@ def test_one_worker_at_a_time_measures_every_core(table_path: Path, peer: CoreTa
         other.join(5)
     finally:
         mine.close()
+
+
+def test_a_replacement_worker_frees_the_slot_its_dead_predecessor_left_computing(
+    table_path: Path, peer: CoreTable
+) -> None:
+    dying = CoreTable(table_path, 0, 2, wide_threads=2)
+    dying.begin()  # killed mid-batch: its slot reads "computing" from now on
+    dying.close()
+    assert not peer.others_idle_for(0.0)
+    core_share.join(str(table_path), 0, 2, 2)  # the supervisor's replacement takes slot 0
+    try:
+        assert peer.others_idle_for(0.0)
+    finally:
+        core_share.leave()
+
+
+def test_a_measurement_keeps_the_layout_it_asked_for(model: Path, worker: CoreTable) -> None:
+    """precision auto's trials (and offline scoring) run with FULL_BATCHES: no wide session."""
+    options = BackendOptions(intra_op_threads=1, instances=1, **FULL_BATCHES)  # type: ignore[arg-type]
+    backend = OnnxRuntimeBackend(model, max_batch_size=8, options=options)
+    try:
+        assert backend.shared_runners == ()
+    finally:
+        backend.close()

@@ -42,8 +42,9 @@ ORT_PROVIDERS = ("auto", "cuda", "tensorrt")  # the CPU EP follows from device "
 LONE_BATCH_SPINNING = ("off", "auto", "on")
 SINGLE_THREAD_SMALL_BATCHES = ("off", "auto")
 # BackendOptions for work whose batches are full (offline scoring, the precision measurement): one
-# session per instance, none of batch_sessions.py's extra ones for small batches
-FULL_BATCHES = {"lone_batch_spinning": "off", "single_thread_small_batches": "off"}
+# session per instance, none of batch_sessions.py's extra ones for small batches, and no batch on
+# other workers' cores (a measured layout stays the layout measured)
+FULL_BATCHES = {"lone_batch_spinning": "off", "single_thread_small_batches": "off", "share_cores": False}
 # Set by the batcher for the batch its thread is about to run: False when no other request is in
 # flight in the process (the event loop has nothing to do meanwhile, so a small batch may take
 # every thread); True, the default, where unknown (batch_sessions.SizedRunner reads it)
@@ -124,6 +125,9 @@ class BackendOptions:
     # small for the threads on a one-thread one ("auto": sizes measured at load)
     lone_batch_spinning: str = "auto"  # "off" | "auto" | "on"
     single_thread_small_batches: str = "auto"  # "off" | "auto"
+    # CPU, in one worker of several (serving/runtime/backends/core_share.py): batches on every core
+    # while the other workers idle; off where a measurement must see the layout it asked for
+    share_cores: bool = True
     onnx_provider: str = "auto"  # ONNX on a GPU: "auto"/"cuda" = CUDA EP, "tensorrt" = TensorRT EP
     iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (else plain session.run)
     pinned_memory: bool = True  # CUDA + iobinding: stage host copies in page-locked buffers (cuda-python)

@@ -13,7 +13,9 @@ per worker, 0 while it computes a batch, else when it last stopped (`time.monoto
 CLOCK_MONOTONIC: the same clock in every process). "A while" is twice the worker's last batch
 (at least MIN_IDLE_S): a peer that is only between two batches (its clients' answers and next
 requests in flight) is not idle, and a peer that starts during a wide batch oversubscribes the
-cores for the rest of that one batch only.
+cores for the rest of that one batch only. The wide sessions' "auto" timing runs (batch_sessions.py)
+hold an flock on the table file, one worker at a time: two workers measuring at once each read a
+second thread as useless.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ class CoreTable:
         with self._lock:
             self._running += 1
             self._times[self.slot] = 0.0
+
+    def mark_idle(self) -> None:
+        """Idle since now (a worker taking over a slot whose last holder died while computing)."""
+        with self._lock:
+            if not self._running:
+                self._times[self.slot] = time.monotonic()
 
     def end(self) -> None:
         """A batch of this worker ended; the slot reads idle once none runs."""
@@ -135,6 +143,8 @@ def join(path: str, slot: int, slots: int, wide_threads: int) -> CoreTable:
     if _PROCESS is not None:
         _PROCESS.close()
     _PROCESS = CoreTable(path, slot, slots, wide_threads=wide_threads)
+    # a replacement for a worker that died mid-batch starts idle, not "computing" for ever
+    _PROCESS.mark_idle()
     return _PROCESS
 
 

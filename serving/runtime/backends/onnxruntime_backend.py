@@ -181,7 +181,8 @@ class OnnxRuntimeBackend(PooledBackend):
             )  # fmt: skip
 
         own = sized(plain, opts.threads_per_instance)
-        table = core_share.current()  # one worker of several: the others' cores when they idle
+        # one worker of several: the others' cores when they idle
+        table = core_share.current() if opts.share_cores else None
         if table is None:
             return own
         if table.wide_threads <= opts.threads_per_instance:
