@@ -6,7 +6,6 @@ idled long enough, on the worker's own share otherwise, with the same numbers ei
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from serving.runtime.backends import FULL_BATCHES, BackendOptions, core_share
-from serving.runtime.backends.core_share import MIN_IDLE_S, CoreTable, SharedCoresRunner
+from serving.runtime.backends.core_share import CoreTable, SharedCoresRunner
 from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from tests.unit.test_backends_onnxruntime import write_wide_model
 
@@ -55,6 +54,14 @@ def _backend(path: Path) -> OnnxRuntimeBackend:
         intra_op_threads=1, instances=1, lone_batch_spinning="off", single_thread_small_batches="off"
     )
     return OnnxRuntimeBackend(path, max_batch_size=8, options=options)
+
+
+@pytest.fixture
+def shared(model: Path, worker: CoreTable) -> Iterator[OnnxRuntimeBackend]:
+    """A backend built in worker 0 of the table: its instance shares the cores."""
+    backend = _backend(model)
+    yield backend
+    backend.close()
 
 
 def _runner(backend: OnnxRuntimeBackend) -> SharedCoresRunner:
@@ -104,35 +111,31 @@ def test_without_a_table_the_backend_is_as_before(model: Path) -> None:
 
 
 def test_a_batch_takes_every_core_while_the_peer_idles_and_its_share_while_it_computes(
-    model: Path, worker: CoreTable, peer: CoreTable
+    shared: OnnxRuntimeBackend, worker: CoreTable, peer: CoreTable, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = _backend(model)
-    runner = _runner(backend)
+    runner = _runner(shared)
     seen: list[bool] = []
     worker.on_batch = seen.append
-    try:
-        assert runner.wide is not None
-        assert runner.wide.session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
-        assert runner.own.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
-        time.sleep(MIN_IDLE_S * 2)
-        alone = backend.infer({"input": ROWS})["logits"]
-        peer.begin()
-        shared = backend.infer({"input": ROWS})["logits"]
-        peer.end()
-        right_after = backend.infer({"input": ROWS})["logits"]  # the peer only paused: not idle yet
-        assert runner.counts == {"own": 2, "all": 1}
-        assert seen == [True, False, False]
-        np.testing.assert_allclose(alone, shared, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(right_after, shared, rtol=1e-5, atol=1e-6)
-    finally:
-        backend.close()
+    assert runner.wide is not None
+    assert runner.wide.session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
+    assert runner.own.session.get_session_options().intra_op_num_threads == 1  # type: ignore[attr-defined]
+    monkeypatch.setattr(core_share, "MIN_IDLE_S", 0.0)  # the peer has idled long enough
+    alone = shared.infer({"input": ROWS})["logits"]
+    peer.begin()
+    busy = shared.infer({"input": ROWS})["logits"]
+    peer.end()
+    monkeypatch.setattr(core_share, "MIN_IDLE_S", 60.0)  # it only paused: not idle long enough
+    right_after = shared.infer({"input": ROWS})["logits"]
+    assert runner.counts == {"own": 2, "all": 1}
+    assert seen == [True, False, False]
+    np.testing.assert_allclose(alone, busy, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(right_after, busy, rtol=1e-5, atol=1e-6)
 
 
 def test_the_worker_reads_busy_to_its_peers_while_a_batch_runs(
-    model: Path, worker: CoreTable, peer: CoreTable
+    shared: OnnxRuntimeBackend, peer: CoreTable
 ) -> None:
-    backend = _backend(model)
-    runner = _runner(backend)
+    runner = _runner(shared)
     observed: list[bool] = []
     inner = runner.own
 
@@ -145,14 +148,11 @@ def test_the_worker_reads_busy_to_its_peers_while_a_batch_runs(
             inner.close()
 
     runner.own = Watching()  # type: ignore[assignment]
-    try:
-        peer.begin()  # so that the batch runs on the worker's own share (the watched runner)
-        backend.infer({"input": ROWS})
-        peer.end()
-        assert observed == [False]
-        assert peer.others_idle_for(0.0)  # and idle again once it returned
-    finally:
-        backend.close()
+    peer.begin()  # so that the batch runs on the worker's own share (the watched runner)
+    shared.infer({"input": ROWS})
+    peer.end()
+    assert observed == [False]
+    assert peer.others_idle_for(0.0)  # and idle again once it returned
 
 
 def test_with_one_core_per_worker_there_is_nothing_wider(model: Path, table_path: Path) -> None:
