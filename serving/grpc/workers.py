@@ -164,7 +164,7 @@ class Supervisor:
         self._metrics_dir = ""
         self._metrics_http = None
         self._cores_dir = ""
-        self._cores: tuple[str, int, int] | None = None  # the core table: path, workers, wide threads
+        self._cores: tuple[str, int, int] | None = None  # the core table: path, workers, cores
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT and every worker has drained. Returns the exit code."""
@@ -212,7 +212,7 @@ class Supervisor:
             self._cores_dir = tempfile.mkdtemp(prefix="kiln-cores-")
             table = os.path.join(self._cores_dir, "computing")
             CoreTable.create(table, self.count)
-            self._cores = (table, self.count, max(threads, usable_cores() // (cfg.instances or 1)))
+            self._cores = (table, self.count, usable_cores())
         # read by prometheus_client when each spawned worker imports it (serving.grpc.metrics)
         self._metrics_dir = tempfile.mkdtemp(prefix="kiln-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
@@ -250,8 +250,8 @@ class Supervisor:
         """What core_share.join needs in the worker of `slot`; None without a core table."""
         if self._cores is None:
             return None
-        path, slots, wide = self._cores
-        return path, slot, slots, wide
+        path, slots, cores = self._cores
+        return path, slot, slots, cores
 
     def _loop(self, wake: socket.socket) -> int:
         while self.workers or (self._pending and self._stop_deadline is None):

@@ -30,7 +30,7 @@ def table_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def peer(table_path: Path) -> Iterator[CoreTable]:
     """Worker 1 of the table, seen from this process (the code under test is worker 0)."""
-    handle = CoreTable(table_path, 1, 2, wide_threads=2)
+    handle = CoreTable(table_path, 1, 2, cores=2)
     yield handle
     handle.close()
 
@@ -70,7 +70,7 @@ def _runner(backend: OnnxRuntimeBackend) -> SharedCoresRunner:
 
 
 def test_a_new_table_reads_every_worker_idle_since_it_was_made(table_path: Path, peer: CoreTable) -> None:
-    mine = CoreTable(table_path, 0, 2, wide_threads=2)
+    mine = CoreTable(table_path, 0, 2, cores=2)
     try:
         assert mine.others_idle_for(0.0)
         assert not mine.others_idle_for(60.0)  # made just now
@@ -79,7 +79,7 @@ def test_a_new_table_reads_every_worker_idle_since_it_was_made(table_path: Path,
 
 
 def test_a_computing_peer_is_not_idle_until_its_last_batch_ends(table_path: Path, peer: CoreTable) -> None:
-    mine = CoreTable(table_path, 0, 2, wide_threads=2)
+    mine = CoreTable(table_path, 0, 2, cores=2)
     try:
         peer.begin()
         peer.begin()  # two instances of the peer at once
@@ -98,7 +98,7 @@ def test_a_computing_peer_is_not_idle_until_its_last_batch_ends(table_path: Path
 
 def test_a_slot_outside_the_table_is_refused(table_path: Path) -> None:
     with pytest.raises(ValueError, match="slot 2 outside the table of 2 workers"):
-        CoreTable(table_path, 2, 2, wide_threads=2)
+        CoreTable(table_path, 2, 2, cores=2)
 
 
 def test_without_a_table_the_backend_is_as_before(model: Path) -> None:
@@ -156,7 +156,7 @@ def test_the_worker_reads_busy_to_its_peers_while_a_batch_runs(
 
 
 def test_with_one_core_per_worker_there_is_nothing_wider(model: Path, table_path: Path) -> None:
-    core_share.join(str(table_path), 0, 2, 1)  # the machine's cores are the worker's share already
+    core_share.join(str(table_path), 0, 2, 1)  # one core: the worker's share is all there is
     try:
         backend = _backend(model)
         try:
@@ -171,7 +171,7 @@ def test_with_one_core_per_worker_there_is_nothing_wider(model: Path, table_path
 
 
 def test_one_worker_at_a_time_measures_every_core(table_path: Path, peer: CoreTable) -> None:
-    mine = CoreTable(table_path, 0, 2, wide_threads=2)
+    mine = CoreTable(table_path, 0, 2, cores=2)
     entered = threading.Event()
 
     def peer_measures() -> None:
@@ -192,7 +192,7 @@ def test_one_worker_at_a_time_measures_every_core(table_path: Path, peer: CoreTa
 def test_a_replacement_worker_frees_the_slot_its_dead_predecessor_left_computing(
     table_path: Path, peer: CoreTable
 ) -> None:
-    dying = CoreTable(table_path, 0, 2, wide_threads=2)
+    dying = CoreTable(table_path, 0, 2, cores=2)
     dying.begin()  # killed mid-batch: its slot reads "computing" from now on
     dying.close()
     assert not peer.others_idle_for(0.0)
@@ -209,5 +209,18 @@ def test_a_measurement_keeps_the_layout_it_asked_for(model: Path, worker: CoreTa
     backend = OnnxRuntimeBackend(model, max_batch_size=8, options=options)
     try:
         assert backend.shared_runners == ()
+    finally:
+        backend.close()
+
+
+def test_instances_split_every_core_between_their_wide_sessions(model: Path, worker: CoreTable) -> None:
+    """Two cores, two instances of one thread each: every core is theirs already, nothing wider."""
+    options = BackendOptions(
+        intra_op_threads=1, instances=2, lone_batch_spinning="off", single_thread_small_batches="off"
+    )
+    backend = OnnxRuntimeBackend(model, max_batch_size=8, options=options)
+    try:
+        assert len(backend.shared_runners) == 2
+        assert all(runner.wide is None for runner in backend.shared_runners)
     finally:
         backend.close()

@@ -41,10 +41,10 @@ _SLOT = np.dtype(np.float64)
 class CoreTable:
     """One worker's view of the table: its own slot to mark, the others' to read."""
 
-    def __init__(self, path: str | Path, slot: int, slots: int, *, wide_threads: int) -> None:
+    def __init__(self, path: str | Path, slot: int, slots: int, *, cores: int) -> None:
         if not 0 <= slot < slots:
             raise ValueError(f"slot {slot} outside the table of {slots} workers")
-        self.path, self.slot, self.slots, self.wide_threads = Path(path), slot, slots, wide_threads
+        self.path, self.slot, self.slots, self.cores = Path(path), slot, slots, cores  # the machine's
         with open(self.path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), slots * _SLOT.itemsize)
         self._times = np.frombuffer(self._map, dtype=_SLOT, count=slots)
@@ -137,12 +137,12 @@ class SharedCoresRunner:
 _PROCESS: CoreTable | None = None
 
 
-def join(path: str, slot: int, slots: int, wide_threads: int) -> CoreTable:
+def join(path: str, slot: int, slots: int, cores: int) -> CoreTable:
     """Make this process the worker in `slot` of the table at `path` (the worker, at start)."""
     global _PROCESS
     if _PROCESS is not None:
         _PROCESS.close()
-    _PROCESS = CoreTable(path, slot, slots, wide_threads=wide_threads)
+    _PROCESS = CoreTable(path, slot, slots, cores=cores)
     # a replacement for a worker that died mid-batch starts idle, not "computing" for ever
     _PROCESS.mark_idle()
     return _PROCESS

@@ -185,12 +185,13 @@ class OnnxRuntimeBackend(PooledBackend):
         table = core_share.current() if opts.share_cores else None
         if table is None:
             return own
-        if table.wide_threads <= opts.threads_per_instance:
+        wide_threads = max(1, table.cores // len(plain))  # every core, split between the instances
+        if wide_threads <= opts.threads_per_instance:
             return [SharedCoresRunner(r, None, table) for r in own]
         # on every core, the sessions a one-worker server would have (small batches still on one
         # thread while the loop has work, a spinning twin for lone rows, where measured worth it)
         with table.exclusive():  # measured on every core, so by one worker at a time
-            wide = sized([make(opts.allow_spinning, table.wide_threads) for _ in plain], table.wide_threads)
+            wide = sized([make(opts.allow_spinning, wide_threads) for _ in plain], wide_threads)
         return [SharedCoresRunner(r, w, table) for r, w in zip(own, wide, strict=True)]
 
     @property
