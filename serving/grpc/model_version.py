@@ -87,5 +87,6 @@ def backend_options(config: ServeConfig) -> BackendOptions:
         allow_spinning=config.intra_op_spinning,
         lone_batch_spinning=config.lone_batch_spinning,
         single_thread_small_batches=config.single_thread_small_batches,
+        share_cores=config.workers_share_cores,  # acts only in a worker given a core table
         **{name: getattr(config, name) for name in BACKEND_FIELDS},
     )

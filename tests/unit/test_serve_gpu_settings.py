@@ -40,7 +40,7 @@ CHANGED: dict[str, tuple[list[str], Any]] = {
 # BackendOptions fields that ServeConfig spells differently (everything else: BACKEND_FIELDS)
 MAPPED = {
     "device", "instances", "intra_op_threads", "allow_spinning", "lone_batch_spinning",
-    "single_thread_small_batches",
+    "single_thread_small_batches", "share_cores",
 }  # fmt: skip
 
 
@@ -99,11 +99,11 @@ def test_each_gpu_setting_reaches_the_backend_options_from_flag_env_and_file(
 def test_the_mapped_settings_reach_the_backend_options(tmp_path: Path) -> None:
     config = ServeConfig(
         repo=tmp_path, instances=3, intra_op_threads=2, intra_op_spinning=True, lone_batch_spinning="on",
-        single_thread_small_batches="off",
+        single_thread_small_batches="off", workers_share_cores=False,
     )  # fmt: skip
     assert backend_options(config) == BackendOptions(
         device="cpu", instances=3, intra_op_threads=2, allow_spinning=True, lone_batch_spinning="on",
-        single_thread_small_batches="off",
+        single_thread_small_batches="off", share_cores=False,
     )  # fmt: skip
     assert backend_options(ServeConfig(repo=tmp_path)) == BackendOptions()  # same defaults both sides
 
