@@ -44,7 +44,7 @@ class CoreTable:
     def __init__(self, path: str | Path, slot: int, slots: int, *, cores: int) -> None:
         if not 0 <= slot < slots:
             raise ValueError(f"slot {slot} outside the table of {slots} workers")
-        self.path, self.slot, self.slots, self.cores = Path(path), slot, slots, cores  # the machine's
+        self.path, self.slot, self.cores = Path(path), slot, cores  # cores: the machine's
         with open(self.path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), slots * _SLOT.itemsize)
         self._times = np.frombuffer(self._map, dtype=_SLOT, count=slots)
@@ -114,8 +114,9 @@ class SharedCoresRunner:
         self.counts = {"own": 0, "all": 0}
 
     def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        wide = self.wide is not None and self.table.others_idle_for(max(MIN_IDLE_S, 2 * self._last_s))
-        runner = self.wide if wide and self.wide is not None else self.own  # (the check: for mypy)
+        idle = max(MIN_IDLE_S, 2 * self._last_s)
+        wide = self.wide if self.wide is not None and self.table.others_idle_for(idle) else None
+        runner = self.own if wide is None else wide
         self.table.begin()
         start = time.perf_counter()
         try:
@@ -123,9 +124,9 @@ class SharedCoresRunner:
         finally:
             self.table.end()
         self._last_s = time.perf_counter() - start
-        self.counts["all" if wide else "own"] += 1
+        self.counts["own" if wide is None else "all"] += 1
         if self.table.on_batch is not None:
-            self.table.on_batch(wide)
+            self.table.on_batch(wide is not None)
         return outputs
 
     def close(self) -> None:
@@ -140,8 +141,7 @@ _PROCESS: CoreTable | None = None
 def join(path: str, slot: int, slots: int, cores: int) -> CoreTable:
     """Make this process the worker in `slot` of the table at `path` (the worker, at start)."""
     global _PROCESS
-    if _PROCESS is not None:
-        _PROCESS.close()
+    leave()
     _PROCESS = CoreTable(path, slot, slots, cores=cores)
     # a replacement for a worker that died mid-batch starts idle, not "computing" for ever
     _PROCESS.mark_idle()
