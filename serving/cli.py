@@ -125,6 +125,7 @@ _SWITCHES = (
     ("repository_control", "the RepositoryModelLoad/Unload RPCs"),
     ("intra_op_spinning", "ONNX Runtime intra-op spinning within a batch (default off)"),
     ("workers_share_cores", "workers > 1: a batch on every core while the other workers idle (default on)"),
+    ("batch_pipelining", "under load, batches of half the outstanding rows, two in flight (default on)"),
     ("iobinding", "CUDA: IOBinding (default on)"),
     ("pinned_memory", "CUDA: page-locked staging buffers for host copies (default on)"),
     ("pad_to_buckets", "GPU and null backend: batches padded to power-of-two buckets (default on)"),

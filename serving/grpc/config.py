@@ -186,6 +186,9 @@ class ServeConfig:
     # serving/runtime/latency_target.py); None keeps the fixed delay
     latency_target_ms: float | None = None
     preferred_batch_sizes: tuple[int, ...] = serving_defaults.PREFERRED_BATCH_SIZES
+    # under sustained load a batch takes at most half the rows outstanding, so one batch computes
+    # while the event loop answers the other (serving/runtime/batcher.py, "Pipelining")
+    batch_pipelining: bool = True
     # queued requests (not rows) per model version before RESOURCE_EXHAUSTED
     max_queue_size: int = serving_defaults.MAX_QUEUE_SIZE
     # queued requests one client (one gRPC connection) may hold per model version; None: half of

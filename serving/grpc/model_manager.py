@@ -406,6 +406,7 @@ class ModelManager:
             observer=VersionObserver(stats, extra),
             name=model,
             solo=self._solo,
+            pipeline=cfg.batch_pipelining,
         )
         loaded = LoadedVersion(handle, batcher, stats)
         if tap is not None:

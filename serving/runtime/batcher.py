@@ -22,6 +22,15 @@ load the loop is busy with gRPC events, and every batch that waited for a loop p
 and dispatched left the model idle meanwhile (measured: benchmarks/RESULTS-serving.md). Now a
 worker that finishes a batch starts the next one at once with whatever queued while it computed;
 the loop only appends requests and delivers results.
+
+Pipelining (`pipeline`, the `batch_pipelining` setting): under sustained load, a worker that took
+every request outstanding into one batch leaves the event loop nothing to do while it computes,
+and then finds nothing queued itself while the loop answers that batch and the clients send
+again: batches of 16 and 1 alternated at concurrency 16, the model idled between them. So while
+the workers compute back to back (the last batch ended less than its own compute time ago), a
+batch takes at most half the rows outstanding (queued, or in batches not yet answered; at least
+2): two batches stay in flight, one computing while the loop answers the other and gathers the
+next. A burst that finds the workers idle still goes as one batch.
 """
 
 from __future__ import annotations
@@ -120,6 +129,7 @@ class DynamicBatcher:
         latency_target_us: int | None = None,
         taps: Sequence[BatchTap] = (),
         solo: SoloGate | None = None,
+        pipeline: bool = False,
     ) -> None:
         self._backend, self._name, self._observer = backend, name, observer
         # see each computed batch in the worker thread (prediction metrics, shadow copies): per batch
@@ -156,11 +166,14 @@ class DynamicBatcher:
         # a request alone in the process is computed on the event loop (serving/runtime/solo.py)
         self._solo = solo
         self._solo_row_s: float | None = None  # recent compute seconds per row of one-request batches
+        self._pipeline = pipeline
         # Everything below is shared with the workers and guarded by _cond.
         self._cond = threading.Condition()
         # One FIFO per client; dict order is the round-robin ring (a served client moves to the end).
         self._queues: dict[Hashable, collections.deque[_Request]] = {}
-        self._queued = self._queued_rows = self._inflight = 0
+        self._queued = self._queued_rows = self._inflight = self._inflight_rows = 0
+        # when the last worker batch finished computing (time.monotonic()) and how long it took
+        self._last_end = self._last_compute_s = 0.0
         self._accepting = self._closing = False
         self._workers: list[threading.Thread] = []
         self._batches_out = 0  # batches whose results the loop has not delivered yet
@@ -177,6 +190,11 @@ class DynamicBatcher:
     def inflight(self) -> int:
         """Requests in batches being computed."""
         return self._inflight
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether batches under sustained load take at most half the rows outstanding."""
+        return self._pipeline
 
     @property
     def max_batch_size(self) -> int:
@@ -300,6 +318,7 @@ class DynamicBatcher:
             if (self._delay if self._policy is None else self._policy.wait()) > 0:
                 return False  # the settings ask lone requests to wait for company
             self._inflight += 1
+            self._inflight_rows += request.rows
             self._batches_out += 1
         computed = None
         alone = LOOP_HAS_WORK.set(False)  # the loop itself computes: nothing else to do meanwhile
@@ -330,8 +349,9 @@ class DynamicBatcher:
             try:
                 results, computed = self._compute([r.inputs for r in batch], [r.rows for r in batch])
                 seconds = computed.compute_seconds
-                if self._policy is not None:
-                    with self._cond:
+                with self._cond:
+                    self._last_end, self._last_compute_s = time.monotonic(), seconds
+                    if self._policy is not None:
                         self._policy.computed(sum(r.rows for r in batch), seconds, len(batch))
                 outcome: tuple[list[_Outputs], float] | BaseException = (results, seconds)
             except BaseException as exc:  # delivered to this batch's waiters only
@@ -357,6 +377,7 @@ class DynamicBatcher:
                     batch = self._take(now, timed_out=self._closing or now >= due)
                     if batch:
                         self._inflight += len(batch)
+                        self._inflight_rows += sum(r.rows for r in batch)
                         self._batches_out += 1
                         return batch
                     continue
@@ -369,8 +390,9 @@ class DynamicBatcher:
         Called with _cond held. Futures are only read here; expired ones are failed on the loop.
         """
         taken, rows, expired = [], 0, []
+        limit = self._limit(now)
         progress = True
-        while progress and rows < self._max_batch and self._queued:
+        while progress and rows < limit and self._queued:
             progress = False
             for client in list(self._queues):  # one pass: at most one request per client
                 queue = self._queues[client]
@@ -379,18 +401,18 @@ class DynamicBatcher:
                     self._post(self._drop, "cancelled")
                 elif req.deadline is not None and req.deadline <= now:
                     expired.append(req)
-                elif rows + req.rows > self._max_batch:
+                elif rows + req.rows > (limit if taken else self._max_batch):
                     continue  # too big for what is left; it leads the next batch (it stays ahead)
                 else:
                     taken.append(req)
                     rows += req.rows
                 self._pop(client)
                 progress = True
-                if rows == self._max_batch:
+                if rows >= limit:
                     break
         if expired:
             self._post(self._expire, expired, now)
-        if timed_out or rows == self._max_batch:
+        if timed_out or rows >= limit:
             return taken
         if not self._queued and rows < self._trigger:  # drops shrank the batch below the trigger
             keep = 0
@@ -402,6 +424,14 @@ class DynamicBatcher:
             self._queued += 1
             self._queued_rows += req.rows
         return taken[:keep]
+
+    def _limit(self, now: float) -> int:
+        """Rows the next batch may take: max_batch_size, or while pipelining under sustained load
+        half the rows outstanding (see the module docstring). Called with _cond held."""
+        if not self._pipeline or now - self._last_end >= self._last_compute_s:
+            return self._max_batch
+        half = -(-(self._queued_rows + self._inflight_rows) // 2)
+        return min(self._max_batch, max(2, half))
 
     def _pop(self, client: Hashable) -> None:
         """Remove the head of `client`'s queue; the client moves to the end of the ring."""
@@ -459,6 +489,7 @@ class DynamicBatcher:
     ) -> None:
         with self._cond:
             self._inflight -= len(batch)
+            self._inflight_rows -= sum(r.rows for r in batch)
             self._batches_out -= 1
         if self._batches_out == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)

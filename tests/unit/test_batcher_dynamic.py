@@ -520,3 +520,67 @@ def test_each_request_learns_the_timing_of_its_own_batch() -> None:
         assert second.compute_seconds < alone.compute_seconds
 
     run(main())
+
+
+async def _after_a_held_batch(backend: RecordingBackend, batcher: DynamicBatcher, queued: list[dict]) -> list:
+    """One 1-row request computed (held >= 50 ms by the gate) while `queued` wait; then all answered."""
+    backend.gate = threading.Event()
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(x(0)))
+    await wait_entered(backend)
+    rest = [asyncio.ensure_future(batcher.submit(inputs)) for inputs in queued]
+    await asyncio.sleep(0.05)  # the held batch's compute time: the next take comes well within it
+    backend.gate.set()
+    results = await asyncio.gather(first, *rest)
+    await batcher.stop()
+    return results
+
+
+def test_pipelining_takes_half_the_outstanding_rows_under_sustained_load() -> None:
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=16)
+        batcher = DynamicBatcher(backend, pipeline=True)
+        assert batcher.pipelining
+        results = await _after_a_held_batch(backend, batcher, [x(i) for i in range(1, 12)])
+        # 11 queued + the held request (answered or not yet): half of 12 (or of 11) is 6
+        assert backend.rows()[:2] == [1, 6]
+        assert sum(backend.rows()) == 12
+        for i, out in enumerate(results):
+            np.testing.assert_array_equal(out["y"], [[2 * i + 1, -2 * i + 1]])
+
+    run(main())
+
+
+def test_without_pipelining_the_worker_takes_everything_queued() -> None:
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=16)
+        batcher = DynamicBatcher(backend)
+        assert not batcher.pipelining
+        await _after_a_held_batch(backend, batcher, [x(i) for i in range(1, 12)])
+        assert backend.rows() == [1, 11]
+
+    run(main())
+
+
+def test_pipelining_leaves_a_burst_on_idle_workers_whole() -> None:
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=8)
+        batcher = DynamicBatcher(backend, max_queue_delay_us=200_000, pipeline=True)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(x(i)) for i in range(8)))
+        await batcher.stop()
+        assert backend.rows() == [8]  # nothing computed before it: one batch, as without pipelining
+
+    run(main())
+
+
+def test_pipelining_still_takes_a_request_larger_than_half() -> None:
+    async def main() -> None:
+        backend = RecordingBackend(max_batch_size=16)
+        batcher = DynamicBatcher(backend, pipeline=True)
+        # outstanding: 1 held + 6 + 1 rows, half is 4: the 6-row request leads the next batch alone
+        results = await _after_a_held_batch(backend, batcher, [x(*range(1, 7)), x(7)])
+        assert backend.rows() == [1, 6, 1]
+        np.testing.assert_array_equal(results[1]["y"][:, 0], [2 * v + 1 for v in range(1, 7)])
+
+    run(main())
