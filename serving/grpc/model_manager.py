@@ -53,6 +53,7 @@ from serving.grpc.model_version import (
 from serving.grpc.predictions import PredictionTap, prediction_metrics
 from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts
 from serving.grpc.statistics import ModelStats
+from serving.runtime.backends import core_share
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
 from serving.runtime.model_handle import ModelHandle, from_scan
@@ -73,6 +74,13 @@ class VersionState:
     version: int
     state: str
     reason: str = ""
+
+
+def _warm_up(handle: ModelHandle, sizes: list[int]) -> None:
+    """Warm-up, by one worker at a time where workers share the cores (core_share): another
+    worker may be timing its sessions meanwhile."""
+    with core_share.one_worker_at_a_time():
+        handle.warm_up(sizes)
 
 
 class ModelManager:
@@ -379,7 +387,7 @@ class ModelManager:
         cfg, backend = self.config, handle.backend
         max_batch = min(cfg.max_batch_size or backend.max_batch_size, backend.max_batch_size)
         if cfg.warmup:  # before the batcher exists, so warm-up never counts in statistics or metrics
-            await asyncio.to_thread(handle.warm_up, sorted({1, max_batch}))
+            await asyncio.to_thread(_warm_up, handle, sorted({1, max_batch}))
         model, version = handle.model, str(handle.version)
         stats = ModelStats(model, version)
         extra = self._metrics.batch_observer(model, version) if self._metrics else None

@@ -224,3 +224,27 @@ def test_instances_split_every_core_between_their_wide_sessions(model: Path, wor
         assert all(runner.wide is None for runner in backend.shared_runners)
     finally:
         backend.close()
+
+
+def test_a_worker_loads_while_no_other_measures(table_path: Path, peer: CoreTable, model: Path) -> None:
+    """Loading (sessions, their timing runs) and warm-up hold the table's lock: a peer waits."""
+    entered = threading.Event()
+
+    def peer_measures() -> None:
+        with peer.exclusive():
+            entered.set()
+
+    # no table joined: nothing to hold, so the peer's lock is free inside
+    with core_share.one_worker_at_a_time(), peer.exclusive():
+        pass
+    core_share.join(str(table_path), 0, 2, 2)
+    try:
+        with core_share.one_worker_at_a_time():
+            other = threading.Thread(target=peer_measures)
+            other.start()
+            assert not entered.wait(0.2)
+            _backend(model).close()  # a backend built meanwhile re-enters the lock, no deadlock
+        assert entered.wait(5)
+        other.join(5)
+    finally:
+        core_share.leave()

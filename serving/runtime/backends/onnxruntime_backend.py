@@ -8,6 +8,7 @@ CUDA path and says why each provider option below is set as it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,12 @@ class OnnxRuntimeBackend(PooledBackend):
             raise ModelLoadError(
                 f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})"
             )
-        sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
-        self.inputs, self.outputs = session_specs(sessions[0])
-        self._provider = kind
-        runners = self._runners(ort, Path(path), sessions, kind)
+        # workers sharing the cores load (and measure) one at a time: see core_share
+        with core_share.one_worker_at_a_time() if self._options.share_cores else contextlib.nullcontext():
+            sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
+            self.inputs, self.outputs = session_specs(sessions[0])
+            self._provider = kind
+            runners = self._runners(ort, Path(path), sessions, kind)
         # instances with extra sessions for some batch sizes (serving/runtime/backends/batch_sessions.py)
         # instances of a worker sharing the cores with others (serving/runtime/backends/core_share.py)
         self.shared_runners = tuple(r for r in runners if isinstance(r, SharedCoresRunner))
@@ -190,8 +193,7 @@ class OnnxRuntimeBackend(PooledBackend):
             return [SharedCoresRunner(r, None, table) for r in own]
         # on every core, the sessions a one-worker server would have (small batches still on one
         # thread while the loop has work, a spinning twin for lone rows, where measured worth it)
-        with table.exclusive():  # measured on every core, so by one worker at a time
-            wide = sized([make(opts.allow_spinning, wide_threads) for _ in plain], wide_threads)
+        wide = sized([make(opts.allow_spinning, wide_threads) for _ in plain], wide_threads)
         return [SharedCoresRunner(r, w, table) for r, w in zip(own, wide, strict=True)]
 
     @property
