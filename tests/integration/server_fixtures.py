@@ -170,6 +170,13 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
 
 
+def local_config(repo: Path, **overrides: object) -> object:
+    """A ServeConfig on 127.0.0.1, an ephemeral port, no metrics listener; `overrides` on top."""
+    from serving.grpc.config import ServeConfig
+
+    return ServeConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=None, **overrides)  # type: ignore[arg-type]
+
+
 @contextlib.contextmanager
 def running_server(config: object) -> Iterator[ServerThread]:
     """Context manager: a started server, stopped on exit."""

@@ -16,9 +16,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from serving import cli
-from serving.grpc.config import ServeConfig, load_config
+from serving.grpc.config import load_config
 from tests.integration.server_fixtures import (
     ServerThread,
+    local_config,
     publish_tiny_model,
     reference_logits,
     running_server,
@@ -32,10 +33,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo")
     publish_tiny_model(path, "tiny", max_batch_size=16)
     return path
-
-
-def _config(repo: Path, **overrides: object) -> ServeConfig:
-    return ServeConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=None, **overrides)  # type: ignore[arg-type]
 
 
 def _closed_loop(server: ServerThread, rows: np.ndarray) -> list[np.ndarray]:
@@ -69,7 +66,7 @@ def _closed_loop(server: ServerThread, rows: np.ndarray) -> list[np.ndarray]:
 
 def test_pipelined_batches_answer_every_client_with_the_models_numbers(repo: Path) -> None:
     rows = np.random.default_rng(3).normal(size=(CLIENTS * ROUNDS, 3, 8, 8)).astype(np.float32)
-    with running_server(_config(repo)) as srv:
+    with running_server(local_config(repo)) as srv:
         batcher = srv.server.manager.get("tiny").batcher  # type: ignore[attr-defined]
         assert batcher.pipelining  # the default
         answers = _closed_loop(srv, rows)  # type: ignore[arg-type]
@@ -93,5 +90,5 @@ def test_the_setting_from_flag_env_and_file(
     args = parser.parse_args(["--repo", str(repo), "--no-batch-pipelining", "--print-config"])
     assert cli.run(args) == 0
     assert json.loads(capsys.readouterr().out)["batch_pipelining"] is False
-    with running_server(_config(repo, batch_pipelining=False)) as srv:
+    with running_server(local_config(repo, batch_pipelining=False)) as srv:
         assert not srv.server.manager.get("tiny").batcher.pipelining  # type: ignore[attr-defined]

@@ -16,9 +16,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from serving import cli
-from serving.grpc.config import ConfigError, ServeConfig, load_config
+from serving.grpc.config import ConfigError, load_config
 from tests.integration.server_fixtures import (
     ServerThread,
+    local_config,
     publish_tiny_model,
     reference_logits,
     running_server,
@@ -32,10 +33,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("repo")
     publish_tiny_model(path, "tiny", max_batch_size=8)
     return path
-
-
-def _config(repo: Path, **overrides: object) -> ServeConfig:
-    return ServeConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=None, **overrides)  # type: ignore[arg-type]
 
 
 def _infer(client: grpcclient.InferenceServerClient, batch: np.ndarray) -> np.ndarray:
@@ -54,7 +51,7 @@ def _one_client_in_turn(server: ServerThread, rows: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[ServerThread]:
-    with running_server(_config(repo)) as srv:  # the default: inline up to 2 ms
+    with running_server(local_config(repo)) as srv:  # the default: inline up to 2 ms
         yield srv  # type: ignore[misc]
 
 
@@ -97,7 +94,7 @@ def test_many_clients_at_once_are_batched_by_the_worker(server: ServerThread, re
 
 
 def test_zero_turns_it_off(repo: Path) -> None:
-    with running_server(_config(repo, lone_request_inline_max_ms=0)) as srv:
+    with running_server(local_config(repo, lone_request_inline_max_ms=0)) as srv:
         rows = RNG.normal(size=(6, 3, 8, 8)).astype(np.float32)
         answers = _one_client_in_turn(srv, rows)  # type: ignore[arg-type]
         np.testing.assert_allclose(
