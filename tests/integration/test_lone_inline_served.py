@@ -72,6 +72,7 @@ def test_many_clients_at_once_are_batched_by_the_worker(server: ServerThread, re
     loaded = server.server.manager.get("tiny")
     rows = RNG.normal(size=(8 * 40, 3, 8, 8)).astype(np.float32)
     stats_before = loaded.stats.to_proto()
+    inline_before = loaded.batcher.inline_batches
     answers: list[np.ndarray | None] = [None] * 8
     start = threading.Barrier(8)
 
@@ -90,7 +91,11 @@ def test_many_clients_at_once_are_batched_by_the_worker(server: ServerThread, re
     requests = stats.inference_count - stats_before.inference_count
     batches = stats.execution_count - stats_before.execution_count
     assert requests == 8 * 40
-    assert batches < requests * 0.8, f"{requests} requests in {batches} batches: inline took the load"
+    # the gate's first version inlined nearly all of them (1.0 rows a batch); how many rows the
+    # worker's batches then hold is timing (batch pipelining halves them, a busy box thins them)
+    inline = loaded.batcher.inline_batches - inline_before
+    assert inline < requests / 2, f"{inline} of {requests} requests inline: inline took the load"
+    assert batches < requests, f"{requests} requests in {batches} batches: none was batched"
 
 
 def test_zero_turns_it_off(repo: Path) -> None:
