@@ -46,7 +46,8 @@ def test_dashboard_parses_and_covers_the_serving_signals() -> None:
     text = "\n".join(exprs.values())
     needles = ("kiln_requests_total", "kiln_queue_duration_seconds", "kiln_batch_size_bucket",
                "kiln_queue_depth", "kiln_inflight_requests", "kiln_gpu_utilization_ratio",
-               "kiln_gpu_memory_used_bytes", "histogram_quantile(0.5", "histogram_quantile(0.99")  # fmt: skip
+               "kiln_gpu_memory_used_bytes", "kiln_worker_batches_total", "histogram_quantile(0.5",
+               "histogram_quantile(0.99")  # fmt: skip
     for needle in needles:
         assert needle in text, needle
     ids = [p["id"] for p in dash["panels"]]
