@@ -488,13 +488,13 @@ class DynamicBatcher:
         waits: list[float],
         outcome: tuple[list[_Outputs], float] | BaseException,
     ) -> None:
+        rows = sum(r.rows for r in batch)
         with self._cond:
             self._inflight -= len(batch)
-            self._inflight_rows -= sum(r.rows for r in batch)
+            self._inflight_rows -= rows
             self._batches_out -= 1
         if self._batches_out == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        rows = sum(r.rows for r in batch)
         if isinstance(outcome, BaseException):
             exc = outcome
             if isinstance(exc, KilnError):

@@ -13,9 +13,10 @@ per worker, 0 while it computes a batch, else when it last stopped (`time.monoto
 CLOCK_MONOTONIC: the same clock in every process). "A while" is twice the worker's last batch
 (at least MIN_IDLE_S): a peer that is only between two batches (its clients' answers and next
 requests in flight) is not idle, and a peer that starts during a wide batch oversubscribes the
-cores for the rest of that one batch only. The wide sessions' "auto" timing runs (batch_sessions.py)
-hold an flock on the table file, one worker at a time: two workers measuring at once each read a
-second thread as useless.
+cores for the rest of that one batch only. Loading a model (its sessions, their "auto" timing
+runs in batch_sessions.py, its warm-up) holds an flock on the table file, one worker at a time
+(`one_worker_at_a_time`): two workers measuring at once each read a second thread as useless, and
+one measuring while another warmed up dropped its spinning twin.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from serving.runtime.backends.pool import Runner
 
-__all__ = ["CoreTable", "SharedCoresRunner", "current", "join", "leave"]
+__all__ = ["CoreTable", "SharedCoresRunner", "current", "join", "leave", "one_worker_at_a_time"]
 
 MIN_IDLE_S = 0.002  # the least idle time of every peer before a batch takes their cores
 _SLOT = np.dtype(np.float64)
@@ -136,6 +137,7 @@ class SharedCoresRunner:
 
 
 _PROCESS: CoreTable | None = None
+_HOLDING = threading.local()  # this thread is inside one_worker_at_a_time()
 
 
 def join(path: str, slot: int, slots: int, cores: int) -> CoreTable:
@@ -146,9 +148,6 @@ def join(path: str, slot: int, slots: int, cores: int) -> CoreTable:
     # a replacement for a worker that died mid-batch starts idle, not "computing" for ever
     _PROCESS.mark_idle()
     return _PROCESS
-
-
-_HOLDING = threading.local()  # this thread is inside one_worker_at_a_time()
 
 
 def current() -> CoreTable | None:
