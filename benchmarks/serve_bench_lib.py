@@ -133,14 +133,19 @@ def measure_pa(
     cpus: set[int],
     *,
     window_ms: int,
+    request_rate: int | None = None,
 ) -> Measure:
-    """perf_analyzer at one concurrency; retried once accepting unstable windows if it must be.
+    """perf_analyzer at one concurrency (closed loop), or at `request_rate` requests a second
+    (open loop, `concurrency` ignored); retried once accepting unstable windows if it must be.
 
     A failed measurement comes back with NaN figures (the run carries on to the other rows).
     """
-    csv_path = work / f"pa-{model}-{port}-c{concurrency}.csv"
+    mode = ["--concurrency-range", str(concurrency)]
+    if request_rate is not None:
+        mode = ["--request-rate-range", str(request_rate)]
+    csv_path = work / f"pa-{model}-{port}-{mode[0].strip('-')}{mode[1]}.csv"
     cmd = [a.replace("{model}", model) for a in template]
-    cmd += ["-u", f"127.0.0.1:{port}", "--concurrency-range", str(concurrency), "-f", str(csv_path)]
+    cmd += ["-u", f"127.0.0.1:{port}", *mode, "-f", str(csv_path)]
     cmd += ["-p", str(window_ms)]
     load = load_average()
     for stable in (True, False):

@@ -141,6 +141,10 @@ class ServeConfig:
     # small request is faster, but under load they take the cores that the gRPC event loop needs
     # (benchmarks/RESULTS-serving.md: ResNet-20 on 2 cores, c1 +14 %, c16 -2 %, c64 -6 %).
     intra_op_spinning: bool = False
+    # CPU, ORT sessions of 2+ threads: each pool thread pinned to a core, the thread calling Run
+    # moved beside them for the Run; woken after an idle spell, an unpinned pool thread often
+    # queued on its caller's core for milliseconds (serving/runtime/backends/cpu_pinning.py)
+    pin_ort_threads: bool = True
     # CPU: 1-row batches (what a server without load computes) run on a second, spinning session
     # per instance, so a lone request gets spinning's speed without its cost under load, at twice
     # the model's memory; "auto": where that measured faster at load (small models), "on", "off"

@@ -88,5 +88,7 @@ def backend_options(config: ServeConfig) -> BackendOptions:
         lone_batch_spinning=config.lone_batch_spinning,
         single_thread_small_batches=config.single_thread_small_batches,
         share_cores=config.workers_share_cores,  # acts only in a worker given a core table
+        # workers without the core table cannot tell their cores apart: pinned, all would share one
+        pin_threads=config.pin_ort_threads and (config.workers_share_cores or config.worker_count() == 1),
         **{name: getattr(config, name) for name in BACKEND_FIELDS},
     )

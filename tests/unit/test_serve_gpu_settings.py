@@ -40,7 +40,7 @@ CHANGED: dict[str, tuple[list[str], Any]] = {
 # BackendOptions fields that ServeConfig spells differently (everything else: BACKEND_FIELDS)
 MAPPED = {
     "device", "instances", "intra_op_threads", "allow_spinning", "lone_batch_spinning",
-    "single_thread_small_batches", "share_cores",
+    "single_thread_small_batches", "share_cores", "pin_threads",
 }  # fmt: skip
 
 
@@ -99,13 +99,28 @@ def test_each_gpu_setting_reaches_the_backend_options_from_flag_env_and_file(
 def test_the_mapped_settings_reach_the_backend_options(tmp_path: Path) -> None:
     config = ServeConfig(
         repo=tmp_path, instances=3, intra_op_threads=2, intra_op_spinning=True, lone_batch_spinning="on",
-        single_thread_small_batches="off", workers_share_cores=False,
+        single_thread_small_batches="off", workers_share_cores=False, pin_ort_threads=False,
     )  # fmt: skip
     assert backend_options(config) == BackendOptions(
         device="cpu", instances=3, intra_op_threads=2, allow_spinning=True, lone_batch_spinning="on",
-        single_thread_small_batches="off", share_cores=False,
+        single_thread_small_batches="off", share_cores=False, pin_threads=False,
     )  # fmt: skip
     assert backend_options(ServeConfig(repo=tmp_path)) == BackendOptions()  # same defaults both sides
+
+
+def test_pin_ort_threads_from_flag_env_and_file_and_not_for_workers_that_cannot_tell_their_cores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.run(_parse(["--repo", str(tmp_path), "--no-pin-ort-threads", "--print-config"])) == 0
+    assert json.loads(capsys.readouterr().out)["pin_ort_threads"] is False
+    from_env = load_config(env={"KILN_REPO": str(tmp_path), "KILN_PIN_ORT_THREADS": "false"})
+    (tmp_path / "kiln.yaml").write_text(f"repo: {tmp_path}\npin_ort_threads: false\n")
+    from_file = load_config(config_file=tmp_path / "kiln.yaml", env={})
+    assert not backend_options(from_env).pin_threads and not backend_options(from_file).pin_threads
+    # workers with the core table start their blocks on their own share; without it all would pin alike
+    assert backend_options(ServeConfig(repo=tmp_path, workers=2)).pin_threads
+    assert not backend_options(ServeConfig(repo=tmp_path, workers=2, workers_share_cores=False)).pin_threads
+    assert backend_options(ServeConfig(repo=tmp_path, workers=1, workers_share_cores=False)).pin_threads
 
 
 def test_cuda_settings_become_the_cuda_ep_provider_options() -> None:

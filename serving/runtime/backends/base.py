@@ -128,6 +128,9 @@ class BackendOptions:
     # CPU, in one worker of several (serving/runtime/backends/core_share.py): batches on every core
     # while the other workers idle; off where a measurement must see the layout it asked for
     share_cores: bool = True
+    # CPU, sessions of 2+ threads: each pool thread pinned to a core of the session's block, the
+    # Run's caller moved to the block's first core (serving/runtime/backends/cpu_pinning.py)
+    pin_threads: bool = True
     onnx_provider: str = "auto"  # ONNX on a GPU: "auto"/"cuda" = CUDA EP, "tensorrt" = TensorRT EP
     iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (else plain session.run)
     pinned_memory: bool = True  # CUDA + iobinding: stage host copies in page-locked buffers (cuda-python)

@@ -130,7 +130,7 @@ def single_thread_rows(
 
 def sized_runners(
     plain: list[SessionRunner],
-    make: Callable[[bool, int], SessionRunner],
+    make: Callable[[bool, int, int], SessionRunner],
     specs: Sequence[TensorSpec],
     *,
     lone: str,
@@ -141,9 +141,10 @@ def sized_runners(
     name: str,
 ) -> list[SessionRunner] | list[SizedRunner]:
     """The instances' runners with the extra sessions the settings ask for ("auto": measured on the
-    first instance, then made for every instance). `make(spinning, threads)` opens a session of the
-    same file; `spinning`/`threads`: the usual session's. Where the timing runs fail (a row of
-    zeros the model cannot run), "auto" adds nothing and warns; warm-up then judges the model."""
+    first instance, then made for every instance). `make(spinning, threads, instance)` opens a
+    session of the same file for that instance (its cores, where pinned: cpu_pinning.py);
+    `spinning`/`threads`: the usual session's. Where the timing runs fail (a row of zeros the
+    model cannot run), "auto" adds nothing and warns; warm-up then judges the model."""
     lone = "off" if spinning else lone  # every batch spins already
     if threads < 2 or (lone == "off" and single == "off"):
         return plain  # one thread: no pool to wake, nothing narrower to run on
@@ -157,14 +158,14 @@ def sized_runners(
         except Exception as exc:
             log.warning("%s: no timing runs (%s): no extra session chosen by measurement", name, exc)
     if lone == "on":
-        twin = make(True, threads)
+        twin = make(True, threads, 0)
     if twin is None and not single_rows:
         return plain
     return [
         SizedRunner(
             batched,
-            lone=None if twin is None else twin if index == 0 else make(True, threads),
-            single=None if not single_rows else single_session if index == 0 else make(False, 1),
+            lone=None if twin is None else twin if index == 0 else make(True, threads, index),
+            single=None if not single_rows else single_session if index == 0 else make(False, 1, index),
             single_rows=single_rows,
         )
         for index, batched in enumerate(plain)
@@ -173,7 +174,7 @@ def sized_runners(
 
 def _measure(
     plain: SessionRunner,
-    make: Callable[[bool, int], SessionRunner],
+    make: Callable[[bool, int, int], SessionRunner],
     specs: Sequence[TensorSpec],
     lone: bool,
     single: bool,
@@ -191,14 +192,14 @@ def _measure(
         return None, None, 0
     twin = None
     if lone:
-        twin, plain_ms, spin_ms = spinning_pays(plain, lambda: make(True, threads), row)
+        twin, plain_ms, spin_ms = spinning_pays(plain, lambda: make(True, threads, 0), row)
         log.info(
             "%s: a lone row takes %.2f ms, %.2f ms spinning: 1-row batches on %s",
             name, plain_ms, spin_ms, "a second, spinning session" if twin else "the one session",
         )  # fmt: skip
     if not single or max_batch < 2:
         return twin, None, 0
-    one = make(False, 1)
+    one = make(False, 1, 0)
     single_rows, speedups = single_thread_rows(one, plain, specs, threads, max_batch)
     log.info(
         "%s: %d threads over one at %s rows: x%s; batches of up to %d rows on one thread",

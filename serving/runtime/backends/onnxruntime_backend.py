@@ -18,6 +18,7 @@ from serving.runtime.backends import core_share
 from serving.runtime.backends.base import BackendOptions, TensorSpec
 from serving.runtime.backends.batch_sessions import SizedRunner, sized_runners
 from serving.runtime.backends.core_share import SharedCoresRunner
+from serving.runtime.backends.cpu_pinning import CoreBlock, core_blocks, process_cpus
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
 from serving.runtime.backends.pool import PooledBackend
 
@@ -85,11 +86,13 @@ class OnnxRuntimeBackend(PooledBackend):
                 f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})"
             )
         # workers sharing the cores load (and measure) one at a time: see core_share
+        self._table = core_share.current() if self._options.share_cores else None
         with core_share.one_worker_at_a_time() if self._options.share_cores else contextlib.nullcontext():
-            sessions = [self._session(ort, Path(path), kind) for _ in range(self._options.instances)]
+            blocks = [self._block(kind, None, i) for i in range(self._options.instances)]
+            sessions = [self._session(ort, Path(path), kind, block=b) for b in blocks]
             self.inputs, self.outputs = session_specs(sessions[0])
             self._provider = kind
-            runners = self._runners(ort, Path(path), sessions, kind)
+            runners = self._runners(ort, Path(path), sessions, blocks, kind)
         # instances with extra sessions for some batch sizes (serving/runtime/backends/batch_sessions.py)
         # instances of a worker sharing the cores with others (serving/runtime/backends/core_share.py)
         self.shared_runners = tuple(r for r in runners if isinstance(r, SharedCoresRunner))
@@ -97,13 +100,35 @@ class OnnxRuntimeBackend(PooledBackend):
         self.sized_runners = tuple(r for r in inner if isinstance(r, SizedRunner))
         self._pool_runners(runners, engine="onnxruntime")
 
+    def _block(self, kind: str, threads: int | None, instance: int) -> CoreBlock | None:
+        """The cores of `instance`'s session of `threads` threads (None: the instance's usual
+        count) where `pin_threads` applies: CPU sessions of 2+ threads whose blocks fit the CPUs."""
+        opts = self._options
+        if kind != "cpu" or not opts.pin_threads:
+            return None
+        # one worker of several sharing the cores starts on its own share (core_share)
+        first = 0 if self._table is None else self._table.slot * opts.instances * opts.threads_per_instance
+        blocks = core_blocks(
+            process_cpus(), threads or opts.threads_per_instance, opts.instances, first=first
+        )
+        return None if blocks is None else blocks[instance]
+
     def _session(
-        self, ort: Any, path: Path, kind: str, *, spinning: bool | None = None, threads: int | None = None
+        self,
+        ort: Any,
+        path: Path,
+        kind: str,
+        *,
+        spinning: bool | None = None,
+        threads: int | None = None,
+        block: CoreBlock | None = None,
     ) -> Any:
         opts = self._options
         spin = "1" if (opts.allow_spinning if spinning is None else spinning) else "0"
         so = ort.SessionOptions()
         so.intra_op_num_threads = (threads or opts.threads_per_instance) if kind == "cpu" else 1
+        if block is not None:  # one core per pool thread (cpu_pinning)
+            so.add_session_config_entry("session.intra_op_thread_affinities", block.ort_affinities)
         # Sequential: one batch is one chain of convs; inter-op threads would only add wake-ups.
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.inter_op_num_threads = 1
@@ -164,17 +189,21 @@ class OnnxRuntimeBackend(PooledBackend):
             trt |= {"trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
         return trt
 
-    def _runners(self, ort: Any, path: Path, sessions: list[Any], kind: str) -> list[Any]:
+    def _runners(
+        self, ort: Any, path: Path, sessions: list[Any], blocks: list[CoreBlock | None], kind: str
+    ) -> list[Any]:
         opts = self._options
         if kind != "cpu" and opts.iobinding:
             runner = CudaGraphRunner if opts.cuda_graphs else BindingRunner
             return [runner(s, self.inputs, self.outputs, self.max_batch_size, opts) for s in sessions]
-        plain = [SessionRunner(s) for s in sessions]
+        plain = [SessionRunner(s, caller_cpu=_caller(b)) for s, b in zip(sessions, blocks, strict=True)]
         if kind != "cpu":
             return plain
 
-        def make(spinning: bool, threads: int) -> SessionRunner:
-            return SessionRunner(self._session(ort, path, kind, spinning=spinning, threads=threads))
+        def make(spinning: bool, threads: int, instance: int) -> SessionRunner:
+            block = self._block(kind, threads, instance)
+            session = self._session(ort, path, kind, spinning=spinning, threads=threads, block=block)
+            return SessionRunner(session, caller_cpu=_caller(block))
 
         def sized(runners: list[SessionRunner], threads: int) -> list[Any]:
             return sized_runners(
@@ -185,7 +214,7 @@ class OnnxRuntimeBackend(PooledBackend):
 
         own = sized(plain, opts.threads_per_instance)
         # one worker of several: the others' cores when they idle
-        table = core_share.current() if opts.share_cores else None
+        table = self._table
         if table is None:
             return own
         wide_threads = max(1, table.cores // len(plain))  # every core, split between the instances
@@ -193,13 +222,17 @@ class OnnxRuntimeBackend(PooledBackend):
             return [SharedCoresRunner(r, None, table) for r in own]
         # on every core, the sessions a one-worker server would have (small batches still on one
         # thread while the loop has work, a spinning twin for lone rows, where measured worth it)
-        wide = sized([make(opts.allow_spinning, wide_threads) for _ in plain], wide_threads)
+        wide = sized([make(opts.allow_spinning, wide_threads, i) for i in range(len(plain))], wide_threads)
         return [SharedCoresRunner(r, w, table) for r, w in zip(own, wide, strict=True)]
 
     @property
     def provider(self) -> str:
         """ "cpu" | "cuda" | "tensorrt"."""
         return self._provider
+
+
+def _caller(block: CoreBlock | None) -> int | None:
+    return None if block is None else block.caller
 
 
 def cuda_ep_options(options: BackendOptions) -> dict[str, Any]:

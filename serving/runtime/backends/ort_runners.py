@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from serving.runtime.backends.base import BackendOptions, TensorSpec
+from serving.runtime.backends.cpu_pinning import running_on
 
 __all__ = ["BindingRunner", "CudaGraphRunner", "SessionRunner", "graph_buckets"]
 
@@ -20,15 +21,20 @@ log = logging.getLogger(__name__)
 
 
 class SessionRunner:
-    """Plain `session.run` with numpy feeds (CPU EP, or GPU with IOBinding switched off)."""
+    """Plain `session.run` with numpy feeds (CPU EP, or GPU with IOBinding switched off).
+    `caller_cpu`: the core the calling thread moves to for each Run, off its pool threads' pinned
+    cores (serving/runtime/backends/cpu_pinning.py)."""
 
-    def __init__(self, session: Any) -> None:
-        self.session = session
+    def __init__(self, session: Any, *, caller_cpu: int | None = None) -> None:
+        self.session, self.caller_cpu = session, caller_cpu
         self.names = [o.name for o in session.get_outputs()]
 
     def run(self, inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         feeds = {name: np.ascontiguousarray(array) for name, array in inputs.items()}
-        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
+        if self.caller_cpu is None:
+            return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
+        with running_on(self.caller_cpu):
+            return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
 
     def close(self) -> None:
         self.session = None
