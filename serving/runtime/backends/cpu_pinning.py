@@ -8,9 +8,9 @@ length of the Run (`running_on`), so the two never share a core.
 Why: after the process has idled for a millisecond or more, waking a pool thread that may run
 anywhere often put it on the caller's own core (an idle vCPU of a KVM guest reads as preempted, so
 the kernel's wake-up keeps the thread beside its waker), where it waited for the scheduler to move
-it: a lone ResNet-20 row on 2 threads, 0.45 ms back to back, took 0.6 / 1.3 / 2.6 ms on average
-after idling 1 / 2 / 5 ms, p99 ~5 ms; pinned, 0.49-0.59 ms, p99 <= 0.93 ms. Pinning the pool alone
-is not enough: a caller that lands on the pool's core stalls it the same way
+it: a lone ResNet-20 row on 2 threads, ~0.55 ms back to back, took 0.9 / 1.9 / 2.6 ms on average
+after idling 1 / 2 / 5 ms, p99 3.4-5.2 ms; pinned, 0.61-0.70 ms, p99 0.95-1.26 ms. Pinning the
+pool alone is not enough: a caller that lands on the pool's core stalls it the same way
 (benchmarks/ort_pinning.py, benchmarks/RESULTS-serving.md).
 
 Blocks are laid out from the process's CPUs (sched_getaffinity) rotated to `first`, so worker k
