@@ -56,7 +56,7 @@ from serving.errors import (
     ModelUnavailableError,
     QueueFullError,
 )
-from serving.runtime.backends.base import LOOP_HAS_WORK, Backend, validate_inputs
+from serving.runtime.backends.base import LOOP_HAS_WORK, Backend, CheckedBatch, validate_inputs
 from serving.runtime.latency_target import LatencyPolicy
 from serving.runtime.solo import SoloGate
 
@@ -446,14 +446,16 @@ class DynamicBatcher:
     def _compute(
         self, inputs: list[Mapping[str, np.ndarray]], rows: list[int]
     ) -> tuple[list[_Outputs], ComputedBatch]:
-        """Concatenate, infer, check the output batch, slice back per request."""
-        merged = (
-            inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]}
+        """Concatenate, infer, check the output batch, slice back per request. Each request passed
+        validate_inputs in `_enqueue`, so the batch goes as a CheckedBatch (not checked again)."""
+        total = sum(rows)
+        merged = CheckedBatch(
+            inputs[0] if len(inputs) == 1 else {k: np.concatenate([i[k] for i in inputs]) for k in inputs[0]},
+            total,
         )
         start = time.perf_counter()
         outputs = self._backend.infer(merged)
         seconds = time.perf_counter() - start
-        total = sum(rows)
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise BackendError(f"output {name!r} has batch {array.shape[:1]}, expected {total} rows")

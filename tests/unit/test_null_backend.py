@@ -161,3 +161,35 @@ def test_print_config_shows_the_timings(
     assert cli.run(parser.parse_args([*argv, "--null-per-row-us", "25", "--print-config"])) == 0
     resolved = json.loads(capsys.readouterr().out)
     assert (resolved["backend"], resolved["null_base_us"], resolved["null_per_row_us"]) == ("null", 4000, 25)
+
+
+def test_a_batch_the_batcher_checked_is_not_validated_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batcher validates each request once at submit; the pool takes the batch's rows from the
+    CheckedBatch it builds, while a plain mapping (kiln score, warm-up) is still checked."""
+    import asyncio
+
+    from serving.runtime.backends import pool
+    from serving.runtime.batcher import DynamicBatcher
+
+    calls: list[int] = []
+    real = pool.validate_inputs
+
+    def counting(*args: object) -> int:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pool, "validate_inputs", counting)
+    backend = _backend(0)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(backend, max_queue_delay_us=2000)
+        batcher.start()
+        outs = await asyncio.gather(*(batcher.submit(_rows(n)) for n in (1, 2, 3)))
+        await batcher.stop()
+        assert [o["y"].shape[0] for o in outs] == [1, 2, 3]
+
+    asyncio.run(main())
+    assert calls == []
+    with pytest.raises(InvalidInputError):
+        backend.infer({"x": np.ones((2, 2, 4), np.float16)})  # wrong dims: the pool's own check
+    assert calls == [1]

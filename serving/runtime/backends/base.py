@@ -28,6 +28,7 @@ __all__ = [
     "SINGLE_THREAD_SMALL_BATCHES",
     "Backend",
     "BackendOptions",
+    "CheckedBatch",
     "TensorSpec",
     "check_outputs",
     "datatype_of",
@@ -205,6 +206,18 @@ def zero_inputs(specs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]
         s.name: np.zeros((rows, *(d if d > 0 else 1 for d in s.shape[1:])), dtype=numpy_dtype(s.datatype))
         for s in specs
     }
+
+
+class CheckedBatch(dict[str, np.ndarray]):
+    """A batch made of requests that each passed `validate_inputs` against the backend's own specs
+    and limit, concatenated (the dynamic batcher's): a pooled backend takes its `rows` instead of
+    checking every tensor a second time on each batch's path."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], rows: int) -> None:
+        super().__init__(arrays)
+        self.rows = rows
 
 
 def validate_inputs(

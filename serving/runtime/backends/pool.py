@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from serving.errors import BackendError, KilnError, ModelUnavailableError
-from serving.runtime.backends.base import TensorSpec, check_outputs, validate_inputs
+from serving.runtime.backends.base import CheckedBatch, TensorSpec, check_outputs, validate_inputs
 
 __all__ = ["InstanceBusy", "InstancePool", "PooledBackend", "Runner"]
 
@@ -74,10 +74,14 @@ class InstancePool:
         return self._size
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, run on a free instance, check the outputs' batch and shapes."""
+        """Validate (unless the batcher did: CheckedBatch), run on a free instance, check the
+        outputs' batch and shapes."""
         if self.closed:
             raise ModelUnavailableError("backend is closed", reason="closed")
-        rows = validate_inputs(self._inputs, inputs, self._max_batch_size)
+        if isinstance(inputs, CheckedBatch):
+            rows = inputs.rows
+        else:
+            rows = validate_inputs(self._inputs, inputs, self._max_batch_size)
         index, runner = self._free.get()
         start = time.perf_counter()
         try:
