@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,16 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from benchmarks.serve_bench_lib import (  # noqa: E402
-    DEFAULT_PA,
-    Measure,
-    cpu_summary,
-    free_port,
-    measure_pa,
-    running,
-    serve_command,
-    versions,
-)
+from benchmarks import serve_bench_lib as lib  # noqa: E402
 from benchmarks.serve_throughput import input_data, model_files  # noqa: E402
 
 MODEL = "resnet20"
@@ -81,22 +71,25 @@ def in_process(repo: Path) -> dict[str, dict[float, tuple[float, float, float]]]
     }
 
 
-def served(args: argparse.Namespace, cpus: set[int]) -> dict[str, dict[tuple[str, int], list[Measure]]]:
+Served = dict[str, dict[tuple[str, int], list[lib.Measure]]]  # setting -> load -> one per round
+
+
+def served(args: argparse.Namespace, cpus: set[int]) -> Served:
     """{setting: {load: one Measure per round}}, the settings alternated within each round."""
     _, name, shape, _ = model_files(args.repo, MODEL)
     data = input_data(args.work / f"{MODEL}-input.json", name, shape)
     pa = [str(args.perf_analyzer), "-i", "grpc", "-m", "{model}", "--input-data", str(data),
           "--max-trials", "4", "-s", "10"]  # fmt: skip
-    out: dict[str, dict[tuple[str, int], list[Measure]]] = {k: {load: [] for load in LOADS} for k in SETTINGS}
+    out: Served = {k: {load: [] for load in LOADS} for k in SETTINGS}
     for _ in range(args.rounds):
         for label, flag in SETTINGS.items():
-            port = free_port()
-            cmd = serve_command(port, "--repo", str(args.repo), "--models", MODEL, "--precision", "fp32",
-                                "--workers", "1", "--metrics-port", str(free_port()), flag)  # fmt: skip
-            with running(cmd, port, cpus, args.work):
+            port = lib.free_port()
+            cmd = lib.serve_command(port, "--repo", str(args.repo), "--models", MODEL, "--precision", "fp32",
+                                "--workers", "1", "--metrics-port", str(lib.free_port()), flag)  # fmt: skip
+            with lib.running(cmd, port, cpus, args.work):
                 for kind, value in LOADS:
                     rate = value if kind == "rate" else None
-                    measure = measure_pa(
+                    measure = lib.measure_pa(
                         pa, port, MODEL, value, args.work, cpus, window_ms=4000, request_rate=rate
                     )
                     out[label][(kind, value)].append(measure)
@@ -110,8 +103,8 @@ def render(gaps: dict, serve: dict, args: argparse.Namespace, cpus: set[int]) ->
     lines = [
         f"## {now:%Y-%m-%d %H:%M} UTC: ONNX Runtime threads pinned or not (benchmarks/ort_pinning.py)",
         "",
-        f"- Machine: {cpu_summary()}; client and server pinned to CPUs {sorted(cpus)}",
-        f"- Versions: {versions(args.perf_analyzer)}",
+        f"- Machine: {lib.cpu_summary()}; client and server pinned to CPUs {sorted(cpus)}",
+        f"- Versions: {lib.versions(args.perf_analyzer)}",
         f"- Command: `python benchmarks/ort_pinning.py --repo {args.repo} --rounds {args.rounds}`",
         "",
         f"In process, a lone ResNet-20 row on Kiln's ORT backend after the process slept G ms ({RUNS} "
@@ -147,14 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "tuning-repo")
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "ort-pinning")
-    p.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PA)
+    p.add_argument("--perf-analyzer", type=Path, default=lib.DEFAULT_PA)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cpus", type=str, default=None, help="comma-separated CPU ids (default: all usable)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
     p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args(argv)
-    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    cpus = lib.pin_to(args.cpus)
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.repo / MODEL).is_dir():
         print(
@@ -163,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gaps = in_process(args.repo)
     serve = served(args, cpus)
-    section = render(gaps, serve, args, cpus)
-    print(section)
-    if not args.no_append:
-        with args.results.open("a", encoding="utf-8") as out:
-            out.write("\n" + section)
+    lib.report(render(gaps, serve, args, cpus), args.results, append=not args.no_append)
     return 0
 
 

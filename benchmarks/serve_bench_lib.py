@@ -323,3 +323,19 @@ def versions(perf_analyzer: Path) -> str:
     except (OSError, subprocess.SubprocessError, IndexError):
         parts.append("perf_analyzer ?")
     return ", ".join(parts) + f"; kernel {platform.release()}; {sys.platform}"
+
+
+def pin_to(cpus: str | None) -> set[int]:
+    """Pin this process (and so the servers and clients it starts) to `cpus` ("0,1"; None: every
+    CPU it may use now) and return the set."""
+    chosen = {int(c) for c in cpus.split(",")} if cpus else os.sched_getaffinity(0)
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
+def report(section: str, results: Path, *, append: bool) -> None:
+    """Print a results section and, with `append`, add it to the `results` markdown file."""
+    print(section)
+    if append:
+        with results.open("a", encoding="utf-8") as out:
+            out.write("\n" + section)

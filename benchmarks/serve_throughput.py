@@ -51,6 +51,8 @@ from benchmarks.serve_bench_lib import (  # noqa: E402
     cpu_summary,
     free_port,
     measure_pa,
+    pin_to,
+    report,
     running,
     serve_command,
     versions,
@@ -335,16 +337,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Prepare the models, measure, print and append the results."""
     args = parse_args(argv)
-    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
+    cpus = pin_to(args.cpus)
     args.work.mkdir(parents=True, exist_ok=True)
     prepared = [c for m in args.models for c in prepare(MODELS[m], args.repo, args.work)]
     results = [bench_model(MODELS[m], args, cpus) for m in args.models]
-    section = render(results, args, prepared, cpus)
-    print(section)
-    if not args.no_append:
-        with args.results.open("a", encoding="utf-8") as out:
-            out.write("\n" + section)
+    report(render(results, args, prepared, cpus), args.results, append=not args.no_append)
     return 0
 
 
