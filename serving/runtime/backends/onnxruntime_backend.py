@@ -89,6 +89,10 @@ class OnnxRuntimeBackend(PooledBackend):
         self._table = core_share.current() if self._options.share_cores else None
         with core_share.one_worker_at_a_time() if self._options.share_cores else contextlib.nullcontext():
             blocks = [self._block(kind, None, i) for i in range(self._options.instances)]
+            if any(blocks):
+                log.info("%s: ONNX Runtime threads pinned, per instance (caller, pool): %s", path,
+                         [(b.caller, list(b.pool)) for b in blocks if b is not None])  # fmt: skip
+            self.core_blocks = tuple(blocks)  # where each instance's usual session runs (None: unpinned)
             sessions = [self._session(ort, Path(path), kind, block=b) for b in blocks]
             self.inputs, self.outputs = session_specs(sessions[0])
             self._provider = kind
