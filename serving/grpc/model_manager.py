@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from serving.contract.repository import (
     ModelRepository,
     RepositoryError,
+    ResolvedVersion,
     VersionPolicy,
     VersionStatus,
     check_model_name,
@@ -53,7 +54,7 @@ from serving.grpc.model_version import (
 from serving.grpc.predictions import PredictionTap, prediction_metrics
 from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts
 from serving.grpc.statistics import ModelStats
-from serving.runtime.backends import core_share
+from serving.runtime.backends import BackendOptions, core_share
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
 from serving.runtime.model_handle import ModelHandle, from_scan
@@ -74,6 +75,15 @@ class VersionState:
     version: int
     state: str
     reason: str = ""
+
+
+def _open(resolved: ResolvedVersion, cfg: ServeConfig, options: BackendOptions) -> ModelHandle:
+    """ModelHandle.open by one worker at a time where workers share the cores (core_share):
+    precision "auto" times its candidates here, and two workers timing at once each read the
+    other's load; in turn, the second finds the first's choice in the tuning cache and serves the
+    same artefact (one repository view across the workers)."""
+    with core_share.one_worker_at_a_time():
+        return ModelHandle.open(resolved, artefact_choice(cfg), options=options, null_timing=null_timing(cfg))
 
 
 def _warm_up(handle: ModelHandle, sizes: list[int]) -> None:
@@ -374,9 +384,7 @@ class ModelManager:
         resolved = from_scan(found)  # kiln.json as the scan read it: one read per load
         cfg = self.config
         options = backend_options(cfg)
-        handle = await asyncio.to_thread(
-            ModelHandle.open, resolved, artefact_choice(cfg), options=options, null_timing=null_timing(cfg)
-        )
+        handle = await asyncio.to_thread(_open, resolved, cfg, options)
         try:
             return await self._start_batcher(handle)
         except BaseException:

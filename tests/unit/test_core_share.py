@@ -248,3 +248,44 @@ def test_a_worker_loads_while_no_other_measures(table_path: Path, peer: CoreTabl
         other.join(5)
     finally:
         core_share.leave()
+
+
+def test_a_model_opens_whole_while_no_other_worker_loads(
+    tmp_path: Path, peer: CoreTable, worker: CoreTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole ModelHandle.open, precision auto's timing of its candidates included, holds the
+    table's lock: it waits while a peer loads, never times while a peer does, and the next worker
+    to open finds the choice in the tuning cache (the same artefact on every worker)."""
+    from serving.contract.repository import ModelRepository
+    from serving.grpc.config import ServeConfig
+    from serving.grpc.model_manager import _open
+    from serving.grpc.model_version import backend_options
+    from serving.runtime import model_handle
+    from serving.runtime.model_handle import resolve
+    from tests.integration.tuning_fixtures import publish_convnet
+
+    publish_convnet(tmp_path / "repo")  # FP32 and INT8 passed the gate: "auto" measures both
+    cfg = ServeConfig(repo=tmp_path / "repo")
+    resolved = resolve(ModelRepository(cfg.repo), "convnet", None, policy=cfg.policy)
+    held_while_timing: list[bool] = []
+    real_tune = model_handle.tune
+
+    def tune(*args: object, **kwargs: object) -> object:  # the real measurement, observed
+        held_while_timing.append(getattr(core_share._HOLDING, "yes", False))
+        return real_tune(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_handle, "tune", tune)
+    opened: list[model_handle.ModelHandle] = []
+    with peer.exclusive():  # the peer is loading
+        opening = threading.Thread(target=lambda: opened.append(_open(resolved, cfg, backend_options(cfg))))
+        opening.start()
+        opening.join(0.5)
+        assert opening.is_alive() and not opened and not held_while_timing  # waits, times nothing
+    opening.join(60)
+    again = _open(resolved, cfg, backend_options(cfg))  # the next worker to load
+    assert held_while_timing == [True, True]
+    assert opened[0].tuning is not None and not opened[0].tuning.cached
+    assert again.tuning is not None and again.tuning.cached
+    assert again.artefact == opened[0].artefact
+    opened[0].close()
+    again.close()
