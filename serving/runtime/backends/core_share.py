@@ -45,7 +45,7 @@ class CoreTable:
     def __init__(self, path: str | Path, slot: int, slots: int, *, cores: int) -> None:
         if not 0 <= slot < slots:
             raise ValueError(f"slot {slot} outside the table of {slots} workers")
-        self.path, self.slot, self.cores = Path(path), slot, cores  # cores: the machine's
+        self.path, self.slot, self.slots, self.cores = Path(path), slot, slots, cores  # cores: the machine's
         with open(self.path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), slots * _SLOT.itemsize)
         self._times = np.frombuffer(self._map, dtype=_SLOT, count=slots)

@@ -14,7 +14,9 @@ pool alone is not enough: a caller that lands on the pool's core stalls it the s
 (benchmarks/ort_pinning.py, benchmarks/RESULTS-serving.md).
 
 Blocks are laid out from the process's CPUs (sched_getaffinity) rotated to `first`, so worker k
-of several that share the cores starts on its own share (serving/runtime/backends/core_share.py).
+of several that share the cores starts on its own share (serving/runtime/backends/core_share.py),
+and only where the sessions use exactly those CPUs: a process that runs fewer threads than it may
+use CPUs (an explicit `intra_op_threads` on a shared node) is not pinned.
 """
 
 from __future__ import annotations
@@ -48,10 +50,15 @@ def process_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-def core_blocks(cpus: Sequence[int], threads: int, count: int, *, first: int = 0) -> list[CoreBlock] | None:
-    """`count` consecutive blocks of `threads` cores from `cpus` rotated to start at index `first`;
-    None where a session has no pool thread (threads < 2) or the blocks do not fit in `cpus`."""
-    if threads < 2 or count < 1 or threads * count > len(cpus):
+def core_blocks(
+    cpus: Sequence[int], threads: int, count: int, *, first: int = 0, workers: int = 1
+) -> list[CoreBlock] | None:
+    """`count` consecutive blocks of `threads` cores from `cpus` rotated to start at index `first`,
+    for one of `workers` processes that split `cpus` alike. None where a session has no pool thread
+    (threads < 2), or where the blocks of every worker do not make exactly `cpus`: fewer threads
+    than CPUs is a process given a share of a larger set (a pod with 2 threads on a node's shared
+    pool of 32), where every such process would pin the same first cores; more would stack them."""
+    if threads < 2 or count < 1 or threads * count * workers != len(cpus):
         return None
     start = first % len(cpus)
     ring = [*cpus[start:], *cpus[:start]]

@@ -106,15 +106,18 @@ class OnnxRuntimeBackend(PooledBackend):
 
     def _block(self, kind: str, threads: int | None, instance: int) -> CoreBlock | None:
         """The cores of `instance`'s session of `threads` threads (None: the instance's usual
-        count) where `pin_threads` applies: CPU sessions of 2+ threads whose blocks fit the CPUs."""
+        count) where `pin_threads` applies: CPU sessions of 2+ threads whose blocks make exactly the
+        process's CPUs (cpu_pinning.core_blocks)."""
         opts = self._options
         if kind != "cpu" or not opts.pin_threads:
             return None
-        # one worker of several sharing the cores starts on its own share (core_share)
-        first = 0 if self._table is None else self._table.slot * opts.instances * opts.threads_per_instance
-        blocks = core_blocks(
-            process_cpus(), threads or opts.threads_per_instance, opts.instances, first=first
-        )
+        threads = threads or opts.threads_per_instance
+        table = self._table
+        # one worker of several sharing the cores starts on its own share (core_share); its own
+        # sessions split the CPUs with the other workers, its wide ones (more threads) take them all
+        first = 0 if table is None else table.slot * opts.instances * opts.threads_per_instance
+        workers = table.slots if table is not None and threads == opts.threads_per_instance else 1
+        blocks = core_blocks(process_cpus(), threads, opts.instances, first=first, workers=workers)
         return None if blocks is None else blocks[instance]
 
     def _session(
