@@ -70,17 +70,17 @@ def core_blocks(
 def running_on(cpu: int) -> Iterator[None]:
     """The calling thread runs on `cpu` only, inside the block; its own CPU set is restored after.
     Where the kernel refuses (the CPU left this process's cpuset since), the block runs unpinned."""
+    before: set[int] | None = os.sched_getaffinity(0)
     try:
-        before = os.sched_getaffinity(0)
         os.sched_setaffinity(0, (cpu,))
     except OSError as exc:
         log.debug("running unpinned: cannot move this thread to CPU %d (%s)", cpu, exc)
-        yield
-        return
+        before = None
     try:
         yield
     finally:
-        try:
-            os.sched_setaffinity(0, before)
-        except OSError as exc:  # the CPU set changed meanwhile: take whatever the process has now
-            log.warning("cannot restore this thread's CPUs %s (%s)", sorted(before), exc)
+        if before is not None:
+            try:
+                os.sched_setaffinity(0, before)
+            except OSError as exc:  # the CPU set changed meanwhile: it keeps what the kernel left
+                log.warning("cannot restore this thread's CPUs %s (%s)", sorted(before), exc)
