@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from serving.contract.repository import (
     ModelRepository,
     RepositoryError,
-    ResolvedVersion,
     VersionPolicy,
     VersionStatus,
     check_model_name,
@@ -54,7 +53,6 @@ from serving.grpc.model_version import (
 from serving.grpc.predictions import PredictionTap, prediction_metrics
 from serving.grpc.shadow import CANDIDATE, REJECTED, Rollouts
 from serving.grpc.statistics import ModelStats
-from serving.runtime.backends import BackendOptions, core_share
 from serving.runtime.backends.null_backend import null_timing
 from serving.runtime.batcher import DynamicBatcher
 from serving.runtime.model_handle import ModelHandle, from_scan
@@ -75,22 +73,6 @@ class VersionState:
     version: int
     state: str
     reason: str = ""
-
-
-def _open(resolved: ResolvedVersion, cfg: ServeConfig, options: BackendOptions) -> ModelHandle:
-    """ModelHandle.open by one worker at a time where workers share the cores (core_share):
-    precision "auto" times its candidates here, and two workers timing at once each read the
-    other's load; in turn, the second finds the first's choice in the tuning cache and serves the
-    same artefact (one repository view across the workers)."""
-    with core_share.one_worker_at_a_time():
-        return ModelHandle.open(resolved, artefact_choice(cfg), options=options, null_timing=null_timing(cfg))
-
-
-def _warm_up(handle: ModelHandle, sizes: list[int]) -> None:
-    """Warm-up, by one worker at a time where workers share the cores (core_share): another
-    worker may be timing its sessions meanwhile."""
-    with core_share.one_worker_at_a_time():
-        handle.warm_up(sizes)
 
 
 class ModelManager:
@@ -384,7 +366,9 @@ class ModelManager:
         resolved = from_scan(found)  # kiln.json as the scan read it: one read per load
         cfg = self.config
         options = backend_options(cfg)
-        handle = await asyncio.to_thread(_open, resolved, cfg, options)
+        handle = await asyncio.to_thread(
+            ModelHandle.open, resolved, artefact_choice(cfg), options=options, null_timing=null_timing(cfg)
+        )
         try:
             return await self._start_batcher(handle)
         except BaseException:
@@ -395,7 +379,7 @@ class ModelManager:
         cfg, backend = self.config, handle.backend
         max_batch = min(cfg.max_batch_size or backend.max_batch_size, backend.max_batch_size)
         if cfg.warmup:  # before the batcher exists, so warm-up never counts in statistics or metrics
-            await asyncio.to_thread(_warm_up, handle, sorted({1, max_batch}))
+            await asyncio.to_thread(handle.warm_up, sorted({1, max_batch}))
         model, version = handle.model, str(handle.version)
         stats = ModelStats(model, version)
         extra = self._metrics.batch_observer(model, version) if self._metrics else None

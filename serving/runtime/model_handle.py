@@ -27,7 +27,14 @@ from serving.contract.repository import (
 )
 from serving.contract.version_policy import VersionPolicy
 from serving.errors import KilnError, ModelLoadError, ModelUnavailableError
-from serving.runtime.backends import Backend, BackendOptions, NullTiming, load_backend, zero_inputs
+from serving.runtime.backends import (
+    Backend,
+    BackendOptions,
+    NullTiming,
+    core_share,
+    load_backend,
+    zero_inputs,
+)
 from serving.runtime.topk import ClassificationHead
 from serving.runtime.tuning import TuningChoice, batch_sizes_for, eligible, tune
 
@@ -181,15 +188,21 @@ class ModelHandle:
         options: BackendOptions,
         null_timing: NullTiming | None = None,
     ) -> ModelHandle:
-        """Choose the artefact, verify it and load it (blocking: run it off the event loop)."""
+        """Choose the artefact, verify it and load it (blocking: run it off the event loop).
+
+        In a worker of several sharing the cores, by one worker at a time (core_share): precision
+        "auto" times its candidates here and the sessions time their "auto" extras, and two
+        workers timing at once each read the other's load; in turn, the next worker finds the
+        first's choice in the tuning cache and serves the same artefact."""
         on_cpu = options.device == "cpu" and null_timing is None
-        verified, artefact, tuning = choose(resolved, choice, on_cpu=on_cpu)
-        if tuning is not None:
-            layout = tuning.layout
-            options = dataclasses.replace(
-                options, instances=layout.instances, intra_op_threads=layout.threads
-            )
-        handle = cls.load(verified, artefact, options=options, null_timing=null_timing)
+        with core_share.one_worker_at_a_time():
+            verified, artefact, tuning = choose(resolved, choice, on_cpu=on_cpu)
+            if tuning is not None:
+                layout = tuning.layout
+                options = dataclasses.replace(
+                    options, instances=layout.instances, intra_op_threads=layout.threads
+                )
+            handle = cls.load(verified, artefact, options=options, null_timing=null_timing)
         handle.tuning, handle.options = tuning, options
         return handle
 
@@ -217,7 +230,12 @@ class ModelHandle:
 
     def warm_up(self, sizes: Iterable[int]) -> None:
         """One batch of zeros per size through the backend, so first-call costs (allocations,
-        kernel choice) are paid before the first request; ModelLoadError if it fails."""
+        kernel choice) are paid before the first request; ModelLoadError if it fails. By one
+        worker at a time where workers share the cores: another may be timing meanwhile."""
+        with core_share.one_worker_at_a_time():
+            self._warm_up(sizes)
+
+    def _warm_up(self, sizes: Iterable[int]) -> None:
         for rows in sizes:
             try:
                 outputs = self.backend.infer(warmup_inputs(self.backend, rows))

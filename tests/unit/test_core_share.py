@@ -243,7 +243,7 @@ def test_a_worker_loads_while_no_other_measures(table_path: Path, peer: CoreTabl
             other = threading.Thread(target=peer_measures)
             other.start()
             assert not entered.wait(0.2)
-            _backend(model).close()  # a backend built meanwhile re-enters the lock, no deadlock
+            _backend(model).close()  # a backend built meanwhile (as ModelHandle.open builds it): no deadlock
         assert entered.wait(5)
         other.join(5)
     finally:
@@ -258,8 +258,7 @@ def test_a_model_opens_whole_while_no_other_worker_loads(
     to open finds the choice in the tuning cache (the same artefact on every worker)."""
     from serving.contract.repository import ModelRepository
     from serving.grpc.config import ServeConfig
-    from serving.grpc.model_manager import _open
-    from serving.grpc.model_version import backend_options
+    from serving.grpc.model_version import artefact_choice, backend_options
     from serving.runtime import model_handle
     from serving.runtime.model_handle import resolve
     from tests.integration.tuning_fixtures import publish_convnet
@@ -275,14 +274,18 @@ def test_a_model_opens_whole_while_no_other_worker_loads(
         return real_tune(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(model_handle, "tune", tune)
+
+    def open_one() -> model_handle.ModelHandle:  # as the server's ModelManager opens a version
+        return model_handle.ModelHandle.open(resolved, artefact_choice(cfg), options=backend_options(cfg))
+
     opened: list[model_handle.ModelHandle] = []
     with peer.exclusive():  # the peer is loading
-        opening = threading.Thread(target=lambda: opened.append(_open(resolved, cfg, backend_options(cfg))))
+        opening = threading.Thread(target=lambda: opened.append(open_one()))
         opening.start()
         opening.join(0.5)
         assert opening.is_alive() and not opened and not held_while_timing  # waits, times nothing
     opening.join(60)
-    again = _open(resolved, cfg, backend_options(cfg))  # the next worker to load
+    again = open_one()  # the next worker to load
     assert held_while_timing == [True, True]
     assert opened[0].tuning is not None and not opened[0].tuning.cached
     assert again.tuning is not None and again.tuning.cached

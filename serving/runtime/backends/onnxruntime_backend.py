@@ -8,7 +8,6 @@ CUDA path and says why each provider option below is set as it is.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -85,18 +84,18 @@ class OnnxRuntimeBackend(PooledBackend):
             raise ModelLoadError(
                 f"{_PROVIDER_NAMES[kind]} is not available in this onnxruntime (has {available})"
             )
-        # workers sharing the cores load (and measure) one at a time: see core_share
+        # one worker of several sharing the cores: its core table (ModelHandle.open loads one worker
+        # at a time, see core_share)
         self._table = core_share.current() if self._options.share_cores else None
-        with core_share.one_worker_at_a_time() if self._options.share_cores else contextlib.nullcontext():
-            blocks = [self._block(kind, None, i) for i in range(self._options.instances)]
-            if any(blocks):
-                log.info("%s: ONNX Runtime threads pinned, per instance (caller, pool): %s", path,
-                         [(b.caller, list(b.pool)) for b in blocks if b is not None])  # fmt: skip
-            self.core_blocks = tuple(blocks)  # where each instance's usual session runs (None: unpinned)
-            sessions = [self._session(ort, Path(path), kind, block=b) for b in blocks]
-            self.inputs, self.outputs = session_specs(sessions[0])
-            self._provider = kind
-            runners = self._runners(ort, Path(path), sessions, blocks, kind)
+        blocks = [self._block(kind, None, i) for i in range(self._options.instances)]
+        if any(blocks):
+            log.info("%s: ONNX Runtime threads pinned, per instance (caller, pool): %s", path,
+                     [(b.caller, list(b.pool)) for b in blocks if b is not None])  # fmt: skip
+        self.core_blocks = tuple(blocks)  # where each instance's usual session runs (None: unpinned)
+        sessions = [self._session(ort, Path(path), kind, block=b) for b in blocks]
+        self.inputs, self.outputs = session_specs(sessions[0])
+        self._provider = kind
+        runners = self._runners(ort, Path(path), sessions, blocks, kind)
         # instances with extra sessions for some batch sizes (serving/runtime/backends/batch_sessions.py)
         # instances of a worker sharing the cores with others (serving/runtime/backends/core_share.py)
         self.shared_runners = tuple(r for r in runners if isinstance(r, SharedCoresRunner))
