@@ -60,15 +60,21 @@ def exposed_names(families: Iterable[tuple[str, str]]) -> set[str]:
 
 
 def registry_families() -> list[tuple[str, str]]:
-    """(name, type) of every family the server registers: KilnMetrics plus the NVML GPU collector."""
+    """(name, type) of every family the server registers: KilnMetrics, the NVML GPU collector and,
+    with `workers` > 1, the supervisor's own series."""
+    from types import SimpleNamespace
+
     from prometheus_client import CollectorRegistry
 
     from serving.grpc.gpu_stats import GpuCollector
     from serving.grpc.metrics import KilnMetrics
+    from serving.grpc.workers import SupervisorCollector
 
     registry = CollectorRegistry()
     KilnMetrics(registry, process=True, gpu=False)
     registry.register(GpuCollector(_NoGpus()))  # describe() needs no GPU: the names are static
+    # what the collector reads of a supervisor: its workers (each `.ready`) and restarts
+    registry.register(SupervisorCollector(SimpleNamespace(workers={}, restarts=0)))  # type: ignore[arg-type]
     return [(family.name, family.type) for family in registry.collect()]
 
 

@@ -128,7 +128,7 @@ class _Worker:
     ready: bool = False
 
 
-class _SupervisorCollector(Collector):
+class SupervisorCollector(Collector):
     """The supervisor's own series: workers live and ready, and restarts."""
 
     def __init__(self, supervisor: Supervisor) -> None:
@@ -219,7 +219,7 @@ class Supervisor:
         if cfg.metrics_port is not None:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)
-            registry.register(_SupervisorCollector(self))
+            registry.register(SupervisorCollector(self))
             self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
 
     def _cleanup(self) -> None:

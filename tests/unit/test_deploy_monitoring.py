@@ -22,7 +22,8 @@ def test_the_registry_exports_the_names_the_deployment_depends_on(known: set[str
     for name in ("kiln_queue_duration_seconds_sum", "kiln_queue_duration_seconds_count",
                  "kiln_request_duration_seconds_bucket", "kiln_requests_total", "kiln_batch_size_bucket",
                  "kiln_queue_depth", "kiln_inflight_requests", "kiln_model_load_state",
-                 "kiln_gpu_utilization_ratio", "kiln_gpu_memory_used_bytes"):  # fmt: skip
+                 "kiln_gpu_utilization_ratio", "kiln_gpu_memory_used_bytes", "kiln_workers",
+                 "kiln_worker_restarts_total"):  # fmt: skip
         assert name in known, name
 
 
@@ -46,7 +47,8 @@ def test_dashboard_parses_and_covers_the_serving_signals() -> None:
     text = "\n".join(exprs.values())
     needles = ("kiln_requests_total", "kiln_queue_duration_seconds", "kiln_batch_size_bucket",
                "kiln_queue_depth", "kiln_inflight_requests", "kiln_gpu_utilization_ratio",
-               "kiln_gpu_memory_used_bytes", "kiln_worker_batches_total", "histogram_quantile(0.5",
+               "kiln_gpu_memory_used_bytes", "kiln_worker_batches_total", "kiln_workers{",
+               "kiln_worker_restarts_total", "histogram_quantile(0.5",
                "histogram_quantile(0.99")  # fmt: skip
     for needle in needles:
         assert needle in text, needle
@@ -67,8 +69,9 @@ def test_quantiles_aggregate_buckets_across_replicas_by_le() -> None:
 def test_alerts_cover_errors_latency_saturation_readiness_and_targets() -> None:
     alerts = {where.removeprefix("rule "): expr for where, expr in promql.rule_expressions()}
     for name in ("KilnHighErrorRatio", "KilnHighP99Latency", "KilnQueueSaturated", "KilnModelNotReady",
-                 "KilnNoTargets"):  # fmt: skip
+                 "KilnNoTargets", "KilnWorkerRestarted"):  # fmt: skip
         assert name in alerts, name
+    assert "kiln_worker_restarts_total" in alerts["KilnWorkerRestarted"]
     assert "absent(" in alerts["KilnNoTargets"]
     assert 'kiln_model_load_state="ready"' in alerts["KilnModelNotReady"]
 
