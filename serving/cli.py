@@ -125,6 +125,7 @@ _SWITCHES = (
     ("repository_control", "the RepositoryModelLoad/Unload RPCs"),
     ("intra_op_spinning", "ONNX Runtime intra-op spinning within a batch (default off)"),
     ("pin_ort_threads", "ONNX Runtime: a core per intra-op thread, the caller beside them (default on)"),
+    ("share_ort_arena", "ONNX Runtime: one CPU memory arena for the process's sessions (default on)"),
     ("workers_share_cores", "workers > 1: a batch on every core while the other workers idle (default on)"),
     ("batch_pipelining", "under load, batches of half the outstanding rows, two in flight (default on)"),
     ("iobinding", "CUDA: IOBinding (default on)"),

@@ -145,6 +145,10 @@ class ServeConfig:
     # moved beside them for the Run; woken after an idle spell, an unpinned pool thread often
     # queued on its caller's core for milliseconds (serving/runtime/backends/cpu_pinning.py)
     pin_ort_threads: bool = True
+    # CPU: ORT's CPU sessions of a process (a worker's wide session beside its own, twins) allocate
+    # from one memory arena instead of one each, each grown to the largest batch it ran
+    # (serving/runtime/backends/ort_arena.py)
+    share_ort_arena: bool = True
     # CPU: 1-row batches (what a server without load computes) run on a second, spinning session
     # per instance, so a lone request gets spinning's speed without its cost under load, at twice
     # the model's memory; "auto": where that measured faster at load (small models), "on", "off"

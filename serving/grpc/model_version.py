@@ -90,5 +90,6 @@ def backend_options(config: ServeConfig) -> BackendOptions:
         share_cores=config.workers_share_cores,  # acts only in a worker given a core table
         # workers without the core table cannot tell their cores apart: pinned, all would share one
         pin_threads=config.pin_ort_threads and (config.workers_share_cores or config.worker_count() == 1),
+        share_arena=config.share_ort_arena,
         **{name: getattr(config, name) for name in BACKEND_FIELDS},
     )

@@ -40,7 +40,7 @@ CHANGED: dict[str, tuple[list[str], Any]] = {
 # BackendOptions fields that ServeConfig spells differently (everything else: BACKEND_FIELDS)
 MAPPED = {
     "device", "instances", "intra_op_threads", "allow_spinning", "lone_batch_spinning",
-    "single_thread_small_batches", "share_cores", "pin_threads",
+    "single_thread_small_batches", "share_cores", "pin_threads", "share_arena",
 }  # fmt: skip
 
 
@@ -100,10 +100,11 @@ def test_the_mapped_settings_reach_the_backend_options(tmp_path: Path) -> None:
     config = ServeConfig(
         repo=tmp_path, instances=3, intra_op_threads=2, intra_op_spinning=True, lone_batch_spinning="on",
         single_thread_small_batches="off", workers_share_cores=False, pin_ort_threads=False,
+        share_ort_arena=False,
     )  # fmt: skip
     assert backend_options(config) == BackendOptions(
         device="cpu", instances=3, intra_op_threads=2, allow_spinning=True, lone_batch_spinning="on",
-        single_thread_small_batches="off", share_cores=False, pin_threads=False,
+        single_thread_small_batches="off", share_cores=False, pin_threads=False, share_arena=False,
     )  # fmt: skip
     assert backend_options(ServeConfig(repo=tmp_path)) == BackendOptions()  # same defaults both sides
 

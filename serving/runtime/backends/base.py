@@ -132,6 +132,9 @@ class BackendOptions:
     # CPU, sessions of 2+ threads: each pool thread pinned to a core of the session's block, the
     # Run's caller moved to the block's first core (serving/runtime/backends/cpu_pinning.py)
     pin_threads: bool = True
+    # CPU: every CPU session of the process allocates from one arena rather than one each
+    # (serving/runtime/backends/ort_arena.py)
+    share_arena: bool = True
     onnx_provider: str = "auto"  # ONNX on a GPU: "auto"/"cuda" = CUDA EP, "tensorrt" = TensorRT EP
     iobinding: bool = True  # CUDA: bind inputs/outputs explicitly (else plain session.run)
     pinned_memory: bool = True  # CUDA + iobinding: stage host copies in page-locked buffers (cuda-python)

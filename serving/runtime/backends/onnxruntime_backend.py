@@ -18,6 +18,7 @@ from serving.runtime.backends.base import BackendOptions, TensorSpec
 from serving.runtime.backends.batch_sessions import SizedRunner, sized_runners
 from serving.runtime.backends.core_share import SharedCoresRunner
 from serving.runtime.backends.cpu_pinning import CoreBlock, core_blocks, process_cpus
+from serving.runtime.backends.ort_arena import use_shared_arena
 from serving.runtime.backends.ort_runners import BindingRunner, CudaGraphRunner, SessionRunner
 from serving.runtime.backends.pool import PooledBackend
 
@@ -147,6 +148,8 @@ class OnnxRuntimeBackend(PooledBackend):
         # batches (~31 ms of CPU after each Run otherwise), where the event loop and gRPC need them
         # (benchmarks/ort_spinning.py, RESULTS-serving.md)
         so.add_session_config_entry("session.force_spinning_stop", "1")
+        if kind == "cpu" and opts.share_arena:  # one arena for the process's CPU sessions (ort_arena)
+            use_shared_arena(ort, so)
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=self._providers(kind, path))
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
