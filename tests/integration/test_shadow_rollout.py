@@ -214,5 +214,7 @@ def test_copies_reach_the_candidate_in_batches_as_large_as_the_serving_ones(tmp_
         serving = next(lv for lv in srv.server.manager.loaded() if lv.version == 1)
         candidate_rows, serving_rows = _rows_per_batch(candidate.loaded.stats), _rows_per_batch(serving.stats)
     assert hammer.failures == []
-    assert serving_rows >= 3, f"the load did not batch ({serving_rows:.1f} rows per batch)"
+    # 8 clients under batch pipelining: a batch takes at most half the rows outstanding (<= 4), so
+    # ~3 rows is the usual mean (2.99 seen on a slow box); 2.5 still tells batched load from none
+    assert serving_rows >= 2.5, f"the load did not batch ({serving_rows:.1f} rows per batch)"
     assert candidate_rows >= 0.7 * serving_rows, (candidate_rows, serving_rows)
