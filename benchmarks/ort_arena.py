@@ -16,7 +16,6 @@ Prints a markdown section and appends it to benchmarks/RESULTS-serving.md (`--re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -88,31 +87,23 @@ def served(args: argparse.Namespace, cpus: set[int]) -> dict[str, list[tuple[str
 
 
 def render(inproc: dict, serve: dict, args: argparse.Namespace, cpus: set[int]) -> str:
-    now = dt.datetime.now(dt.UTC)
+    title = "ONNX Runtime's CPU arena shared or one per session"
+    flags = f"--repo {args.repo} --rows {args.rows}"
     lines = [
-        f"## {now:%Y-%m-%d %H:%M} UTC: ONNX Runtime's CPU arena shared or one per session "
-        "(benchmarks/ort_arena.py)",
-        "",
-        f"- Machine: {lib.cpu_summary()}; CPUs {sorted(cpus)}",
-        f"- Versions: {lib.versions(args.perf_analyzer)}",
-        f"- Command: `python benchmarks/ort_arena.py --repo {args.repo} --rows {args.rows}`",
-        "",
-        f"In process, ResNet-50 FP32, a worker's two sessions each running a batch of {args.rows} "
-        "(resident MB):",
-        "",
-        "| step | " + " | ".join(inproc) + " |",
-        "|---|" + "---|" * len(inproc),
+        *lib.section_head(title, "ort_arena.py", flags, f"CPUs {sorted(cpus)}", args.perf_analyzer),
+        *lib.table_head(
+            f"In process, ResNet-50 FP32, a worker's two sessions each running a batch of {args.rows} "
+            "(resident MB):",
+            ["step", *inproc],
+        ),
     ]
     for i, (step, _) in enumerate(next(iter(inproc.values()))):
         lines.append(f"| {step} | " + " | ".join(f"{inproc[k][i][1]:,.0f}" for k in inproc) + " |")
-    lines += [
-        "",
+    lines += lib.table_head(
         "Served, `kiln serve --precision fp32 --workers 2` on ResNet-50, resident MB of each worker "
         "(perf_analyzer over gRPC, 3 windows of 8 s at each concurrency):",
-        "",
-        "| step | " + " | ".join(serve) + " |",
-        "|---|" + "---|" * len(serve),
-    ]
+        ["step", *serve],
+    )
     for i, (step, _) in enumerate(next(iter(serve.values()))):
         cells = [" + ".join(f"{mb:,.0f}" for mb in serve[k][i][1]) for k in serve]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
@@ -120,18 +111,11 @@ def render(inproc: dict, serve: dict, args: argparse.Namespace, cpus: set[int]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "tuning-repo")
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "ort-arena")
-    p.add_argument("--perf-analyzer", type=Path, default=lib.DEFAULT_PA)
+    p = lib.bench_parser(__doc__, "ort-arena")
     p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
-    p.add_argument("--no-append", action="store_true", help="print only")
     p.add_argument("--child", choices=("shared", "own"), help=argparse.SUPPRESS)  # one in-process run
     args = p.parse_args(argv)
-    if not (args.repo / MODEL).is_dir():
-        print(f"no {MODEL} in {args.repo}: run benchmarks/serve_throughput.py once to build it",
-              file=sys.stderr)  # fmt: skip
+    if not lib.has_model(args.repo, MODEL):
         return 2
     onnx = model_files(args.repo, MODEL)[0]
     if args.child:

@@ -16,7 +16,6 @@ section and appends it to benchmarks/RESULTS-serving.md (`--results`).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -99,31 +98,26 @@ def served(args: argparse.Namespace, cpus: set[int]) -> Served:
 
 
 def render(gaps: dict, serve: dict, args: argparse.Namespace, cpus: set[int]) -> str:
-    now = dt.datetime.now(dt.UTC)
+    where = f"client and server pinned to CPUs {sorted(cpus)}"
+    flags = f"--repo {args.repo} --rounds {args.rounds}"
     lines = [
-        f"## {now:%Y-%m-%d %H:%M} UTC: ONNX Runtime threads pinned or not (benchmarks/ort_pinning.py)",
-        "",
-        f"- Machine: {lib.cpu_summary()}; client and server pinned to CPUs {sorted(cpus)}",
-        f"- Versions: {lib.versions(args.perf_analyzer)}",
-        f"- Command: `python benchmarks/ort_pinning.py --repo {args.repo} --rounds {args.rounds}`",
-        "",
-        f"In process, a lone ResNet-20 row on Kiln's ORT backend after the process slept G ms ({RUNS} "
-        "rows per cell, alternated; p50 / mean / p99 us):",
-        "",
-        "| G (ms) | " + " | ".join(gaps) + " |",
-        "|---|" + "---|" * len(gaps),
+        *lib.section_head(
+            "ONNX Runtime threads pinned or not", "ort_pinning.py", flags, where, args.perf_analyzer
+        ),
+        *lib.table_head(
+            f"In process, a lone ResNet-20 row on Kiln's ORT backend after the process slept G ms ({RUNS} "
+            "rows per cell, alternated; p50 / mean / p99 us):",
+            ["G (ms)", *gaps],
+        ),
     ]
     for gap in GAPS_MS:
         cells = [" / ".join(f"{v:.0f}" for v in gaps[label][gap]) for label in gaps]
         lines.append(f"| {gap:g} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+    lines += lib.table_head(
         "Served (`kiln serve --precision fp32 --workers 1`), perf_analyzer over gRPC, 4 s windows; "
         "per round: inf/s, p50 / p99 ms:",
-        "",
-        "| load | " + " | ".join(serve) + " |",
-        "|---|" + "---|" * len(serve),
-    ]
+        ["load", *serve],
+    )
     for kind, value in LOADS:
         load = f"{value} requests/s" if kind == "rate" else f"concurrency {value}"
         cells = [
@@ -137,21 +131,13 @@ def render(gaps: dict, serve: dict, args: argparse.Namespace, cpus: set[int]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "tuning-repo")
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "ort-pinning")
-    p.add_argument("--perf-analyzer", type=Path, default=lib.DEFAULT_PA)
+    p = lib.bench_parser(__doc__, "ort-pinning")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cpus", type=str, default=None, help="comma-separated CPU ids (default: all usable)")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
-    p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args(argv)
     cpus = lib.pin_to(args.cpus)
     args.work.mkdir(parents=True, exist_ok=True)
-    if not (args.repo / MODEL).is_dir():
-        print(
-            f"no {MODEL} in {args.repo}: run benchmarks/serve_throughput.py once to build it", file=sys.stderr
-        )
+    if not lib.has_model(args.repo, MODEL):
         return 2
     gaps = in_process(args.repo)
     serve = served(args, cpus)

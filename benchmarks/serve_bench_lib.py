@@ -5,6 +5,7 @@ reference figures, and the machine/version summary.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import csv
@@ -339,3 +340,44 @@ def report(section: str, results: Path, *, append: bool) -> None:
     if append:
         with results.open("a", encoding="utf-8") as out:
             out.write("\n" + section)
+
+
+def bench_parser(doc: str | None, work: str) -> argparse.ArgumentParser:
+    """The options every served benchmark takes: --repo, --work (benchmarks/out/`work`),
+    --perf-analyzer, --results and --no-append; the script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "tuning-repo")
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / work)
+    p.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PA)
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
+    p.add_argument("--no-append", action="store_true", help="print only")
+    return p
+
+
+def has_model(repo: Path, model: str) -> bool:
+    """Whether `repo` holds `model`; if not, says how to build it (on stderr)."""
+    if (repo / model).is_dir():
+        return True
+    print(f"no {model} in {repo}: run benchmarks/serve_throughput.py once to build it", file=sys.stderr)
+    return False
+
+
+def section_head(title: str, script: str, flags: str, cpus: str, perf_analyzer: Path) -> list[str]:
+    """A results section's first lines: `## <now> UTC: title (benchmarks/script)`, then the machine
+    (with `cpus`, where client and servers ran), the versions and the command (`flags` after it)."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    return [
+        f"## {now:%Y-%m-%d %H:%M} UTC: {title} (benchmarks/{script})",
+        "",
+        f"- Machine: {cpu_summary()}; {cpus}",
+        f"- Versions: {versions(perf_analyzer)}",
+        f"- Command: `python benchmarks/{script} {flags}`",
+    ]
+
+
+def table_head(caption: str, columns: Sequence[str]) -> list[str]:
+    """A markdown table's opening inside a section: a blank line, `caption`, a blank line, the
+    header row of `columns` and its rule."""
+    return ["", caption, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

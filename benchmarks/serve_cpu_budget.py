@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime as dt
 import os
 import re
 import shutil
@@ -136,15 +135,11 @@ def run(args: argparse.Namespace, cpus: set[int]) -> list[dict]:
 
 
 def render(rounds: list[dict], args: argparse.Namespace, cpus: set[int]) -> str:
-    now = dt.datetime.now(dt.UTC)
     n_cpus = len(cpus)
+    where = f"client and servers pinned to CPUs {sorted(cpus)}"
+    flags = f"--repo {args.repo} --rounds {args.rounds} --concurrency {args.concurrency}"
     lines = [
-        f"## {now:%Y-%m-%d %H:%M} UTC: CPU per served request (benchmarks/serve_cpu_budget.py)",
-        "",
-        f"- Machine: {lib.cpu_summary()}; client and servers pinned to CPUs {sorted(cpus)}",
-        f"- Versions: {lib.versions(args.perf_analyzer)}",
-        f"- Command: `python benchmarks/serve_cpu_budget.py --repo {args.repo} --rounds {args.rounds} "
-        f"--concurrency {args.concurrency}`",
+        *lib.section_head("CPU per served request", "serve_cpu_budget.py", flags, where, args.perf_analyzer),
         f"- perf_analyzer over gRPC at concurrency {args.concurrency}, {args.window_ms} ms windows; "
         f"`perf record -a -F 999` for {PERF_FOR_S:g} s inside each run. CPU us per request by part "
         "(event loops: each server process's main thread, outside ONNX Runtime; other server "
@@ -171,24 +166,17 @@ def render(rounds: list[dict], args: argparse.Namespace, cpus: set[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "tuning-repo")
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "cpu-budget")
-    p.add_argument("--perf-analyzer", type=Path, default=lib.DEFAULT_PA)
+    p = lib.bench_parser(__doc__, "cpu-budget")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--window-ms", type=int, default=5000)
     p.add_argument("--cpus", type=str, default=None, help="comma-separated CPU ids (default: all usable)")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
-    p.add_argument("--no-append", action="store_true", help="print only")
     args = p.parse_args(argv)
     if shutil.which("perf") is None:
         print("needs Linux `perf` (and the rights to sample every CPU: root or perf_event_paranoid <= 0)",
               file=sys.stderr)  # fmt: skip
         return 2
-    if not (args.repo / MODEL).is_dir():
-        print(f"no {MODEL} in {args.repo}: run benchmarks/serve_throughput.py once to build it",
-              file=sys.stderr)  # fmt: skip
+    if not lib.has_model(args.repo, MODEL):
         return 2
     cpus = lib.pin_to(args.cpus)
     args.work.mkdir(parents=True, exist_ok=True)
