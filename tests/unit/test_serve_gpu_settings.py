@@ -205,3 +205,13 @@ def test_a_gpu_setting_in_the_file_is_refused_on_a_cpu_too(tmp_path: Path) -> No
         load_config(config_file=tmp_path / "kiln.yaml", env={})
     # the timing backend ignores them (it pretends to be the device), and device auto may be a GPU
     load_config(config_file=tmp_path / "kiln.yaml", env={}, overrides={"device": "auto"})
+
+
+def test_share_ort_arena_from_flag_env_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(_parse(["--repo", str(tmp_path), "--no-share-ort-arena", "--print-config"])) == 0
+    assert json.loads(capsys.readouterr().out)["share_ort_arena"] is False
+    from_env = load_config(env={"KILN_REPO": str(tmp_path), "KILN_SHARE_ORT_ARENA": "false"})
+    (tmp_path / "kiln.yaml").write_text(f"repo: {tmp_path}\nshare_ort_arena: false\n")
+    from_file = load_config(config_file=tmp_path / "kiln.yaml", env={})
+    assert not backend_options(from_env).share_arena and not backend_options(from_file).share_arena
+    assert backend_options(ServeConfig(repo=tmp_path)).share_arena  # on by default
