@@ -1,49 +1,59 @@
 """One CPU memory arena per process for ONNX Runtime (serving/runtime/backends/ort_arena.py,
 `share_ort_arena`): a second session that runs the same large batch as the first grows the
-process by its own arena when each session has one, and by next to nothing when they share."""
+process by its own arena when each session has one, and by next to nothing when they share.
+
+Each measurement runs in a fresh interpreter: inside a long test run, memory earlier tests freed
+stays resident and an arena may grow into it unseen."""
 
 from __future__ import annotations
 
-import gc
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from serving.runtime.backends import BackendOptions
-from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from tests.unit.test_backends_onnxruntime import write_wide_model
 
 ROWS = 8192  # one activation of the wide model: 8192 x 512 float32 = 16 MiB
 MIB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads the resident set from /proc")
 
+# argv: model path, "1" to share the arena; prints the bytes the second backend's batch added
+_MEASURE = """
+import gc, json, sys
+from pathlib import Path
+import numpy as np
+from serving.runtime.backends import BackendOptions
+from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-def _rss() -> int:
+def rss():
     gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+model, share, rows = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+options = BackendOptions(share_arena=share, lone_batch_spinning="off", single_thread_small_batches="off",
+                         pin_threads=False)
+first, second = (OnnxRuntimeBackend(model, max_batch_size=rows, options=options) for _ in range(2))
+batch = {"input": np.ones((rows, 512), dtype=np.float32)}
+first.infer(batch)
+before = rss()
+second.infer(batch)
+print(json.dumps(rss() - before))
+"""
 
 
 def _second_session_growth(model: Path, *, share: bool) -> int:
-    """Bytes the process grew by when a second backend ran the batch the first one already ran."""
-    options = BackendOptions(
-        share_arena=share, lone_batch_spinning="off", single_thread_small_batches="off", pin_threads=False
-    )
-    batch = {"input": np.ones((ROWS, 512), dtype=np.float32)}
-    first, second = (OnnxRuntimeBackend(model, max_batch_size=ROWS, options=options) for _ in range(2))
-    try:
-        first.infer(batch)
-        before = _rss()
-        second.infer(batch)
-        return _rss() - before
-    finally:
-        first.close()
-        second.close()
+    """Bytes a fresh process grew by when a second backend ran the batch the first one already ran."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(model), "1" if share else "0", str(ROWS)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return int(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 @pytest.fixture(scope="module")
