@@ -109,15 +109,23 @@ def test_the_mapped_settings_reach_the_backend_options(tmp_path: Path) -> None:
     assert backend_options(ServeConfig(repo=tmp_path)) == BackendOptions()  # same defaults both sides
 
 
-def test_pin_ort_threads_from_flag_env_and_file_and_not_for_workers_that_cannot_tell_their_cores(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("setting", "field"), [("pin_ort_threads", "pin_threads"), ("share_ort_arena", "share_arena")]
+)
+def test_cpu_switches_on_by_default_and_off_from_flag_env_and_file(
+    setting: str, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.run(_parse(["--repo", str(tmp_path), "--no-pin-ort-threads", "--print-config"])) == 0
-    assert json.loads(capsys.readouterr().out)["pin_ort_threads"] is False
-    from_env = load_config(env={"KILN_REPO": str(tmp_path), "KILN_PIN_ORT_THREADS": "false"})
-    (tmp_path / "kiln.yaml").write_text(f"repo: {tmp_path}\npin_ort_threads: false\n")
+    assert getattr(backend_options(ServeConfig(repo=tmp_path)), field)
+    flag = "--no-" + setting.replace("_", "-")
+    assert cli.run(_parse(["--repo", str(tmp_path), flag, "--print-config"])) == 0
+    assert json.loads(capsys.readouterr().out)[setting] is False
+    from_env = load_config(env={"KILN_REPO": str(tmp_path), f"KILN_{setting.upper()}": "false"})
+    (tmp_path / "kiln.yaml").write_text(f"repo: {tmp_path}\n{setting}: false\n")
     from_file = load_config(config_file=tmp_path / "kiln.yaml", env={})
-    assert not backend_options(from_env).pin_threads and not backend_options(from_file).pin_threads
+    assert not getattr(backend_options(from_env), field) and not getattr(backend_options(from_file), field)
+
+
+def test_pin_ort_threads_not_for_workers_that_cannot_tell_their_cores(tmp_path: Path) -> None:
     # workers with the core table start their blocks on their own share; without it all would pin alike
     assert backend_options(ServeConfig(repo=tmp_path, workers=2)).pin_threads
     assert not backend_options(ServeConfig(repo=tmp_path, workers=2, workers_share_cores=False)).pin_threads
@@ -205,13 +213,3 @@ def test_a_gpu_setting_in_the_file_is_refused_on_a_cpu_too(tmp_path: Path) -> No
         load_config(config_file=tmp_path / "kiln.yaml", env={})
     # the timing backend ignores them (it pretends to be the device), and device auto may be a GPU
     load_config(config_file=tmp_path / "kiln.yaml", env={}, overrides={"device": "auto"})
-
-
-def test_share_ort_arena_from_flag_env_and_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.run(_parse(["--repo", str(tmp_path), "--no-share-ort-arena", "--print-config"])) == 0
-    assert json.loads(capsys.readouterr().out)["share_ort_arena"] is False
-    from_env = load_config(env={"KILN_REPO": str(tmp_path), "KILN_SHARE_ORT_ARENA": "false"})
-    (tmp_path / "kiln.yaml").write_text(f"repo: {tmp_path}\nshare_ort_arena: false\n")
-    from_file = load_config(config_file=tmp_path / "kiln.yaml", env={})
-    assert not backend_options(from_env).share_arena and not backend_options(from_file).share_arena
-    assert backend_options(ServeConfig(repo=tmp_path)).share_arena  # on by default
