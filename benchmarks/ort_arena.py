@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +27,15 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from benchmarks import serve_bench_lib as lib  # noqa: E402
 from benchmarks.serve_throughput import input_data, model_files  # noqa: E402
+from benchmarks.soak.sampler import proc_status  # noqa: E402
 
 MODEL = "resnet50"
 SETTINGS = {"shared": "--share-ort-arena", "one each": "--no-share-ort-arena"}
 LOADS = (64, 4)  # perf_analyzer concurrency, in this order
 
 
-def rss_mb(pid: int | str = "self") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mb(pid: int) -> float:
+    return proc_status(pid)[0]
 
 
 def in_process(onnx: Path, rows: int, share: bool) -> list[tuple[str, float]]:
@@ -47,7 +46,7 @@ def in_process(onnx: Path, rows: int, share: bool) -> list[tuple[str, float]]:
     from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     cpus = len(lib.pin_to(None))
-    steps = [("start", rss_mb())]
+    steps = [("start", rss_mb(os.getpid()))]
     sessions = (("own session (half the cores)", max(1, cpus // 2)), ("wide session (every core)", cpus))
     held = []  # both stay loaded, as in a worker
     for label, threads in sessions:
@@ -55,11 +54,11 @@ def in_process(onnx: Path, rows: int, share: bool) -> list[tuple[str, float]]:
                                  single_thread_small_batches="off")  # fmt: skip
         backend = OnnxRuntimeBackend(onnx, max_batch_size=rows, options=options)
         held.append(backend)
-        steps.append((f"{label} loaded", rss_mb()))
+        steps.append((f"{label} loaded", rss_mb(os.getpid())))
         spec = backend.inputs[0]
         rng = np.random.default_rng(0)
         backend.infer({spec.name: rng.standard_normal((rows, *spec.shape[1:])).astype(np.float32)})
-        steps.append((f"{label} ran {rows} rows", rss_mb()))
+        steps.append((f"{label} ran {rows} rows", rss_mb(os.getpid())))
     return steps
 
 
@@ -77,10 +76,10 @@ def served(args: argparse.Namespace, cpus: set[int]) -> dict[str, list[tuple[str
         with lib.serving_process(cmd, port, args.work / f"server-{port}.log", cpus=cpus) as proc:
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
             workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-            steps = [("ready", [rss_mb(w) for w in workers])]
+            steps = [("ready", [rss_mb(int(w)) for w in workers])]
             for c in LOADS:
                 lib.measure_pa(pa, port, MODEL, c, args.work, cpus, window_ms=8000)
-                steps.append((f"after concurrency {c}", [rss_mb(w) for w in workers]))
+                steps.append((f"after concurrency {c}", [rss_mb(int(w)) for w in workers]))
         out[label] = steps
         print(label, steps, flush=True)
     return out

@@ -9,6 +9,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import datetime as dt
 import os
 import platform
 import re
@@ -365,8 +366,6 @@ def has_model(repo: Path, model: str) -> bool:
 def section_head(title: str, script: str, flags: str, cpus: str, perf_analyzer: Path) -> list[str]:
     """A results section's first lines: `## <now> UTC: title (benchmarks/script)`, then the machine
     (with `cpus`, where client and servers ran), the versions and the command (`flags` after it)."""
-    import datetime as dt
-
     now = dt.datetime.now(dt.UTC)
     return [
         f"## {now:%Y-%m-%d %H:%M} UTC: {title} (benchmarks/{script})",

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 from serving.runtime.backends import BackendOptions
 from serving.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from tests.fuzz.load import rss_bytes
 
 def rss():
     gc.collect()
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS:"))
-    return int(line.split()[1]) * 1024
+    return rss_bytes()
 
 model, share, rows = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 options = BackendOptions(share_arena=share, lone_batch_spinning="off", single_thread_small_batches="off",
