@@ -6,8 +6,9 @@ leaves out.
 At concurrency 1 the server idles between requests for the client's round trip (~0.5-0.7 ms on 2
 cores). The target `served >= 0.9 x 1/(1/N1 + E1)` adds E1, ONNX Runtime's batch-1 time measured
 back to back, to the bare gRPC round trip 1/N1. This script measures what an idle gap does to the
-same work, in this process, with no gRPC, after sleeping `gap` on the event loop before each call
-(as a server sleeps in epoll between a lone client's requests):
+same work, in this process, with no gRPC, after sleeping `gap` on the event loop `kiln serve` picks
+(uvloop where installed) before each call, as a server sleeps in epoll between a lone client's
+requests:
 
   E1 session      ONNX Runtime's lone row on the session E1 is measured with (serve_bench_lib.Engine:
                   2 threads, spinning on)
@@ -46,6 +47,7 @@ from benchmarks import serve_bench_lib as lib  # noqa: E402
 from benchmarks.null_server import NullInference  # noqa: E402
 from benchmarks.serve_throughput import model_files  # noqa: E402
 from protos.inference import grpc_service_pb2 as pb  # noqa: E402
+from serving.cli import loop_factory  # noqa: E402
 from serving.grpc.config import ServeConfig  # noqa: E402
 from serving.grpc.inference import InferenceServicer  # noqa: E402
 from serving.grpc.server import Server  # noqa: E402
@@ -70,7 +72,7 @@ class _Context:
 
 
 async def timed(call: Callable[[], object], gap_s: float, runs: int) -> tuple[float, float]:
-    """(p50, mean) microseconds of `call` (awaited if it returns an awaitable), each after sleeping
+    """(p50, mean) microseconds of `call` (awaited if it returns a coroutine), each after sleeping
     `gap_s` on the event loop (none for 0); 20 untimed calls first."""
 
     async def once() -> None:
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if not lib.has_model(args.repo, args.model):
         return 1
     gaps = [float(g) / 1e3 for g in args.gaps_ms.split(",")]
-    columns = asyncio.run(measure(args.repo, args.model, gaps, args.runs, args.rounds))
+    with asyncio.Runner(loop_factory=loop_factory(ServeConfig(repo=args.repo))) as runner:  # as kiln serve
+        columns = runner.run(measure(args.repo, args.model, gaps, args.runs, args.rounds))
     flags = f"--model {args.model} --gaps-ms {args.gaps_ms} --runs {args.runs} --rounds {args.rounds}"
     lib.report(render(columns, gaps, flags, args.perf_analyzer), args.results, append=not args.no_append)
     return 0

@@ -19,6 +19,7 @@ from export.pipeline import ExportRequest, ParityGateError, export_run
 from protos.inference import model_config_pb2 as mc
 from serving.contract.manifest import read_manifest
 from serving.contract.repository import ModelRepository
+from serving.runtime.distribution import CONFIDENCE_EDGES
 from training.config import OptimConfig, TrainConfig
 from training.loop import Trainer
 
@@ -104,8 +105,12 @@ def test_the_fp32_artefact_records_the_drift_reference(published: tuple) -> None
     reference = manifest.artefact("model.onnx").parity.distribution
     assert reference is not None and reference.samples == manifest.artefact("model.onnx").parity.samples
     assert len(reference.class_frequencies) == len(manifest.labels)
-    # the held-out split of a ~97 % model: every digit predicted, mostly with high confidence
-    assert min(reference.class_frequencies) > 0 and reference.confidence_frequencies[-1] > 0.5
+    # the held-out split of a ~97 % model: every digit predicted, mostly with a confidence above 0.9
+    # (the share above 0.99 alone depends on the CPU the model trained on: 0.48 on a Zen 4)
+    confident = sum(
+        f for edge, f in zip(CONFIDENCE_EDGES, reference.confidence_frequencies, strict=True) if edge > 0.9
+    )
+    assert min(reference.class_frequencies) > 0 and confident > 0.5
     assert all(a.parity.distribution is None for a in manifest.artefacts if a.precision != "fp32")
 
 
