@@ -168,14 +168,16 @@ def render(columns: dict[str, dict[float, tuple]], gaps: list[float], args_text:
     for gap in gaps:
         cells = [f"{columns[c][gap][0]:.0f} / {columns[c][gap][1]:.0f}" for c in COLUMNS]
         lines.append(f"| {'back to back' if gap == 0 else f'{gap * 1e3:g}'} | " + " | ".join(cells) + " |")
-    excess = [columns["Kiln, null"][g][1] - columns["null handler"][g][1] for g in gaps if g]
-    row_gap = [columns["served row"][g][1] - columns["E1 session"][0][1] for g in gaps if g]
-    lines += [
-        "",
-        f"- Kiln's own path beyond the null handler's, mean over the gaps > 0: "
-        f"{statistics.fmean(excess):.0f} us; the served lone row beyond E1 back to back: "
-        f"{statistics.fmean(row_gap):.0f} us.",
-    ]
+    idle = [g for g in gaps if g]
+    if idle:
+        excess = statistics.fmean(columns["Kiln, null"][g][1] - columns["null handler"][g][1] for g in idle)
+        lines += [
+            "",
+            f"- Kiln's own path beyond the null handler's, mean over the gaps > 0: {excess:.0f} us.",
+        ]
+        if 0 in gaps:
+            late = statistics.fmean(columns["served row"][g][1] for g in idle) - columns["E1 session"][0][1]
+            lines += [f"- The served lone row after a gap beyond E1 back to back, mean: {late:.0f} us."]
     return "\n".join(lines) + "\n"
 
 
