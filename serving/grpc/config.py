@@ -225,7 +225,9 @@ class ServeConfig:
     # transport
     max_receive_message_bytes: int = 64 * _MIB
     max_send_message_bytes: int = 64 * _MIB
-    max_connection_age_s: float | None = None  # lets load balancers rebalance long-lived clients
+    # GOAWAY after this long: long-lived clients re-resolve and rebalance; calls in flight (streams
+    # too) finish on the old connection (grpc/server.py grpc_options)
+    max_connection_age_s: float | None = None
     # SIGTERM drain budget (below Kubernetes' default 30 s): the process is gone within it
     grace_period_s: float = 20.0
     reflection: bool = True

@@ -58,8 +58,11 @@ def grpc_options(config: ServeConfig, *, shared_port: bool = False) -> list[tupl
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ]
     if config.max_connection_age_s is not None:
-        age_ms = int(config.max_connection_age_s * 1000)
-        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+        # GOAWAY at that age: new calls move to a new connection, the calls in flight finish on the
+        # old one however long they take (grpc's default grace, unbounded). A grace of its own cut
+        # every stream older than age + grace with UNAVAILABLE: a bulk ClassifyStream or a
+        # perf_analyzer --streaming run of over two minutes against the Kubernetes setting (60 s).
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
     return options
 
 

@@ -101,4 +101,5 @@ def test_grpc_options_carry_limits_and_connection_age(tmp_path: Path) -> None:
     )
     assert options["grpc.max_receive_message_length"] == 4096
     assert options["grpc.max_connection_age_ms"] == 30_000
+    assert "grpc.max_connection_age_grace_ms" not in options  # calls in flight finish, streams too
     assert "grpc.max_connection_age_ms" not in dict(grpc_options(ServeConfig(repo=tmp_path)))
