@@ -97,7 +97,7 @@ _FLAGS: tuple[tuple[str, Any, str], ...] = (
         "class-score bytes waiting to be counted, the same (default 8 MiB)",
     ),
     ("--grace-period-s", float, "SIGTERM drain budget in seconds (default 20)"),
-    ("--max-connection-age-s", float, "close client connections after N seconds (rebalancing)"),
+    ("--max-connection-age-s", float, "GOAWAY a connection after N s (30 with workers > 1, else 0: never)"),
     ("--max-receive-message-bytes", int, "largest accepted request message (default 64 MiB)"),
     ("--max-send-message-bytes", int, "largest response message (default 64 MiB)"),
     ("--max-image-bytes", int, "largest encoded image for Classify (default 16 MiB)"),

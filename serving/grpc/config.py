@@ -46,6 +46,9 @@ LOG_FORMATS = ("text", "json")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROMOTIONS = ("immediate", "shadow")
+# max_connection_age_s's default with workers > 1: the kernel hands each new connection to one
+# worker, so clients whose connections all landed on one worker re-roll within this long
+WORKERS_CONNECTION_AGE_S = 30.0
 # the settings model_overrides may set for one model (the rest are server-wide)
 MODEL_SETTINGS = (
     "promotion",
@@ -226,7 +229,8 @@ class ServeConfig:
     max_receive_message_bytes: int = 64 * _MIB
     max_send_message_bytes: int = 64 * _MIB
     # GOAWAY after this long: long-lived clients re-resolve and rebalance; calls in flight (streams
-    # too) finish on the old connection (grpc/server.py grpc_options)
+    # too) finish on the old connection (grpc/server.py grpc_options). None: WORKERS_CONNECTION_AGE_S
+    # with workers > 1, else never; 0: never
     max_connection_age_s: float | None = None
     # SIGTERM drain budget (below Kubernetes' default 30 s): the process is gone within it
     grace_period_s: float = 20.0
@@ -260,6 +264,8 @@ class ServeConfig:
                 value = self.queue_per_client()  # the effective value, default resolved
             elif f.name == "workers":
                 value = self.worker_count()
+            elif f.name == "max_connection_age_s":
+                value = self.connection_age_s() or 0  # 0: never (as a config file reads it back)
             elif f.name in _SECRET_FIELDS and value is not None:
                 value = "<redacted>"
             elif isinstance(value, Path):
@@ -311,6 +317,14 @@ class ServeConfig:
         ):
             return 1
         return max(1, min(8, usable_cores() // 4))
+
+    def connection_age_s(self) -> float | None:
+        """max_connection_age_s, or its default: WORKERS_CONNECTION_AGE_S with workers > 1, where
+        SO_REUSEPORT pins each connection to the worker the kernel hashed it to (docs/design.md,
+        "Serving on every core"); None: never."""
+        if self.max_connection_age_s is not None:
+            return self.max_connection_age_s or None
+        return WORKERS_CONNECTION_AGE_S if self.worker_count() > 1 else None
 
     def shadow_promotion(self) -> bool:
         """Whether any model is promoted by shadow verdict (server-wide or in model_overrides)."""
@@ -422,7 +436,9 @@ def _validate(cfg: ServeConfig) -> None:
         _fail("null_base_us", f"null_base_us/null_per_row_us need backend 'null', not {cfg.backend!r}")
     for name in ("poll_interval_s", "grace_period_s"):
         _check_range(cfg, name, 0.0)
-    _check_range(cfg, "max_connection_age_s", 0.001)
+    if cfg.max_connection_age_s is not None and 0 < cfg.max_connection_age_s < 0.001:
+        _fail("max_connection_age_s", f"must be 0 (never) or >= 0.001, got {cfg.max_connection_age_s}")
+    _check_range(cfg, "max_connection_age_s", 0.0)
     if any(size < 1 for size in cfg.preferred_batch_sizes):
         _fail("preferred_batch_sizes", f"sizes must be >= 1, got {list(cfg.preferred_batch_sizes)}")
     _validate_security(cfg)

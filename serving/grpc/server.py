@@ -48,7 +48,7 @@ def server_version() -> str:
 
 
 def grpc_options(config: ServeConfig, *, shared_port: bool = False) -> list[tuple[str, int]]:
-    """Channel arguments: message size limits and the optional maximum connection age.
+    """Channel arguments: message size limits and the maximum connection age (config.connection_age_s).
     `shared_port`: a worker of serving.grpc.workers, binding the port beside its siblings."""
     options = [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
@@ -57,12 +57,13 @@ def grpc_options(config: ServeConfig, *, shared_port: bool = False) -> list[tupl
         ("grpc.so_reuseport", int(shared_port)),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ]
-    if config.max_connection_age_s is not None:
+    age_s = config.connection_age_s()
+    if age_s is not None:
         # GOAWAY at that age: new calls move to a new connection, the calls in flight finish on the
         # old one however long they take (grpc's default grace, unbounded). A grace of its own cut
         # every stream older than age + grace with UNAVAILABLE: a bulk ClassifyStream or a
         # perf_analyzer --streaming run of over two minutes against the Kubernetes setting (60 s).
-        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_ms", int(age_s * 1000)))
     return options
 
 

@@ -1,9 +1,9 @@
 """`kiln serve --workers 2`: a real supervisor and its two worker processes on one port, real clients
-(tritonclient channels, KilnClient). Connections spread over the workers, one channel stays on one
-and computes on every core while the other worker idles; health turns on only with every worker;
-/metrics sums them; a new version published into the repository reaches every worker by polling;
-repository control is refused; a SIGKILLed worker is replaced while the other keeps answering;
-SIGTERM drains both with nothing lost."""
+(tritonclient channels, KilnClient). Connections spread over the workers; one channel stays on one,
+computes on every core while the other worker idles, and moves at its connection age; health turns
+on only with every worker; /metrics sums them; a new version published into the repository reaches
+every worker by polling; repository control is refused; a SIGKILLed worker is replaced while the
+other keeps answering; SIGTERM drains both with nothing lost."""
 
 from __future__ import annotations
 
@@ -156,7 +156,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[Supervised]:
-    supervised = start_supervised(repo, "--poll-interval-s", "0.5", "--grace-period-s", "5")
+    # connections counted by these tests stay put: no GOAWAY at a connection age (its own test below)
+    supervised = start_supervised(
+        repo, "--poll-interval-s", "0.5", "--grace-period-s", "5", "--max-connection-age-s", "0"
+    )
     yield supervised
     assert supervised.stop() == 0
 
@@ -194,6 +197,26 @@ def test_many_connections_spread_and_one_stays(
         server.metric('kiln_request_duration_seconds_count{model="tiny",version="1"}') == before_hist + sent
     )
     assert server.metric('kiln_workers{state="ready"}') == 2
+
+
+def test_a_long_lived_channel_moves_between_workers_at_its_connection_age(repo: Path) -> None:
+    """One channel lands on one worker (the kernel hashes each connection to one); at its
+    connection age the worker sends GOAWAY, the channel reconnects and the kernel picks again, so
+    over ~20 reconnects it reaches both workers (odds of staying 2**-19), every call answered."""
+    expected = reference_logits(repo / "tiny" / "1" / "model.onnx", BATCH)
+    server = start_supervised(repo, "--max-connection-age-s", "0.2")
+    try:
+        pids, holders = server.worker_pids(), set()
+        with KilnClient(f"127.0.0.1:{server.port}") as one:
+            end = time.monotonic() + 4.0
+            while time.monotonic() < end:
+                np.testing.assert_allclose(
+                    one.infer("tiny", {"input": BATCH})["logits"], expected, rtol=1e-5, atol=1e-5
+                )
+                holders |= {pid for pid, count in connections(pids, server.port).items() if count}
+        assert len(pids) == 2 and holders == set(pids), (pids, holders)
+    finally:
+        assert server.stop() == 0
 
 
 def test_kiln_client_connections_reach_every_worker(server: Supervised, repo: Path) -> None:

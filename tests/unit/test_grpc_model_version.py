@@ -11,7 +11,7 @@ import pytest
 
 from serving.contract.manifest import Artefact, InputSpec, Manifest, OutputSpec, Provenance, TensorRTInfo
 from serving.errors import ModelUnavailableError
-from serving.grpc.config import ServeConfig
+from serving.grpc.config import WORKERS_CONNECTION_AGE_S, ConfigError, ServeConfig
 from serving.grpc.model_version import artefact_choice
 from serving.grpc.server import grpc_options
 from serving.runtime.backends import TensorSpec
@@ -102,4 +102,22 @@ def test_grpc_options_carry_limits_and_connection_age(tmp_path: Path) -> None:
     assert options["grpc.max_receive_message_length"] == 4096
     assert options["grpc.max_connection_age_ms"] == 30_000
     assert "grpc.max_connection_age_grace_ms" not in options  # calls in flight finish, streams too
-    assert "grpc.max_connection_age_ms" not in dict(grpc_options(ServeConfig(repo=tmp_path)))
+    assert "grpc.max_connection_age_ms" not in dict(grpc_options(ServeConfig(repo=tmp_path, workers=1)))
+
+
+def test_connection_age_defaults_to_rebalancing_only_with_workers(tmp_path: Path) -> None:
+    """With workers > 1 each connection stays on the worker the kernel hashed it to: a default age
+    makes clients re-roll; one worker has nothing to rebalance; 0 is never; the resolved value is
+    what --print-config shows."""
+
+    def age_ms(**settings: object) -> int | None:
+        return dict(grpc_options(ServeConfig(repo=tmp_path, **settings))).get("grpc.max_connection_age_ms")
+
+    assert age_ms(workers=2) == int(WORKERS_CONNECTION_AGE_S * 1000)
+    assert age_ms(workers=1) is None
+    assert age_ms(workers=2, max_connection_age_s=0) is None
+    assert age_ms(workers=1, max_connection_age_s=5) == 5000
+    assert ServeConfig(repo=tmp_path, workers=2).to_dict()["max_connection_age_s"] == WORKERS_CONNECTION_AGE_S
+    assert ServeConfig(repo=tmp_path, workers=1).to_dict()["max_connection_age_s"] == 0
+    with pytest.raises(ConfigError, match="max_connection_age_s"):
+        ServeConfig(repo=tmp_path, max_connection_age_s=0.0001)
