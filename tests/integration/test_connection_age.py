@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,16 +31,22 @@ STREAMED, STREAM_GAP_S = 12, 0.2  # 2.4 s: past the age and past twice the age
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    repo = tmp_path_factory.mktemp("repo")
-    publish_tiny_model(repo, "tiny", max_batch_size=8)
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    publish_tiny_model(root, "tiny", max_batch_size=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[ServerThread]:
     with running_server(local_config(repo, max_connection_age_s=AGE_S)) as srv:
-        srv.repo = repo  # type: ignore[attr-defined]
         yield srv
 
 
-def test_a_stream_outlives_the_connection_age_while_unary_calls_reconnect(server: ServerThread) -> None:
-    expected = reference_logits(server.repo / "tiny" / "1" / "model.onnx", BATCH)  # type: ignore[attr-defined]
+def test_a_stream_outlives_the_connection_age_while_unary_calls_reconnect(
+    server: ServerThread, repo: Path
+) -> None:
+    expected = reference_logits(repo / "tiny" / "1" / "model.onnx", BATCH)
     states: list[grpc.ChannelConnectivity] = []
     with grpc.insecure_channel(server.address) as channel:
         channel.subscribe(states.append, try_to_connect=True)
