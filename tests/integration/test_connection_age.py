@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -30,23 +29,15 @@ AGE_S = 0.5
 STREAMED, STREAM_GAP_S = 12, 0.2  # 2.4 s: past the age and past twice the age
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("repo")
-    publish_tiny_model(root, "tiny", max_batch_size=8)
-    return root
+def test_a_stream_outlives_the_connection_age_while_unary_calls_reconnect(tmp_path: Path) -> None:
+    publish_tiny_model(tmp_path, "tiny", max_batch_size=8)
+    expected = reference_logits(tmp_path / "tiny" / "1" / "model.onnx", BATCH)
+    with running_server(local_config(tmp_path, max_connection_age_s=AGE_S)) as server:
+        _stream_and_call(server, expected)
 
 
-@pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[ServerThread]:
-    with running_server(local_config(repo, max_connection_age_s=AGE_S)) as srv:
-        yield srv
-
-
-def test_a_stream_outlives_the_connection_age_while_unary_calls_reconnect(
-    server: ServerThread, repo: Path
-) -> None:
-    expected = reference_logits(repo / "tiny" / "1" / "model.onnx", BATCH)
+def _stream_and_call(server: ServerThread, expected: np.ndarray) -> None:
+    """One channel: a stream of STREAMED requests and, meanwhile, unary calls one after another."""
     states: list[grpc.ChannelConnectivity] = []
     with grpc.insecure_channel(server.address) as channel:
         channel.subscribe(states.append, try_to_connect=True)
