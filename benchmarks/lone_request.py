@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 from benchmarks import serve_bench_lib as lib  # noqa: E402
 from benchmarks.null_server import NullInference  # noqa: E402
 from benchmarks.serve_throughput import model_files  # noqa: E402
-from protos.inference import grpc_service_pb2 as pb  # noqa: E402
 from serving.cli import loop_factory  # noqa: E402
+from serving.clients.client import build_infer_request  # noqa: E402
 from serving.grpc.config import ServeConfig  # noqa: E402
 from serving.grpc.inference import InferenceServicer  # noqa: E402
 from serving.grpc.server import Server  # noqa: E402
@@ -93,14 +93,6 @@ async def timed(call: Callable[[], object], gap_s: float, runs: int) -> tuple[fl
     return float(np.percentile(us, 50)), float(us.mean())
 
 
-def request(model: str, input_name: str, row: np.ndarray) -> pb.ModelInferRequest:
-    """A one-row KServe request, raw FP32, as perf_analyzer sends it."""
-    req = pb.ModelInferRequest(model_name=model, id="1")
-    req.inputs.add(name=input_name, datatype="FP32", shape=list(row.shape))
-    req.raw_input_contents.append(row.tobytes())
-    return req
-
-
 @contextlib.asynccontextmanager
 async def kiln_handler(
     repo: Path, model: str, backend: str
@@ -122,7 +114,8 @@ async def measure(repo: Path, model: str, gaps: list[float], runs: int, rounds: 
     within a minute); each cell is the median over the rounds of (p50, mean)."""
     onnx, input_name, shape, classes = model_files(repo, model)
     row = np.random.default_rng(0).standard_normal((1, *shape)).clip(-2.5, 2.5).astype(np.float32)
-    req, feed = request(model, input_name, row), {input_name: row}
+    feed = {input_name: row}
+    req = build_infer_request(model, feed, request_id="1")  # raw FP32, as perf_analyzer sends
     engine = lib.engine_session(onnx, "1")
     null = NullInference(model, shape, classes, 64)
     context = _Context()
@@ -159,9 +152,9 @@ def idle_policy() -> str:
     return ", ".join(parts)
 
 
-def render(columns: dict[str, dict[float, tuple]], gaps: list[float], args_text: str, pa: Path) -> str:
+def render(columns: dict[str, dict[float, tuple]], gaps: list[float], args_text: str) -> str:
     lines = lib.section_head("a lone request after an idle gap", "lone_request.py", args_text,
-                             "everything in one process, no gRPC", pa)  # fmt: skip
+                             "everything in one process, no gRPC", None)  # fmt: skip
     lines += [f"- Idle policy: {idle_policy()}; load average {lib.load_average()}"]
     lines += lib.table_head("p50 / mean us per call after sleeping `gap` on the event loop:",
                             ("gap ms", *COLUMNS))  # fmt: skip
@@ -182,7 +175,7 @@ def render(columns: dict[str, dict[float, tuple]], gaps: list[float], args_text:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = lib.bench_parser(__doc__.splitlines()[0], "lone-request")
+    p = lib.bench_parser(__doc__.splitlines()[0], None)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--gaps-ms", default="0,0.2,0.7,3", help="idle gaps before each call, ms")
     p.add_argument("--runs", type=int, default=300, help="timed calls per cell and round")
@@ -194,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=loop_factory(ServeConfig(repo=args.repo))) as runner:  # as kiln serve
         columns = runner.run(measure(args.repo, args.model, gaps, args.runs, args.rounds))
     flags = f"--model {args.model} --gaps-ms {args.gaps_ms} --runs {args.runs} --rounds {args.rounds}"
-    lib.report(render(columns, gaps, flags, args.perf_analyzer), args.results, append=not args.no_append)
+    lib.report(render(columns, gaps, flags), args.results, append=not args.no_append)
     return 0
 
 

@@ -311,8 +311,8 @@ def cpu_summary() -> str:
     )
 
 
-def versions(perf_analyzer: Path) -> str:
-    """Python and the packages on the measured path, plus perf_analyzer's version."""
+def versions(perf_analyzer: Path | None) -> str:
+    """Python and the packages on the measured path, plus perf_analyzer's version (if one ran)."""
     from importlib import metadata
 
     names = ("onnxruntime", "grpcio", "protobuf", "numpy", "prometheus-client")
@@ -320,11 +320,14 @@ def versions(perf_analyzer: Path) -> str:
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
             parts.append(f"{name} {metadata.version(name)}")
-    try:
-        out = subprocess.run([str(perf_analyzer), "--version"], capture_output=True, text=True, timeout=30)
-        parts.append((out.stdout + out.stderr).strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, IndexError):
-        parts.append("perf_analyzer ?")
+    if perf_analyzer is not None:
+        try:
+            out = subprocess.run(
+                [str(perf_analyzer), "--version"], capture_output=True, text=True, timeout=30
+            )
+            parts.append((out.stdout + out.stderr).strip().splitlines()[0])
+        except (OSError, subprocess.SubprocessError, IndexError):
+            parts.append("perf_analyzer ?")
     return ", ".join(parts) + f"; kernel {platform.release()}; {sys.platform}"
 
 
@@ -344,13 +347,15 @@ def report(section: str, results: Path, *, append: bool) -> None:
             out.write("\n" + section)
 
 
-def bench_parser(doc: str | None, work: str) -> argparse.ArgumentParser:
+def bench_parser(doc: str | None, work: str | None) -> argparse.ArgumentParser:
     """The options every served benchmark takes: --repo, --work (benchmarks/out/`work`),
-    --perf-analyzer, --results and --no-append; the script adds its own."""
+    --perf-analyzer, --results and --no-append; the script adds its own. `work` None: a benchmark
+    that runs in process (no work folder, no perf_analyzer)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", type=Path, default=ROOT / "benchmarks" / "out" / "tuning-repo")
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / work)
-    p.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PA)
+    if work is not None:
+        p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / work)
+        p.add_argument("--perf-analyzer", type=Path, default=DEFAULT_PA)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS-serving.md")
     p.add_argument("--no-append", action="store_true", help="print only")
     return p
@@ -364,7 +369,7 @@ def has_model(repo: Path, model: str) -> bool:
     return False
 
 
-def section_head(title: str, script: str, flags: str, cpus: str, perf_analyzer: Path) -> list[str]:
+def section_head(title: str, script: str, flags: str, cpus: str, perf_analyzer: Path | None) -> list[str]:
     """A results section's first lines: `## <now> UTC: title (benchmarks/script)`, then the machine
     (with `cpus`, where client and servers ran), the versions and the command (`flags` after it)."""
     now = dt.datetime.now(dt.UTC)

@@ -436,9 +436,9 @@ def _validate(cfg: ServeConfig) -> None:
         _fail("null_base_us", f"null_base_us/null_per_row_us need backend 'null', not {cfg.backend!r}")
     for name in ("poll_interval_s", "grace_period_s"):
         _check_range(cfg, name, 0.0)
-    if cfg.max_connection_age_s is not None and 0 < cfg.max_connection_age_s < 0.001:
-        _fail("max_connection_age_s", f"must be 0 (never) or >= 0.001, got {cfg.max_connection_age_s}")
-    _check_range(cfg, "max_connection_age_s", 0.0)
+    age = cfg.max_connection_age_s
+    if age is not None and (age < 0 or 0 < age < 0.001):
+        _fail("max_connection_age_s", f"must be 0 (never) or >= 0.001, got {age}")
     if any(size < 1 for size in cfg.preferred_batch_sizes):
         _fail("preferred_batch_sizes", f"sizes must be >= 1, got {list(cfg.preferred_batch_sizes)}")
     _validate_security(cfg)
